@@ -1,0 +1,143 @@
+"""One concept batch's work (MACE Stage 2): images, masks, LoRA training.
+
+``ConceptBatchWorker`` loads nothing itself: it is handed a pipeline once and then
+processes many batches, on one machine or inside a Ray actor alike. It returns plain
+artefacts; writing them anywhere is the caller's business.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from mace_core.concepts import Concept
+from mace_core.datagen import generate_images, images_to_tensor
+from mace_core.lora import LoraFactors
+from mace_core.masks import whole_image_masks
+from mace_core.models import attn2_weights
+from mace_core.prompts import concept_prompts
+from mace_core.settings import TYPE_DEFAULTS, EraseSettings
+from mace_core.text_stats import TextEncoder
+from mace_core.train import TrainJob, train_loras
+
+
+@dataclass
+class ConceptArtefacts:
+    """Everything a concept's DONE marker vouches for (the text statistics are separate)."""
+
+    concept: Concept
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    masks: np.ndarray  # bool (N, H, W)
+    lora: LoraFactors
+    losses: list[float]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class ConceptBatchWorker:
+    """Generation (original weights W) and LoRA training (refined weights W') for batches."""
+
+    def __init__(
+        self,
+        pipe,
+        settings: EraseSettings,
+        device: torch.device,
+        original: dict[str, torch.Tensor],
+        refined: dict[str, torch.Tensor],
+    ) -> None:
+        self.pipe = pipe
+        self.settings = settings
+        self.device = device
+        self.original = original
+        self.refined = refined
+        self.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, device)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def generate(self, concepts: list[Concept]) -> list[np.ndarray]:
+        with attn2_weights(self.pipe.unet, self.original):
+            return generate_images(self.pipe, concepts, self.settings.data)
+
+    def masks(self, concept: Concept, images: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """Whole-image masks; Grounded-SAM masking replaces this for non-style concepts."""
+        n, h, w = images.shape[:3]
+        source = "whole-image (style)" if TYPE_DEFAULTS[concept.type].whole_image_masks else "whole-image"
+        return whole_image_masks(n, h, w), {"mask_source": source, "whole_image_masks": n}
+
+    def train(
+        self, concepts: list[Concept], images: list[np.ndarray], masks: list[np.ndarray]
+    ) -> list[tuple[LoraFactors, list[float], int]]:
+        """Train the LoRAs; concepts with equal resolved settings share one UNet batch.
+
+        Returns per concept its LoRA, its loss per step and the size of its UNet batch.
+        """
+        ts = self.settings.train
+        groups: dict[Any, list[int]] = {}
+        for i, c in enumerate(concepts):
+            groups.setdefault(ts.resolve(c.type), []).append(i)
+        out: list[tuple[LoraFactors, list[float], int] | None] = [None] * len(concepts)
+        n_prompts = self.settings.prompts_per_concept
+        with attn2_weights(self.pipe.unet, self.refined):
+            for resolved, idx in groups.items():
+                jobs = [
+                    TrainJob(
+                        concept=concepts[i],
+                        images=images_to_tensor(images[i]),
+                        masks=torch.from_numpy(masks[i]),
+                        prompts=concept_prompts(concepts[i])[:n_prompts],
+                    )
+                    for i in idx
+                ]
+                results = train_loras(
+                    self.pipe.unet,
+                    self.pipe.vae,
+                    self.noise_scheduler,
+                    self.encoder,
+                    jobs,
+                    ts,
+                    resolved,
+                    self.device,
+                )
+                for i, r in zip(idx, results, strict=True):
+                    out[i] = (r.lora, r.losses, len(idx))
+        return [o for o in out if o is not None]
+
+    def process(
+        self, concepts: list[Concept], images: list[np.ndarray] | None = None
+    ) -> list[ConceptArtefacts]:
+        """Full Stage 2 for a batch; ``images`` reuses already generated ones."""
+        t0 = time.perf_counter()
+        if images is None:
+            images = self.generate(concepts)
+        t1 = time.perf_counter()
+        masks, notes = [], []
+        for c, im in zip(concepts, images, strict=True):
+            m, note = self.masks(c, im)
+            masks.append(m)
+            notes.append(note)
+        t2 = time.perf_counter()
+        trained = self.train(concepts, images, masks)
+        t3 = time.perf_counter()
+        k = len(concepts)
+        out = []
+        for c, im, m, note, (lora, losses, group) in zip(
+            concepts, images, masks, notes, trained, strict=True
+        ):
+            resolved = self.settings.train.resolve(c.type)
+            note = {
+                **note,
+                "lr": resolved.lr,
+                "steps": resolved.steps,
+                "cfis": resolved.cfis,
+                "train_batch": group,
+                "seconds": {
+                    "generate": round((t1 - t0) / k, 3),
+                    "mask": round((t2 - t1) / k, 3),
+                    "train": round((t3 - t2) / k, 3),
+                },
+            }
+            out.append(ConceptArtefacts(c, im, m, lora, losses, note))
+        return out

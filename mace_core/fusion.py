@@ -1,0 +1,111 @@
+"""Closed-form fusion of the per-concept LoRAs (MACE Eq. 7).
+
+    W* = [ sum_k (W' + dW_k) C_k + f (W C_p + w W C_d) + r W' ]
+         [ sum_k C_k + f (C_p + w C_d) + r I ]^-1
+
+Per concept only C_k (d x d) and dW_k C_k = B_k (A_k C_k) enter, so the sums stream:
+``FusionSums`` adds concepts one at a time, in any order, and two partial sums add.
+The LoRA-free part sum_k W' C_k is W' (sum_k C_k), formed once at solve time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mace_core.cfr import RawWeights, _regulariser, raw_weights
+from mace_core.lora import LoraFactors
+from mace_core.settings import ClosedFormSettings
+from mace_core.text_stats import SecondMoment
+
+
+@dataclass
+class FusionSums:
+    """Running sums of Eq. 7: S_C = sum_k C_k, S_dW[proj] = sum_k dW_k C_k (float64)."""
+
+    C: SecondMoment
+    dWC: dict[str, torch.Tensor] = field(default_factory=dict)
+    concepts: int = 0
+
+    @classmethod
+    def zeros(cls, d: int) -> FusionSums:
+        return cls(SecondMoment.zeros(d))
+
+    @classmethod
+    def of_concept(cls, C_k: SecondMoment, lora: LoraFactors) -> FusionSums:
+        """One concept's terms: C_k and dW_k C_k = B_k (A_k C_k) per projection."""
+        out = cls.zeros(C_k.C.shape[0])
+        out.add_concept(C_k, lora)
+        return out
+
+    def add_concept(self, C_k: SecondMoment, lora: LoraFactors) -> None:
+        """Stream one concept in, in place: low rank makes B_k (A_k C_k) one small product."""
+        self.C.C += C_k.C
+        self.C.n += C_k.n
+        for key, (A, B) in lora.factors.items():
+            AC = A.double() @ C_k.C  # r x d
+            if key in self.dWC:
+                self.dWC[key].addmm_(B.double(), AC)
+            else:
+                self.dWC[key] = B.double() @ AC
+        self.concepts += 1
+
+    def __iadd__(self, other: FusionSums) -> FusionSums:
+        """Merge another partial sum in place (the statistics actor's reduction)."""
+        self.C.C += other.C.C
+        self.C.n += other.C.n
+        for k, v in other.dWC.items():
+            if k in self.dWC:
+                self.dWC[k] += v
+            else:
+                self.dWC[k] = v.clone()
+        self.concepts += other.concepts
+        return self
+
+    def __add__(self, other: FusionSums) -> FusionSums:
+        out = FusionSums(
+            SecondMoment(self.C.C.clone(), self.C.n), {k: v.clone() for k, v in self.dWC.items()}
+        )
+        out.concepts = self.concepts
+        out += other
+        return out
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        t = {"C": self.C.C, "n": torch.tensor(self.C.n), "concepts": torch.tensor(self.concepts)}
+        t.update({f"dWC.{k}": v for k, v in self.dWC.items()})
+        return t
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> FusionSums:
+        dWC = {k[4:]: v.double() for k, v in t.items() if k.startswith("dWC.")}
+        return cls(SecondMoment(t["C"].double(), int(t["n"])), dWC, int(t["concepts"]))
+
+
+def fuse(
+    sums: FusionSums,
+    original: dict[str, torch.Tensor],
+    refined: dict[str, torch.Tensor],
+    settings: ClosedFormSettings,
+    prior: SecondMoment | None = None,
+    domain: SecondMoment | None = None,
+) -> tuple[dict[str, torch.Tensor], RawWeights]:
+    """Eq. 7 for every projection: W* from the running sums, float64 solve, float32 out.
+
+    ``original`` is W (anchors the prior and domain terms), ``refined`` is W' (the CFR
+    result, on which the LoRAs were trained and which the ridge pulls towards).
+    """
+    d = sums.C.C.shape[0]
+    raw = raw_weights(settings, sums.C.n, prior, domain)
+    # Denominator: sum_k C_k + f C_p + f w C_d + r I (shared by all projections).
+    D = sums.C.C + _regulariser(d, prior, domain, raw)
+    prior_part = _regulariser(d, prior, domain, RawWeights(raw.prior, raw.domain, 0.0))
+    out = {}
+    for key, W in original.items():
+        W = W.double()
+        Wr = refined[key].double()
+        N = Wr @ sums.C.C + W @ prior_part + raw.ridge * Wr
+        if key in sums.dWC:
+            N = N + sums.dWC[key]
+        out[key] = torch.linalg.solve(D, N.T).T.float()  # W* D = N, D symmetric
+    return out, raw

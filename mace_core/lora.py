@@ -1,0 +1,110 @@
+"""Rank-r LoRA on attn2 to_k / to_v, one adapter per concept, batched per sample.
+
+dW = B A (A: r x d_in, B: d_out x r), the usual LoRA with scale 1 (alpha = r). A bank
+holds K adapters stacked on a leading axis; sample b of a UNet batch uses adapter
+``slot[b]``, so K concepts train in one batch with exactly the gradients of K separate
+runs (attention and GroupNorm act per sample).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from mace_core.errors import ArtefactError
+
+
+@dataclass
+class LoraFactors:
+    """One concept's LoRA: ``factors[proj_key] = (A, B)`` with dW = B @ A (float32, CPU)."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def delta(self, key: str) -> torch.Tensor:
+        A, B = self.factors[key]
+        return B @ A
+
+    def to_bytes(self, metadata: dict[str, str] | None = None) -> bytes:
+        t = {}
+        for k, (A, B) in self.factors.items():
+            t[f"{k}.lora_A"] = A.contiguous()
+            t[f"{k}.lora_B"] = B.contiguous()
+        return st_save(t, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, what: str = "LoRA") -> LoraFactors:
+        try:
+            t = st_load(data)
+        except Exception as e:
+            raise ArtefactError(f"{what} is not a readable safetensors file: {e}") from None
+        keys = sorted({k.rsplit(".lora_", 1)[0] for k in t})
+        try:
+            return cls({k: (t[f"{k}.lora_A"], t[f"{k}.lora_B"]) for k in keys})
+        except KeyError as e:
+            raise ArtefactError(f"{what} lacks tensor {e}") from None
+
+
+class LoraBank(nn.Module):
+    """K stacked rank-r adapters for each attn2 projection (keys as in ``attn2_projections``)."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        k: int,
+        rank: int,
+        generators: list[torch.Generator],
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        if len(generators) != k:
+            raise ValueError(f"need one generator per adapter, got {len(generators)} for {k}")
+        self.keys = list(shapes)
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        for d_out, d_in in shapes.values():
+            # A: Kaiming-uniform as in PEFT's default, drawn per adapter from its own
+            # generator so an adapter's start does not depend on its batch mates.
+            bound = 1.0 / math.sqrt(d_in)
+            A = torch.stack([(torch.rand(rank, d_in, generator=g) * 2 - 1) * bound for g in generators])
+            self.A.append(nn.Parameter(A.to(device)))
+            self.B.append(nn.Parameter(torch.zeros(k, d_out, rank, device=device)))
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        self.slot: torch.Tensor | None = None  # (batch,) adapter index per sample
+
+    def delta(self, key: str, e: torch.Tensor) -> torch.Tensor:
+        """(e A_s^T) B_s^T for each sample's adapter s; e is (batch, tokens, d_in)."""
+        if self.slot is None:
+            raise RuntimeError("LoraBank.slot must be set before a forward pass")
+        i = self.index[key]
+        A = self.A[i][self.slot]  # (batch, r, d_in)
+        B = self.B[i][self.slot]  # (batch, d_out, r)
+        return torch.einsum("bnr,bor->bno", torch.einsum("bnd,brd->bnr", e, A.to(e.dtype)), B.to(e.dtype))
+
+    def clip_grad_per_adapter(self, max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` applied to each adapter on its own; returns the K norms."""
+        grads = [p.grad for p in list(self.A) + list(self.B) if p.grad is not None]
+        if not grads:
+            return torch.zeros(0)
+        sq = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0)  # (K,)
+        norms = sq.sqrt()
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
+        return norms
+
+    def factors(self, j: int) -> LoraFactors:
+        """Adapter j as plain CPU float32 factors."""
+        return LoraFactors(
+            {
+                key: (
+                    self.A[i][j].detach().float().cpu().clone(),
+                    self.B[i][j].detach().float().cpu().clone(),
+                )
+                for key, i in self.index.items()
+            }
+        )

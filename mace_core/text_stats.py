@@ -1,0 +1,232 @@
+"""Text-encoder statistics: CFR sums X, C (Eq. 1-2), fusion sums C_k (Eq. 7), prior C_p.
+
+Every statistic is a sum of outer products of final text-encoder token states,
+accumulated in float64, together with its token count. They are additive: the
+statistics of many concepts are the sum of the statistics of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mace_core.alignment import align_tokens
+from mace_core.concepts import Concept
+from mace_core.errors import ArtefactError, ConceptError
+from mace_core.prompts import PromptPair, concept_prompts, prompt_pairs
+
+
+class TextEncoder:
+    """Tokenizer + text encoder of a pipeline, used in no-grad batches."""
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device, batch_size: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.model = text_encoder
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = int(tokenizer.model_max_length)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def ids(self, prompt: str) -> list[int]:
+        """Unpadded token ids with start/end tokens."""
+        return list(self.tokenizer(prompt, truncation=False).input_ids)
+
+    def check_length(self, prompt: str, what: str) -> None:
+        n = len(self.ids(prompt))
+        if n > self.max_length:
+            raise ConceptError(
+                f"{what}: prompt {prompt!r} is {n} tokens, the text encoder takes {self.max_length}"
+            )
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Final token states, (len(prompts), max_length, d), float32 on the CPU."""
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            tok = self.tokenizer(
+                list(prompts[i : i + self.batch_size]),
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            h = self.model(tok.input_ids.to(self.device))[0]
+            out.append(h.float().cpu())
+        return torch.cat(out)
+
+
+@dataclass
+class SecondMoment:
+    """C = sum e e^T over n token states (float64). Additive."""
+
+    C: torch.Tensor
+    n: int
+
+    @classmethod
+    def zeros(cls, d: int) -> SecondMoment:
+        return cls(torch.zeros(d, d, dtype=torch.float64), 0)
+
+    @classmethod
+    def of(cls, states: torch.Tensor) -> SecondMoment:
+        e = states.reshape(-1, states.shape[-1]).double()
+        return cls(e.T @ e, e.shape[0])
+
+    def __add__(self, other: SecondMoment) -> SecondMoment:
+        return SecondMoment(self.C + other.C, self.n + other.n)
+
+    def __iadd__(self, other: SecondMoment) -> SecondMoment:
+        self.C += other.C
+        self.n += other.n
+        return self
+
+    def mean(self) -> torch.Tensor:
+        return self.C / max(self.n, 1)
+
+
+@dataclass
+class MappingStats:
+    """CFR statistics of Eq. 1: X = sum e_g e_f^T, C = sum e_f e_f^T over n aligned pairs."""
+
+    X: torch.Tensor
+    C: torch.Tensor
+    n: int
+
+    @classmethod
+    def zeros(cls, d: int) -> MappingStats:
+        z = torch.zeros(d, d, dtype=torch.float64)
+        return cls(z, z.clone(), 0)
+
+    def __add__(self, other: MappingStats) -> MappingStats:
+        return MappingStats(self.X + other.X, self.C + other.C, self.n + other.n)
+
+    def __iadd__(self, other: MappingStats) -> MappingStats:
+        self.X += other.X
+        self.C += other.C
+        self.n += other.n
+        return self
+
+
+def mapping_stats(encoder: TextEncoder, pairs: list[PromptPair]) -> MappingStats:
+    """X_k, C_k of one concept from its aligned (e_f, e_g) pairs (Eq. 1 sufficient statistics)."""
+    ef_all = encoder.encode([p.concept for p in pairs])
+    eg_all = encoder.encode([p.anchor for p in pairs])
+    stats = MappingStats.zeros(encoder.dim)
+    for pair, ef, eg in zip(pairs, ef_all, eg_all, strict=True):
+        al = align_tokens(encoder.ids(pair.concept), encoder.ids(pair.anchor), encoder.max_length)
+        f = ef[al.concept_positions].double()
+        g = eg[al.anchor_positions].double()
+        stats += MappingStats(g.T @ f, f.T @ f, f.shape[0])
+    return stats
+
+
+@dataclass
+class ConceptTextStats:
+    """Everything the closed forms need from one concept's prompts."""
+
+    mapping: MappingStats  # CFR, Eq. 1-2
+    fusion: SecondMoment  # C_k of Eq. 7: all token states of its augmented prompts
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "cfr.X": self.mapping.X,
+            "cfr.C": self.mapping.C,
+            "cfr.n": torch.tensor(self.mapping.n, dtype=torch.int64),
+            "fusion.C": self.fusion.C,
+            "fusion.n": torch.tensor(self.fusion.n, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> ConceptTextStats:
+        try:
+            return cls(
+                MappingStats(t["cfr.X"].double(), t["cfr.C"].double(), int(t["cfr.n"])),
+                SecondMoment(t["fusion.C"].double(), int(t["fusion.n"])),
+            )
+        except KeyError as e:
+            raise ArtefactError(f"concept statistics lack {e}") from None
+
+
+def concept_text_stats(
+    encoder: TextEncoder, concept: Concept, n_prompts: int | None = None
+) -> ConceptTextStats:
+    """CFR and fusion statistics of one concept."""
+    pairs = prompt_pairs(concept, n_prompts)
+    for p in pairs:
+        encoder.check_length(p.concept, f"concept {concept.text!r}")
+        encoder.check_length(p.anchor, f"anchor {concept.anchor!r} of concept {concept.text!r}")
+    fusion = SecondMoment.of(encoder.encode(concept_prompts(concept)[: len(pairs)]))
+    return ConceptTextStats(mapping_stats(encoder, pairs), fusion)
+
+
+def prompt_second_moment(encoder: TextEncoder, prompts: Sequence[str], chunk: int = 512) -> SecondMoment:
+    """C_p (or C_d): all max_length token states of every prompt, summed in chunks."""
+    total = SecondMoment.zeros(encoder.dim)
+    for i in range(0, len(prompts), chunk):
+        total += SecondMoment.of(encoder.encode(prompts[i : i + chunk]))
+    return total
+
+
+# ---------------------------------------------------------------- prior cache
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """One caption per line; blank lines ignored. Errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConceptError(f"caption file {str(path)!r} does not exist")
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConceptError(f"caption file {str(path)!r} cannot be read: {e}") from None
+    caps = [ln for ln in lines if ln]
+    if not caps:
+        raise ConceptError(f"caption file {str(path)!r} has no captions")
+    return caps
+
+
+def default_captions_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("mace_core").joinpath("data/captions.txt")))
+
+
+def prior_cache_key(model_identity: str, captions: Sequence[str]) -> str:
+    """Cache key: the text encoder's identity and the exact caption list."""
+    h = hashlib.sha256(model_identity.encode())
+    for c in captions:
+        h.update(b"\n" + c.encode())
+    return h.hexdigest()[:16]
+
+
+def second_moment_bytes(stats: SecondMoment, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise C and n as safetensors (the prior cache format)."""
+    return st_save(
+        {"C": stats.C.contiguous(), "n": torch.tensor(stats.n, dtype=torch.int64)}, metadata=metadata
+    )
+
+
+def second_moment_from_bytes(data: bytes, what: str) -> SecondMoment:
+    try:
+        t = st_load(data)
+        return SecondMoment(t["C"].double(), int(t["n"]))
+    except Exception as e:
+        raise ArtefactError(f"{what} is not a readable statistics file: {e}") from None
+
+
+def model_identity(pipe) -> str:
+    """A fingerprint of the text encoder: its config plus a checksum of a few weights."""
+    te = pipe.text_encoder
+    h = hashlib.sha256(te.config.to_json_string().encode())
+    for name, p in list(te.named_parameters())[:4]:
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]

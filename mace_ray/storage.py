@@ -1,0 +1,140 @@
+"""Storage for the run layout: keys are relative POSIX paths under one root.
+
+``LocalStorage`` serves a local folder; an S3 backend serves ``s3://bucket/prefix`` with
+the same keys. Writes are atomic: a reader sees a whole object or none, so a DONE
+marker written last vouches for everything written before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from mace_core.errors import MaceError
+
+
+class StorageError(MaceError):
+    """A storage location is unusable (bad URI, no permission, missing bucket)."""
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could leave the root: absolute, empty parts, '.' or '..'."""
+    p = PurePosixPath(key)
+    if not key or p.is_absolute() or any(part in ("", ".", "..") for part in key.split("/")):
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage(Protocol):
+    url: str
+
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def put_dir(self, local_dir: Path, key: str) -> None: ...
+    def get_dir(self, key: str, local_dir: Path) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+class LocalStorage:
+    """A local folder. Atomic writes via a temporary sibling and ``os.replace``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"output {str(root)!r} cannot be created: {e.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"output {str(root)!r} is not writable")
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}/{key} does not exist") from None
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        """All file keys under ``prefix`` (recursive), sorted; temporaries excluded."""
+        base = self.path(prefix)
+        if not base.is_dir():
+            return []
+        keys = []
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                keys.append(p.relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def put_dir(self, local_dir: Path, key: str) -> None:
+        """Copy a folder in under ``key``, replacing what was there, visible all at once."""
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+        shutil.copytree(local_dir, tmp)
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def get_dir(self, key: str, local_dir: Path) -> None:
+        shutil.copytree(self.path(key), local_dir, dirs_exist_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        p = self.path(prefix)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def write_json(storage: Storage, key: str, obj: Any) -> None:
+    storage.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(storage: Storage, key: str) -> Any:
+    data = storage.read_bytes(key)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{storage.url}/{key} is not valid JSON: {e}") from None
+
+
+def open_storage(url: str) -> Storage:
+    """A storage backend for a local path (S3 URIs come with the S3 backend)."""
+    if url.startswith("s3://"):
+        raise StorageError(
+            f"output {url!r}: S3 storage is not available in this version (use a local folder)"
+        )
+    if "://" in url:
+        raise StorageError(f"output {url!r}: unsupported scheme (use a local folder)")
+    return LocalStorage(url)

@@ -1,0 +1,180 @@
+"""`mace-ray erase` end to end on the tiny model, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mace_core.checkpoints import read_erasure
+from mace_core.models import attn2_projections, build_tiny_pipeline
+from mace_ray.cli import app
+
+FAST = ["--images", "2", "--inference-steps", "3", "--train-steps", "3", "--prompts-per-concept", "4"]
+CONCEPTS = "Bill Clinton | celebrity\nVan Gogh | style\n# comment\nairplane | object | sky\n"
+
+
+def erase_cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "mace-ray"
+    return subprocess.run([str(exe), "erase", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("erase")
+    cfile = tmp / "concepts.txt"
+    cfile.write_text(CONCEPTS)
+    out = tmp / "out"
+    proc = erase_cli(str(cfile), "--model", "tiny", "--output", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return cfile, out, result, proc
+
+
+def state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_erase_writes_a_loadable_pipeline_that_differs_only_in_attn2(finished_run):
+    from diffusers import StableDiffusionPipeline
+
+    _, out, result, proc = finished_run
+    assert result["status"] == "complete"
+    assert "stage train: done" in proc.stderr  # progress lines in the job log
+    root = Path(result["root"])
+    erased = StableDiffusionPipeline.from_pretrained(root / "final" / "pipeline", local_files_only=True)
+    original = build_tiny_pipeline()
+    proj_keys = set(attn2_projections(original.unet))
+    assert len(proj_keys) == 8
+    a, b = state(original.unet), state(erased.unet)
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed == proj_keys  # every attn2 to_k/to_v changed, nothing else
+    for name in ("text_encoder", "vae"):
+        sa, sb = state(getattr(original, name)), state(getattr(erased, name))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    # The compact file holds exactly the replaced matrices; applying it reproduces the model.
+    from mace_core.checkpoints import apply_erasure
+
+    data = (root / "final" / "erasure.safetensors").read_bytes()
+    meta = apply_erasure(original, data)
+    assert meta["base_model"] == "tiny" and meta["run_id"] == result["run_id"]
+    c = state(original.unet)
+    assert all(torch.equal(c[k], b[k]) for k in b)
+
+    report = json.loads((root / "report.json").read_text())
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and report["status"] == "complete"
+    assert [x["text"] for x in report["concepts"]] == ["Bill Clinton", "Van Gogh", "airplane"]
+    assert report["concepts"][1]["mask_source"].startswith("whole-image")
+    assert report["tokens"]["prior"] > 100 * 77
+    assert set(report["seconds"]) >= {"prepare", "text_statistics", "cfr", "train", "fusion", "write"}
+    for x in report["concepts"]:
+        cdir = root / "concepts" / x["slug"]
+        assert (cdir / "DONE").is_file() and (cdir / "lora.safetensors").is_file()
+        assert sorted(p.name for p in (cdir / "images").iterdir()) == ["000.png", "001.png"]
+        assert sorted(p.name for p in (cdir / "masks").iterdir()) == ["000.png", "001.png"]
+
+
+def test_apply_command(finished_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _, _, result, _ = finished_run
+    root = Path(result["root"])
+    r = CliRunner().invoke(
+        app, ["apply", str(root / "final/erasure.safetensors"), "--output", str(tmp_path / "p")]
+    )
+    assert r.exit_code == 0, r.output
+    got = StableDiffusionPipeline.from_pretrained(tmp_path / "p", local_files_only=True)
+    ref = StableDiffusionPipeline.from_pretrained(root / "final/pipeline", local_files_only=True)
+    sa, sb = state(got.unet), state(ref.unet)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_reuses_done_concepts(finished_run, tmp_path):
+    import shutil
+
+    cfile, out, result, _ = finished_run
+    src = Path(result["root"])
+    # A copy of the run as a crash after two concepts would leave it: no final model, one
+    # concept without its DONE marker, manifest still running.
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2)
+    root = out2 / "runs" / result["run_id"]
+    shutil.rmtree(root / "final")
+    (root / "report.json").unlink()
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    slugs = sorted(p.name for p in (root / "concepts").iterdir())
+    redo = slugs[0]
+    (root / "concepts" / redo / "DONE").unlink()
+    before = {s: os.stat(root / "concepts" / s / "lora.safetensors").st_mtime_ns for s in slugs}
+
+    proc = erase_cli(str(cfile), "--model", "tiny", "--output", str(out2), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 concepts done before, 1 to do" in proc.stderr
+    after = {s: os.stat(root / "concepts" / s / "lora.safetensors").st_mtime_ns for s in slugs}
+    assert [s for s in slugs if before[s] != after[s]] == [redo]  # only the unfinished one recomputed
+    report = json.loads((root / "report.json").read_text())
+    assert report["resumed"] == 1 and report["prior_cache_hit"] is True
+    # Same result as the unbroken run (same seeds; images reused from storage).
+    got, _ = read_erasure((root / "final/erasure.safetensors").read_bytes())
+    ref, _ = read_erasure((src / "final/erasure.safetensors").read_bytes())
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+    # A complete run is not redone.
+    again = erase_cli(str(cfile), "--model", "tiny", "--output", str(out2), *FAST)
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+def bad(tmp_path: Path, concepts: str | None, *extra: str) -> tuple[int, str, Path]:
+    out = tmp_path / "out"
+    cfile = tmp_path / "c.txt"
+    if concepts is not None:
+        cfile.write_text(concepts)
+    r = CliRunner().invoke(app, ["erase", str(cfile), "--output", str(out), "--model", "tiny", *extra])
+    return r.exit_code, r.stderr, out
+
+
+def no_complete_run(out: Path) -> bool:
+    manifests = list(out.glob("runs/*/manifest.json"))
+    return all(json.loads(m.read_text())["status"] != "complete" for m in manifests) and not list(
+        out.glob("runs/*/final")
+    )
+
+
+@pytest.mark.parametrize(
+    ("concepts", "extra", "needle"),
+    [
+        (None, [], "does not exist"),
+        ("", [], "no concepts"),
+        ("# nothing here\n\n", [], "no concepts"),
+        ("dog\n  | celebrity\n", [], "c.txt:2: concept is empty"),
+        ("dog | animal\n", [], "unknown concept type 'animal'"),
+        ("word " * 80 + "\n", [], "tokens, the text encoder takes 77"),
+        ("dog\n", ["--model", "/nonexistent/model/folder"], "'/nonexistent/model/folder': no such folder"),
+        ("dog\n", ["--type", "animal"], "animal"),
+    ],
+)
+def test_bad_input_one_line_error(tmp_path, concepts, extra, needle):
+    code, err, out = bad(tmp_path, concepts, *extra)
+    assert code == 2, err
+    assert needle in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    if "--type" not in extra:  # typer formats its own usage errors
+        assert len(lines) == 1 and lines[0].startswith("mace-ray: error:"), err
+    assert no_complete_run(out)
+
+
+def test_model_folder_without_model_index(tmp_path):
+    (tmp_path / "m").mkdir()
+    code, err, out = bad(tmp_path, "dog\n", "--model", str(tmp_path / "m"))
+    assert code == 2 and "not a diffusers pipeline folder" in err and no_complete_run(out)

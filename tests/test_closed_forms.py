@@ -1,0 +1,153 @@
+"""CFR (Eq. 1-2) and fusion (Eq. 7) against their normal equations and brute-force least squares."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mace_core.cfr import apply_cfr, cfr_matrix, raw_weights
+from mace_core.fusion import FusionSums, fuse
+from mace_core.lora import LoraFactors
+from mace_core.settings import ClosedFormSettings
+from mace_core.text_stats import MappingStats, SecondMoment
+
+D = 12
+SHAPES = {"a.attn2.to_k.weight": (7, D), "a.attn2.to_v.weight": (7, D), "b.attn2.to_k.weight": (5, D)}
+
+
+def rand(*shape, g):
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    Ef, Eg, Ep, Ed = rand(40, D, g=g), rand(40, D, g=g), rand(90, D, g=g), rand(30, D, g=g)
+    weights = {k: rand(*s, g=g).float() for k, s in SHAPES.items()}
+    return Ef, Eg, Ep, Ed, weights
+
+
+def lstsq(rows_in: list[torch.Tensor], rows_out: list[torch.Tensor]) -> torch.Tensor:
+    """argmin_W sum ||W x - y||^2 over stacked rows (x in rows_in, y in rows_out), as W."""
+    X = torch.cat(rows_in)
+    Y = torch.cat(rows_out)
+    return torch.linalg.lstsq(X, Y).solution.T
+
+
+def test_cfr_normal_equations_and_brute_force(data):
+    Ef, Eg, Ep, Ed, weights = data
+    stats = MappingStats(Eg.T @ Ef, Ef.T @ Ef, Ef.shape[0])
+    prior, domain = SecondMoment.of(Ep), SecondMoment.of(Ed)
+    s = ClosedFormSettings(prior_weight=0.7, domain_weight=2.0, ridge=0.05)
+    M, raw = cfr_matrix(stats, s, prior, domain)
+    assert raw == raw_weights(s, 40, prior, domain)
+    assert raw.prior == pytest.approx(0.7 * 40 / 90) and raw.ridge == pytest.approx(0.05 * 40)
+    eye = torch.eye(D, dtype=torch.float64)
+    refined = apply_cfr(weights, M)
+    for key, W in weights.items():
+        W = W.double()
+        Wp = W @ M
+        assert torch.allclose(refined[key].double(), Wp, atol=1e-5)
+        # Normal equations of Eq. 1: W' (C + aC_p + wC_d + rI) = W (X + aC_p + wC_d + rI)
+        R = raw.prior * prior.C + raw.domain * domain.C + raw.ridge * eye
+        assert torch.allclose(Wp @ (stats.C + R), W @ (stats.X + R), atol=1e-9)
+        # Brute force, solved per projection: M is the same for all of them.
+        sa, sw, sr = raw.prior**0.5, raw.domain**0.5, raw.ridge**0.5
+        brute = lstsq([Ef, sa * Ep, sw * Ed, sr * eye], [Eg @ W.T, sa * Ep @ W.T, sw * Ed @ W.T, sr * W.T])
+        assert torch.allclose(brute, Wp, atol=1e-8)
+
+
+def test_cfr_without_prior_maps_concept_onto_anchor(data):
+    Ef, Eg, _, _, weights = data
+    stats = MappingStats(Eg.T @ Ef, Ef.T @ Ef, Ef.shape[0])
+    M, _ = cfr_matrix(stats, ClosedFormSettings(prior_weight=0.0, ridge=1e-12))
+    # 40 pairs > d: the unregularised least squares solution, W' = W Eg^T Ef (Ef^T Ef)^-1
+    W = weights["a.attn2.to_k.weight"].double()
+    expected = W @ Eg.T @ Ef @ torch.linalg.inv(Ef.T @ Ef)
+    assert torch.allclose(W @ M, expected, atol=1e-8)
+
+
+def random_lora(g: torch.Generator, rank: int = 2) -> LoraFactors:
+    return LoraFactors(
+        {k: (rand(rank, s[1], g=g).float(), rand(s[0], rank, g=g).float()) for k, s in SHAPES.items()}
+    )
+
+
+def concepts(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(rand(30 + 5 * i, D, g=g), random_lora(g)) for i in range(n)]
+
+
+def test_fusion_normal_equations_and_brute_force(data):
+    _, _, Ep, Ed, original = data
+    g = torch.Generator().manual_seed(5)
+    refined = {k: (W.double() + 0.1 * rand(*W.shape, g=g)).float() for k, W in original.items()}
+    cs = concepts(3)
+    sums = FusionSums.zeros(D)
+    for E, lora in cs:
+        sums = sums + FusionSums.of_concept(SecondMoment.of(E), lora)
+    prior, domain = SecondMoment.of(Ep), SecondMoment.of(Ed)
+    s = ClosedFormSettings(prior_weight=0.5, domain_weight=3.0, ridge=0.02)
+    fused, raw = fuse(sums, original, refined, s, prior, domain)
+    n_total = sum(E.shape[0] for E, _ in cs)
+    assert raw.prior == pytest.approx(0.5 * n_total / 90)
+    assert raw.domain == pytest.approx(0.5 * 3.0 * n_total / 30)
+    eye = torch.eye(D, dtype=torch.float64)
+    for key in SHAPES:
+        W, Wr, Ws = original[key].double(), refined[key].double(), fused[key].double()
+        # Normal equations of Eq. 7.
+        lhs = Ws @ (
+            sum(E.T @ E for E, _ in cs) + raw.prior * prior.C + raw.domain * domain.C + raw.ridge * eye
+        )
+        rhs = sum((Wr + lora.delta(key).double()) @ E.T @ E for E, lora in cs)
+        rhs = rhs + raw.prior * W @ prior.C + raw.domain * W @ domain.C + raw.ridge * Wr
+        assert torch.allclose(lhs, rhs, rtol=1e-5, atol=1e-4)
+        # Brute-force least squares over all the rows of Eq. 7's objective.
+        sa, sw, sr = raw.prior**0.5, raw.domain**0.5, raw.ridge**0.5
+        ins = [E for E, _ in cs] + [sa * Ep, sw * Ed, sr * eye]
+        outs = [E @ (Wr + lora.delta(key).double()).T for E, lora in cs]
+        outs += [sa * Ep @ W.T, sw * Ed @ W.T, sr * Wr.T]
+        assert torch.allclose(lstsq(ins, outs), Ws, atol=1e-5)
+
+
+def test_fusion_of_one_concept_without_prior_reproduces_its_lora(data):
+    _, _, _, _, original = data
+    ((E, lora),) = concepts(1)
+    sums = FusionSums.of_concept(SecondMoment.of(E), lora)
+    fused, _ = fuse(sums, original, original, ClosedFormSettings(prior_weight=0.0, ridge=1e-12))
+    for key in SHAPES:
+        target = (original[key].double() + lora.delta(key).double()) @ E.T
+        assert torch.allclose(fused[key].double() @ E.T, target, rtol=1e-5, atol=1e-4)
+
+
+def test_fusion_is_order_free_and_splits_into_halves(data):
+    _, _, Ep, _, original = data
+    cs = concepts(6, seed=3)
+    terms = [FusionSums.of_concept(SecondMoment.of(E), lora) for E, lora in cs]
+    s = ClosedFormSettings()
+    prior = SecondMoment.of(Ep)
+
+    def total(ts):
+        out = FusionSums.zeros(D)
+        for t in ts:
+            out = out + t
+        return out
+
+    ref, _ = fuse(total(terms), original, original, s, prior)
+    shuffled = terms[:]
+    random.Random(0).shuffle(shuffled)
+    halves = total(terms[:3]) + total(terms[3:])
+    assert halves.concepts == 6
+    # Round trip through tensors too: the statistics actor persists partial sums.
+    halves = FusionSums.from_tensors(halves.to_tensors())
+    full = total(terms)
+    for other in (total(shuffled), halves):
+        # The sums agree to float64 rounding, so the solutions agree to float32 output rounding.
+        assert torch.allclose(other.C.C, full.C.C, rtol=1e-12, atol=1e-12)
+        for k in SHAPES:
+            assert torch.allclose(other.dWC[k], full.dWC[k], rtol=1e-12, atol=1e-12)
+        got, _ = fuse(other, original, original, s, prior)
+        for k in SHAPES:
+            assert torch.allclose(got[k], ref[k], rtol=0, atol=1e-6)

@@ -1,0 +1,101 @@
+"""LoRA training with the attention loss on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from mace_core.attention import cross_attention_probes
+from mace_core.concepts import Concept, ConceptType
+from mace_core.datagen import generate_images, images_to_tensor
+from mace_core.models import attn2_projections
+from mace_core.prompts import concept_prompts
+from mace_core.settings import DataSettings, TrainSettings
+from mace_core.train import TrainJob, evaluate_attention_loss, loss_token_mask, train_loras
+
+CPU = torch.device("cpu")
+CLINTON = Concept("Bill Clinton", ConceptType.CELEBRITY, "a person")
+DOG = Concept("dog", ConceptType.OBJECT, "scene")
+
+
+def job(pipe, concept, n_images=2, masks=None):
+    images = generate_images(pipe, [concept], DataSettings(images_per_concept=n_images, inference_steps=3))[0]
+    m = masks if masks is not None else np.ones(images.shape[:3], dtype=bool)
+    return TrainJob(concept, images_to_tensor(images), torch.from_numpy(m), concept_prompts(concept)[:6])
+
+
+def run(pipe, encoder, jobs, settings):
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    return train_loras(
+        pipe.unet, pipe.vae, sched, encoder, jobs, settings, settings.resolve(CLINTON.type), CPU
+    )
+
+
+def test_probe_probabilities_are_distributions(tiny_pipe):
+    unet = tiny_pipe.unet
+    x = torch.randn(2, 4, 32, 32)
+    c = torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = unet(x, 10, encoder_hidden_states=c).sample
+        with cross_attention_probes(unet) as store:
+            got = unet(x, 10, encoder_hidden_states=c).sample
+    assert len(store) == len(attn2_projections(unet)) // 2  # one entry per attn2 (to_k + to_v)
+    for p in store:
+        assert p.shape[0] == 2 and p.shape[-1] == 77
+        assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+    # The probe computes the same attention as diffusers' own processor.
+    assert torch.allclose(ref, got, atol=1e-5)
+    assert not any(type(p).__name__ == "CrossAttnProbe" for p in unet.attn_processors.values())
+
+
+def test_training_lowers_loss_and_changes_only_lora(tiny_pipe, encoder):
+    j = job(tiny_pipe, CLINTON)
+    settings = TrainSettings(lr=3e-2, steps=30)
+    sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    before_state = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    loss_before = evaluate_attention_loss(
+        tiny_pipe.unet, tiny_pipe.vae, sched, encoder, j, settings, None, CPU
+    )
+    (result,) = run(tiny_pipe, encoder, [j], settings)
+    loss_after = evaluate_attention_loss(
+        tiny_pipe.unet, tiny_pipe.vae, sched, encoder, j, settings, result.lora, CPU
+    )
+    assert loss_after < 0.9 * loss_before, (loss_before, loss_after)
+    assert len(result.losses) == 30
+    # The UNet's own parameters are untouched; the LoRA is not zero.
+    after_state = tiny_pipe.unet.state_dict()
+    assert before_state.keys() == after_state.keys()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert any(B.abs().sum() > 0 for _, B in result.lora.factors.values())
+    assert set(result.lora.factors) == {k for k in before_state if "attn2.to_k" in k or "attn2.to_v" in k}
+
+
+def test_batched_training_equals_one_by_one(tiny_pipe, encoder):
+    jobs = [job(tiny_pipe, CLINTON), job(tiny_pipe, DOG)]
+    settings = TrainSettings(lr=1e-2, steps=4)
+    batched = run(tiny_pipe, encoder, jobs, settings)
+    for j, b in zip(jobs, batched, strict=True):
+        (alone,) = run(tiny_pipe, encoder, [j], settings)
+        assert alone.losses == b.losses or np.allclose(alone.losses, b.losses, rtol=1e-5)
+        for key, (A, B) in alone.lora.factors.items():
+            A2, B2 = b.lora.factors[key]
+            assert torch.allclose(A, A2, atol=1e-6) and torch.allclose(B, B2, atol=1e-6)
+
+
+def test_mask_limits_the_loss(tiny_pipe, encoder):
+    empty = job(tiny_pipe, CLINTON, masks=np.zeros((2, 32, 32), dtype=bool))
+    sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    loss = evaluate_attention_loss(
+        tiny_pipe.unet, tiny_pipe.vae, sched, encoder, empty, TrainSettings(), None, CPU, n=2
+    )
+    assert loss < 1e-5  # nothing inside the mask: nothing to suppress
+
+
+def test_loss_tokens(encoder):
+    prompt = "a candid photo of Bill Clinton on the street"
+    ids = encoder.ids(prompt)
+    m = loss_token_mask(encoder, prompt, CLINTON, penalize_eot=False)
+    assert [ids[i] for i in m.nonzero().flatten().tolist()] == encoder.ids("Bill Clinton")[1:-1]
+    m_eot = loss_token_mask(encoder, prompt, CLINTON, penalize_eot=True)
+    assert int(m_eot.sum()) == 2 + 77 - (len(ids) - 1)
