@@ -113,12 +113,40 @@ class DataSettings:
             raise ValueError(f"images_per_concept must be >= 1, got {self.images_per_concept}")
 
 
+MASKERS = ("grounded-sam", "segment-anything", "whole-image")
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """Concept masks (MACE Stage 2): Grounding DINO boxes for the concept text, SAM masks.
+
+    ``masker``: ``grounded-sam`` (transformers Grounding DINO + SAM), ``segment-anything``
+    (Grounding DINO boxes, an original SAM ``.pth`` checkpoint as ``segmenter``) or
+    ``whole-image``. ``detector`` / ``segmenter``: hub id, local folder (or ``.pth`` file),
+    or ``tiny`` for built-in random models; None picks the default for the model.
+    """
+
+    masker: str = "grounded-sam"
+    detector: str | None = None
+    segmenter: str | None = None
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.masker not in MASKERS:
+            raise ValueError(f"unknown masker {self.masker!r} (valid: {', '.join(MASKERS)})")
+        for name in ("box_threshold", "text_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
 @dataclass(frozen=True)
 class EraseSettings:
     cfr: ClosedFormSettings = field(default_factory=ClosedFormSettings)
     fusion: ClosedFormSettings = field(default_factory=ClosedFormSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    masks: MaskSettings = field(default_factory=MaskSettings)
     # Number of templates per concept used for the statistics and training prompts.
     prompts_per_concept: int | None = None
 
@@ -135,5 +163,6 @@ class EraseSettings:
             fusion=ClosedFormSettings(**d["fusion"]),
             train=TrainSettings(**d["train"]),
             data=DataSettings(**d["data"]),
+            masks=MaskSettings(**d.get("masks", {})),
             prompts_per_concept=d.get("prompts_per_concept"),
         )

@@ -88,10 +88,30 @@ def erase(
     squared_loss: Annotated[bool, typer.Option(help="Square the Frobenius norm of Eq. 3.")] = False,
     penalize_eot: Annotated[bool, typer.Option(help="Also suppress end-of-text/padding attention.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of images, LoRA init and training draws.")] = 0,
+    masker: Annotated[
+        str, typer.Option(help="grounded-sam | segment-anything | whole-image.")
+    ] = "grounded-sam",
+    detector: Annotated[
+        str | None, typer.Option(help="Grounding DINO: hub id, local folder or 'tiny'.")
+    ] = None,
+    segmenter: Annotated[
+        str | None, typer.Option(help="SAM: hub id, local folder, 'tiny', or a .pth (segment-anything).")
+    ] = None,
+    box_threshold: Annotated[float, typer.Option(help="Grounding DINO box threshold.")] = 0.3,
+    text_threshold: Annotated[float, typer.Option(help="Grounding DINO text threshold.")] = 0.25,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Progress lines on stderr.")] = True,
 ) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
-    from mace_core.settings import ClosedFormSettings, DataSettings, EraseSettings, TrainSettings
+    from mace_core.settings import (
+        ClosedFormSettings,
+        DataSettings,
+        EraseSettings,
+        MaskSettings,
+        TrainSettings,
+    )
     from mace_ray.erase import EraseRequest, run_erase
 
     _setup_logging(verbose)
@@ -108,6 +128,7 @@ def erase(
                 seed=seed,
             ),
             data=DataSettings(images_per_concept=images, inference_steps=inference_steps, seed=seed),
+            masks=MaskSettings(masker, detector, segmenter, box_threshold, text_threshold),
             prompts_per_concept=prompts_per_concept,
         )
         req = EraseRequest(
@@ -120,6 +141,7 @@ def erase(
             retain_file=str(retain) if retain else None,
             device=device,
             concepts_per_batch=concepts_per_batch,
+            s3_endpoint=s3_endpoint,
         )
         report = run_erase(req)
     except (MaceError, ValueError) as e:

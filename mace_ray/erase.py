@@ -69,6 +69,7 @@ class EraseRequest:
     retain_file: str | None = None
     device: str | None = None
     concepts_per_batch: int = 4
+    s3_endpoint: str | None = None
 
 
 @dataclass
@@ -237,7 +238,7 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
     timer = Timer()
     with timer.stage("prepare"):
         p = prepare(req)
-    storage = open_storage(req.output)
+    storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
     layout = RunLayout(p.run_id)
     manifest = open_run(storage, layout, p)
     log.info("run %s at %s/%s (%d concepts)", p.run_id, storage.url, layout.root, len(p.concepts.concepts))

@@ -129,8 +129,8 @@ def read_json(storage: Storage, key: str) -> Any:
         raise StorageError(f"{storage.url}/{key} is not valid JSON: {e}") from None
 
 
-def open_storage(url: str) -> Storage:
-    """A storage backend for a local path (S3 URIs come with the S3 backend)."""
+def open_storage(url: str, s3_endpoint: str | None = None) -> Storage:
+    """The storage backend for ``url``: a local folder, or ``s3://bucket/prefix``."""
     if url.startswith("s3://"):
         raise StorageError(
             f"output {url!r}: S3 storage is not available in this version (use a local folder)"
