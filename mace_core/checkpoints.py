@@ -25,12 +25,17 @@ def erasure_bytes(weights: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return st_save({k: v.contiguous().float() for k, v in sorted(weights.items())}, metadata=meta)
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory."""
+    # safetensors layout: 8-byte little-endian header length, then the JSON header.
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+
+
 def read_erasure(data: bytes, what: str = "erasure file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors = st_load(data)
-        # safetensors layout: 8-byte little-endian header length, then the JSON header.
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        meta = safetensors_metadata(data)
     except Exception as e:
         raise ArtefactError(f"{what} is not a readable safetensors file: {e}") from None
     if meta.get("format") != FORMAT:

@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 from mace_core.concepts import Concept
 from mace_core.datagen import generate_images, images_to_tensor
 from mace_core.lora import LoraFactors
+from mace_core.masking import Masker
 from mace_core.masks import whole_image_masks
 from mace_core.models import attn2_weights
 from mace_core.prompts import concept_prompts
@@ -39,7 +40,12 @@ class ConceptArtefacts:
 
 
 class ConceptBatchWorker:
-    """Generation (original weights W) and LoRA training (refined weights W') for batches."""
+    """Generation (original weights W), masks, and LoRA training (refined weights W') for batches.
+
+    ``masker``: from ``mace_core.masking.load_masker``, loaded once per worker; None means
+    whole-image masks for every concept. ``max_batch_images``: at most this many images
+    per diffusion batch (GPU memory), without changing any image's seed.
+    """
 
     def __init__(
         self,
@@ -48,24 +54,51 @@ class ConceptBatchWorker:
         device: torch.device,
         original: dict[str, torch.Tensor],
         refined: dict[str, torch.Tensor],
+        masker: Masker | None = None,
+        max_batch_images: int | None = None,
     ) -> None:
         self.pipe = pipe
         self.settings = settings
         self.device = device
         self.original = original
         self.refined = refined
+        self.masker = masker
+        self.max_batch_images = max_batch_images
         self.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, device)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
+    @property
+    def mixed_precision(self) -> bool:
+        return self.settings.precision == "auto" and self.device.type == "cuda"
+
     def generate(self, concepts: list[Concept]) -> list[np.ndarray]:
-        with attn2_weights(self.pipe.unet, self.original):
-            return generate_images(self.pipe, concepts, self.settings.data)
+        """Images of the original model W; fp16 autocast on GPUs (``precision`` auto)."""
+        with (
+            attn2_weights(self.pipe.unet, self.original),
+            torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
+        ):
+            return generate_images(self.pipe, concepts, self.settings.data, self.max_batch_images)
 
     def masks(self, concept: Concept, images: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-        """Whole-image masks; Grounded-SAM masking replaces this for non-style concepts."""
+        """The concept's masks for Eq. 3 and notes for the run report.
+
+        Styles (TYPE_DEFAULTS whole_image_masks) and runs without a masker get whole-image
+        masks; otherwise the masker's, where an image with no box falls back to a
+        whole-image mask and is counted in ``whole_image_fallbacks``.
+        """
         n, h, w = images.shape[:3]
-        source = "whole-image (style)" if TYPE_DEFAULTS[concept.type].whole_image_masks else "whole-image"
-        return whole_image_masks(n, h, w), {"mask_source": source, "whole_image_masks": n}
+        whole = {"whole_image_fallbacks": 0, "boxes": None, "empty_masks": 0}
+        if TYPE_DEFAULTS[concept.type].whole_image_masks:
+            return whole_image_masks(n, h, w), {"mask_source": "whole-image (style)", **whole}
+        if self.masker is None or self.masker.name == "whole-image":
+            return whole_image_masks(n, h, w), {"mask_source": "whole-image", **whole}
+        r = self.masker(images, concept.text)
+        return r.masks, {
+            "mask_source": self.masker.name,
+            "whole_image_fallbacks": r.fallbacks,
+            "boxes": r.boxes,
+            "empty_masks": r.empty,
+        }
 
     def train(
         self, concepts: list[Concept], images: list[np.ndarray], masks: list[np.ndarray]
@@ -100,6 +133,7 @@ class ConceptBatchWorker:
                     ts,
                     resolved,
                     self.device,
+                    autocast=torch.bfloat16 if self.mixed_precision else None,
                 )
                 for i, r in zip(idx, results, strict=True):
                     out[i] = (r.lora, r.losses, len(idx))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mace_core.errors import ModelLoadError
+from mace_core.pretrained import looks_like_path
 
 TINY_MODEL = "tiny"
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -206,34 +207,61 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
     return pipe
 
 
+def _resolve_source(model: str) -> tuple[str, bool]:
+    """(path or hub id, is_local). Local folders are checked here so errors name them."""
+    if not looks_like_path(model):
+        return model, False
+    local = Path(model).expanduser()
+    if not local.is_dir():
+        raise ModelLoadError(f"model {model!r}: no such folder")
+    if not (local / "model_index.json").is_file():
+        raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
+    if not os.access(local / "model_index.json", os.R_OK):
+        raise ModelLoadError(f"model {model!r}: model_index.json is not readable")
+    return str(local), True
+
+
+def _load_error(model: str, e: Exception) -> ModelLoadError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelLoadError(f"model {model!r} cannot be loaded: {first[:300]}")
+
+
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32):  # -> StableDiffusionPipeline
     """Load ``tiny``, a local diffusers folder, or a hub id (offline-aware); errors name ``model``."""
     if model == TINY_MODEL:
-        return build_tiny_pipeline().to(dtype=dtype)
+        pipe = build_tiny_pipeline()
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import StableDiffusionPipeline
 
-    local = Path(model).expanduser()
-    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local:
-        if not local.is_dir():
-            raise ModelLoadError(f"model {model!r}: no such folder")
-        if not (local / "model_index.json").is_file():
-            raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
-        if not os.access(local / "model_index.json", os.R_OK):
-            raise ModelLoadError(f"model {model!r}: model_index.json is not readable")
+    source, is_local = _resolve_source(model)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(local) if looks_local else model,
+            source,
             torch_dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
-            local_files_only=looks_local,
+            local_files_only=is_local,
         )
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, HF errors)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"model {model!r} cannot be loaded: {first[:300]}") from None
+        raise _load_error(model, e) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_text_components(model: str):  # -> (CLIPTokenizer, CLIPTextModel)
+    """Only the tokenizer and text encoder: enough to validate prompts and fingerprint a model."""
+    if model == TINY_MODEL:
+        pipe = build_tiny_pipeline()
+        return pipe.tokenizer, pipe.text_encoder
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source, is_local = _resolve_source(model)
+    try:
+        tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
+        te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=is_local)
+    except Exception as e:
+        raise _load_error(model, e) from None
+    return tok, te.eval()
 
 
 def text_hidden_size(pipe) -> int:

@@ -113,6 +113,7 @@ class DataSettings:
             raise ValueError(f"images_per_concept must be >= 1, got {self.images_per_concept}")
 
 
+PRECISIONS = ("auto", "fp32")
 MASKERS = ("grounded-sam", "segment-anything", "whole-image")
 
 
@@ -149,6 +150,13 @@ class EraseSettings:
     masks: MaskSettings = field(default_factory=MaskSettings)
     # Number of templates per concept used for the statistics and training prompts.
     prompts_per_concept: int | None = None
+    # "auto": on CUDA, fp16 autocast for generation and bf16 autocast for training (LoRA
+    # weights and optimizer state stay fp32); on CPU everything fp32. "fp32": fp32 everywhere.
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r} (valid: {', '.join(PRECISIONS)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,4 +173,5 @@ class EraseSettings:
             data=DataSettings(**d["data"]),
             masks=MaskSettings(**d.get("masks", {})),
             prompts_per_concept=d.get("prompts_per_concept"),
+            precision=d.get("precision", "auto"),
         )

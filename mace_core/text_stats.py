@@ -222,9 +222,9 @@ def second_moment_from_bytes(data: bytes, what: str) -> SecondMoment:
         raise ArtefactError(f"{what} is not a readable statistics file: {e}") from None
 
 
-def model_identity(pipe) -> str:
+def model_identity(text_encoder) -> str:
     """A fingerprint of the text encoder: its config plus a checksum of a few weights."""
-    te = pipe.text_encoder
+    te = text_encoder
     h = hashlib.sha256(te.config.to_json_string().encode())
     for name, p in list(te.named_parameters())[:4]:
         h.update(name.encode())

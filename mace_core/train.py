@@ -83,11 +83,14 @@ def train_loras(
     settings: TrainSettings,
     resolved: ResolvedTrain,
     device: torch.device,
+    autocast: torch.dtype | None = None,
 ) -> list[TrainResult]:
     """Train one LoRA per job, all jobs in one UNet batch (per-sample LoRA, exact gradients).
 
     The UNet must already carry the CFR-refined weights W'. Only the adapters train: the
     UNet's own parameters are never handed to the optimizer and stay unchanged.
+    ``autocast`` (bf16 on GPUs) runs the forward pass in that precision; the adapters,
+    their gradients and AdamW's state stay float32, the loss is summed in float32.
     """
     if not jobs:
         return []
@@ -134,11 +137,12 @@ def train_loras(
                 m.append(masks[j][i])
                 tm.append(tok_masks[j][p])
             store.clear()
-            unet(
-                torch.stack(x).to(unet_dtype),
-                torch.cat(t),
-                encoder_hidden_states=torch.stack(c).to(unet_dtype),
-            )
+            with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                unet(
+                    torch.stack(x).to(unet_dtype),
+                    torch.cat(t),
+                    encoder_hidden_states=torch.stack(c).to(unet_dtype),
+                )
             losses = attention_loss(store, torch.stack(m), torch.stack(tm), latent_hw, settings.squared_loss)
             losses.sum().backward()
             bank.clip_grad_per_adapter(settings.grad_clip)

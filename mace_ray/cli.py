@@ -1,27 +1,28 @@
 """The ``mace-ray`` command line.
 
 Exit codes: 0 success; 1 unexpected failure (a bug or an infrastructure error, with a
-traceback); 2 bad input or settings (one line on stderr naming the input).
+traceback; the run is marked failed and resumes on rerun); 2 bad input or settings (one
+line on stderr naming the input; nothing is marked complete).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 
 from mace_core.concepts import ConceptType
 from mace_core.errors import MaceError
 from mace_core.models import DEFAULT_MODEL
+from mace_ray.logs import setup_logging
 
 app = typer.Typer(
     add_completion=False,
-    pretty_exceptions_enable=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Mass concept erasure (MACE) for Stable Diffusion, on one machine or a Ray cluster.",
 )
 
@@ -29,34 +30,58 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"mace-ray: error: {message}", err=True)
+    # One line: under `ray job submit` this is the line the job log ends with.
+    typer.echo(f"mace-ray: error: {' '.join(message.split())}", err=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s [mace-ray] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    from diffusers.utils import logging as diffusers_logging
+# Config keys that differ from the function parameter names.
+_CONFIG_ALIASES = {"type": "type_"}
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+def _load_config(ctx: typer.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config job.yaml``: option values from a YAML mapping; the command line wins."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        _fail(f"config {str(value)!r} does not exist")
+    except (OSError, yaml.YAMLError) as e:
+        _fail(f"config {str(value)!r} cannot be read: {e}")
+    if not isinstance(data, dict):
+        _fail(f"config {str(value)!r} must be a mapping of option names to values")
+    names = {p.name for p in ctx.command.params if p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        name = _CONFIG_ALIASES.get(str(key), str(key).replace("-", "_"))
+        if name not in names:
+            valid = ", ".join(sorted(n.rstrip("_") for n in names))
+            _fail(f"config {str(value)!r}: unknown option {key!r} (valid: {valid})")
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 @app.command()
 def erase(
     concepts: Annotated[Path, typer.Argument(help="Concept file: one 'text | type | anchor' per line.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            is_eager=True,
+            callback=_load_config,
+            help="YAML file of option values (keys as option names); command-line options override it.",
+        ),
+    ] = None,
     model: Annotated[
-        str, typer.Option(help="Hub id, local diffusers folder, or 'tiny' (built-in).")
+        str, typer.Option(help="Hub id, local diffusers folder, or 'tiny' (built-in random model).")
     ] = DEFAULT_MODEL,
-    output: Annotated[str, typer.Option(help="Where runs are written (local folder).")] = "mace-runs",
+    output: Annotated[
+        str, typer.Option(help="Where runs are written: a folder or s3://bucket/prefix.")
+    ] = "mace-runs",
     type_: Annotated[
         ConceptType, typer.Option("--type", case_sensitive=False, help="Type of lines without one.")
     ] = ConceptType.OBJECT,
@@ -66,10 +91,26 @@ def erase(
     retain: Annotated[
         Path | None, typer.Option(help="Concept file of concepts to keep (the domain set C_d).")
     ] = None,
+    executor: Annotated[
+        str, typer.Option(help="ray (a cluster, or a local Ray) or local (this process).")
+    ] = "ray",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Concept workers (default: one per GPU of the cluster, else 1).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="GPUs per worker, fractions allowed (default: 1 if any GPU)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Reuse what an earlier run with the same inputs finished.")
+    ] = True,
     device: Annotated[
         str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
     ] = None,
-    concepts_per_batch: Annotated[int, typer.Option(min=1, help="Concepts trained in one UNet batch.")] = 4,
+    concepts_per_batch: Annotated[int, typer.Option(min=1, help="Concepts per worker batch.")] = 4,
     images: Annotated[int, typer.Option(min=1, help="Training images per concept.")] = 8,
     inference_steps: Annotated[int, typer.Option(min=1, help="DPM-Solver steps per training image.")] = 30,
     train_steps: Annotated[int | None, typer.Option(min=0, help="LoRA steps (default: per type).")] = None,
@@ -100,8 +141,11 @@ def erase(
     box_threshold: Annotated[float, typer.Option(help="Grounding DINO box threshold.")] = 0.3,
     text_threshold: Annotated[float, typer.Option(help="Grounding DINO text threshold.")] = 0.25,
     s3_endpoint: Annotated[
-        str | None, typer.Option(help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS).")
+        str | None, typer.Option(help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).")
     ] = None,
+    precision: Annotated[
+        str, typer.Option(help="auto (fp16/bf16 autocast on GPUs, fp32 on CPU) or fp32.")
+    ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Progress lines on stderr.")] = True,
 ) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
@@ -114,7 +158,7 @@ def erase(
     )
     from mace_ray.erase import EraseRequest, run_erase
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         settings = EraseSettings(
             cfr=ClosedFormSettings(cfr_prior_weight, domain_weight, cfr_ridge),
@@ -130,6 +174,7 @@ def erase(
             data=DataSettings(images_per_concept=images, inference_steps=inference_steps, seed=seed),
             masks=MaskSettings(masker, detector, segmenter, box_threshold, text_threshold),
             prompts_per_concept=prompts_per_concept,
+            precision=precision,
         )
         req = EraseRequest(
             concept_file=str(concepts),
@@ -142,11 +187,64 @@ def erase(
             device=device,
             concepts_per_batch=concepts_per_batch,
             s3_endpoint=s3_endpoint,
+            executor=executor,
+            address=address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            resume=resume,
         )
         report = run_erase(req)
     except (MaceError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
+
+
+@app.command()
+def status(
+    run: Annotated[str, typer.Argument(help="Run id (the folder name under runs/).")],
+    output: Annotated[str, typer.Option(help="The --output the run was written to.")] = "mace-runs",
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Show a run's status and progress from its manifest."""
+    from mace_ray.erase import run_status
+
+    setup_logging(False)
+    try:
+        typer.echo(json.dumps(run_status(output, run, s3_endpoint), indent=2))
+    except MaceError as e:
+        _fail(str(e))
+
+
+@app.command("cache-prior")
+def cache_prior_cmd(
+    captions: Annotated[Path, typer.Argument(help="Caption file, one caption per line (e.g. MS-COCO).")],
+    model: Annotated[str, typer.Option(help="Hub id, local diffusers folder, or 'tiny'.")] = DEFAULT_MODEL,
+    output: Annotated[str, typer.Option(help="The --output that erase runs will use.")] = "mace-runs",
+    executor: Annotated[str, typer.Option(help="ray (a Ray task) or local (this process).")] = "ray",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Build the prior statistics C_p of a caption file once, for every later erase to reuse."""
+    from mace_ray.erase import backend_for
+    from mace_ray.prior import cache_prior
+
+    setup_logging(True)
+    try:
+        if executor not in ("ray", "local"):
+            raise MaceError(f"unknown executor {executor!r} (valid: ray, local)")
+        args = (model, str(captions), output, s3_endpoint)
+        with backend_for(executor, address) as backend:
+            if backend.name == "local":
+                result = cache_prior(*args)
+            else:
+                import ray
+
+                gpus = 1 if backend.gpus_available() else 0
+                task = ray.remote(cache_prior).options(name="cache-prior", num_gpus=gpus)
+                result = backend.get(task.remote(*args))
+    except MaceError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result))
 
 
 @app.command()
@@ -160,19 +258,22 @@ def apply(
     """Apply a compact erasure file to its base model and save the erased pipeline."""
     from mace_core.checkpoints import apply_erasure, read_erasure, save_pipeline
     from mace_core.models import load_pipeline
+    from mace_ray.models_remote import resolve_model
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
         if not erasure.is_file():
             raise MaceError(f"erasure file {str(erasure)!r} does not exist")
         data = erasure.read_bytes()
         _, meta = read_erasure(data, str(erasure))
-        pipe = load_pipeline(model or meta["base_model"])
+        pipe = load_pipeline(resolve_model(model or meta["base_model"]))
         apply_erasure(pipe, data, str(erasure))
         save_pipeline(pipe, output)
     except MaceError as e:
         _fail(str(e))
     typer.echo(str(output))
+
+
 
 
 def main() -> None:

@@ -1,13 +1,12 @@
 """The erase job: concept list in, erased pipeline out, in the run layout of DESIGN.md.
 
 Stages (each resumable from storage):
-  1. prepare: parse and validate the concept list, load the model, derive the run id
-  2. text statistics per concept, prior (cached) and domain statistics
-  3. CFR: sum the statistics, solve M, W' = W M
-  4. per concept batch: images, masks, LoRA (DONE marker last)
-  5. fusion: stream every concept's terms into the sums, solve W*, write the model
-This module runs them in one process; the Ray executor distributes stages 2 and 4 and
-runs the sums in a statistics actor, calling the same functions.
+  1. prepare: parse and validate the concept list, fingerprint the model, derive the run id
+  2. text statistics per concept, prior (cached) and retained-set statistics
+  3. CFR: the statistics worker sums X_k, C_k and solves M; concept workers set W' = W M
+  4. concept batches: images, masks, LoRA (DONE marker last), streamed into the fusion sums
+  5. fusion: the statistics worker solves W*; a concept worker writes the model
+The same driver runs in this process (LocalBackend) or on a Ray cluster (RayBackend).
 """
 
 from __future__ import annotations
@@ -15,53 +14,51 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
-import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
 import mace_core
-from mace_core.cfr import apply_cfr, cfr_matrix
-from mace_core.checkpoints import erasure_bytes, save_pipeline
-from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
-from mace_core.errors import ConceptError
-from mace_core.fusion import FusionSums, fuse
-from mace_core.models import get_attn2_weights, load_pipeline, pick_device, set_attn2_weights
-from mace_core.prompts import domain_prompts, generation_prompt, prompt_pairs
+from mace_core.errors import ConceptError, MaceError
+from mace_core.masking import check_masker_sources
+from mace_core.models import DEFAULT_MODEL, TINY_MODEL, load_text_components
+from mace_core.prompts import generation_prompt, prompt_pairs
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
-    MappingStats,
-    SecondMoment,
     TextEncoder,
-    concept_text_stats,
     default_captions_path,
     model_identity,
     prior_cache_key,
-    prompt_second_moment,
     read_captions,
-    second_moment_bytes,
-    second_moment_from_bytes,
 )
 from mace_ray import artefacts
+from mace_ray.backend import LocalBackend, RayBackend
 from mace_ray.layout import RunLayout
 from mace_ray.layout import prior_cache_key as prior_key_path
+from mace_ray.metrics import make_metrics
+from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
+from mace_ray.pool import Job, WorkerPool
+from mace_ray.resources import Resources
 from mace_ray.storage import Storage, open_storage, read_json, write_json
+from mace_ray.workers import RunSpec, StatsWorker
 
 log = logging.getLogger("mace_ray")
+
+EXECUTORS = ("ray", "local")
 
 
 @dataclass(frozen=True)
 class EraseRequest:
     concept_file: str
-    model: str = "CompVis/stable-diffusion-v1-4"
+    model: str = DEFAULT_MODEL
     output: str = "mace-runs"
     default_type: ConceptType = ConceptType.OBJECT
     settings: EraseSettings = field(default_factory=EraseSettings)
@@ -70,6 +67,19 @@ class EraseRequest:
     device: str | None = None
     concepts_per_batch: int = 4
     s3_endpoint: str | None = None
+    executor: str = "ray"
+    address: str | None = None  # Ray cluster; None: RAY_ADDRESS, else a local Ray
+    workers: int | None = None  # None: one per GPU (gpus_per_worker each), else 1
+    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r} (valid: {', '.join(EXECUTORS)})")
+        if self.concepts_per_batch < 1:
+            raise ValueError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 @dataclass
@@ -80,18 +90,17 @@ class Prepared:
     concepts: ConceptList
     retain: list[Concept]
     captions: list[str]
-    pipe: Any
-    device: torch.device
-    encoder: TextEncoder
     model_fingerprint: str
+    prior_key: str
     run_id: str
 
 
 class Timer:
-    """Seconds per stage, logged as progress lines of the job log."""
+    """Seconds per stage, logged as progress lines of the job log (and sent to metrics)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_stage: Callable[[str, float], None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -101,19 +110,28 @@ class Timer:
         dt = time.perf_counter() - t
         self.seconds[name] = round(self.seconds.get(name, 0.0) + dt, 3)
         log.info("stage %s: done in %.1fs", name, dt)
+        if self.on_stage is not None:
+            self.on_stage(name, dt)
 
 
 def versions() -> dict[str, str]:
     import diffusers
     import transformers
 
-    return {
+    out = {
         "mace-ray": mace_core.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
     }
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return out
 
 
 def validate_prompts(
@@ -132,23 +150,27 @@ def compute_run_id(
     fingerprint: str,
     concepts: list[Concept],
     retain: list[Concept],
-    captions_key: str,
-    s: EraseSettings,
+    prior_key: str,
+    settings: EraseSettings,
 ) -> str:
-    """Same model, concepts and settings -> same run id -> resume instead of redo."""
+    """Same model, concepts and settings -> same run id -> resume instead of redo.
+
+    Batching, executor and worker counts are not part of it: they do not change the result.
+    """
     spec = {
         "model": model,
         "fingerprint": fingerprint,
         "concepts": [c.to_dict() for c in concepts],
         "retain": [c.to_dict() for c in retain],
-        "prior": captions_key,
-        "settings": s.to_dict(),
+        "prior": prior_key,
+        "settings": settings.to_dict(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare(req: EraseRequest) -> Prepared:
-    """Stage 1. Everything that can be wrong with the inputs fails here, before any write."""
+    """Stage 1, on the driver. Everything that can be wrong with the inputs fails here,
+    before anything is written; only the tokenizer and text encoder are loaded."""
     concepts = read_concept_file(req.concept_file, req.default_type)
     retain: list[Concept] = []
     if req.retain_file:
@@ -157,61 +179,26 @@ def prepare(req: EraseRequest) -> Prepared:
         if clash:
             raise ConceptError(f"{req.retain_file}: concepts both erased and retained: {sorted(clash)[:5]}")
     captions = read_captions(req.prior_captions or default_captions_path())
-    device = pick_device(req.device)
-    pipe = load_pipeline(req.model).to(device)
-    encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, device)
-    validate_prompts(encoder, concepts.concepts, req.settings.prompts_per_concept, concepts.source)
-    validate_prompts(encoder, retain, req.settings.prompts_per_concept, req.retain_file or "")
-    fingerprint = model_identity(pipe)
-    run_id = compute_run_id(
-        req.model,
-        fingerprint,
-        concepts.concepts,
-        retain,
-        prior_cache_key(fingerprint, captions),
-        req.settings,
-    )
-    return Prepared(req, concepts, retain, captions, pipe, device, encoder, fingerprint, run_id)
-
-
-def prior_statistics(storage: Storage, p: Prepared) -> tuple[SecondMoment, bool]:
-    """C_p from the caption file, cached under cache/prior/ (keyed by text encoder + captions)."""
-    key = prior_key_path(prior_cache_key(p.model_fingerprint, p.captions))
-    if storage.exists(key):
-        return second_moment_from_bytes(storage.read_bytes(key), f"{storage.url}/{key}"), True
-    prior = prompt_second_moment(p.encoder, p.captions)
-    storage.write_bytes(key, second_moment_bytes(prior, {"captions": str(len(p.captions))}))
-    return prior, False
-
-
-def text_statistics(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]:
-    """Stage 2: per-concept statistics, written per concept, reused when present."""
-    n_prompts = p.request.settings.prompts_per_concept
-    out = {}
-    for c in p.concepts.concepts:
-        if storage.exists(layout.stats(c.slug)):
-            out[c.slug] = artefacts.read_text_stats(storage, layout, c.slug)
-            continue
-        stats = concept_text_stats(p.encoder, c, n_prompts)
-        artefacts.write_text_stats(storage, layout, c.slug, stats)
-        out[c.slug] = stats
-    return out
-
-
-def domain_statistics(p: Prepared) -> SecondMoment | None:
-    if not p.retain:
-        return None
-    prompts = []
-    for c in p.retain:
-        prompts += domain_prompts([c.text], c.type)[: p.request.settings.prompts_per_concept]
-    return prompt_second_moment(p.encoder, prompts)
+    check_masker_sources(req.settings.masks, tiny=req.model == TINY_MODEL)
+    # An s3:// model is fetched (text components only) into the local model cache.
+    tokenizer, text_encoder = load_text_components(resolve_model(req.model, req.s3_endpoint, TEXT_COMPONENTS))
+    encoder = TextEncoder(tokenizer, text_encoder, torch.device("cpu"))
+    n = req.settings.prompts_per_concept
+    validate_prompts(encoder, concepts.concepts, n, concepts.source)
+    validate_prompts(encoder, retain, n, req.retain_file or "")
+    fingerprint = model_identity(text_encoder)
+    prior_key = prior_cache_key(fingerprint, captions)
+    run_id = compute_run_id(req.model, fingerprint, concepts.concepts, retain, prior_key, req.settings)
+    return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id)
 
 
 def open_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]:
+    """Create the manifest, or take up an existing one (resume)."""
     if storage.exists(layout.manifest):
         manifest = read_json(storage, layout.manifest)
-        if manifest["status"] != "complete":
-            manifest["resumed"] = manifest.get("resumed", 0) + 1
+        if manifest["status"] == "complete":
+            return manifest
+        manifest["resumed"] = manifest.get("resumed", 0) + 1
     else:
         manifest = {
             "run_id": p.run_id,
@@ -224,22 +211,49 @@ def open_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]
             "prior_captions": p.request.prior_captions or "builtin",
             "settings": p.request.settings.to_dict(),
             "versions": versions(),
-            "status": "running",
             "resumed": 0,
         }
-    if manifest["status"] != "complete":
-        manifest["status"] = "running"
-        write_json(storage, layout.manifest, manifest)
+    manifest["status"] = "running"
+    manifest.pop("error", None)
+    write_json(storage, layout.manifest, manifest)
     return manifest
+
+
+@contextmanager
+def backend_for(executor: str, address: str | None = None) -> Iterator[LocalBackend | RayBackend]:
+    """The executor's backend; a local Ray is started (and stopped) when no cluster is named."""
+    if executor == "local":
+        yield LocalBackend()
+        return
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # address="local" ignores stale cluster files of earlier `ray start`s.
+            ray.init(address="local", log_to_driver=True)
+        started = True
+    try:
+        yield RayBackend()
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_erase(req: EraseRequest) -> dict[str, Any]:
     """Run (or resume) an erase; returns the report. Raises MaceError on bad input."""
     timer = Timer()
+    # Storage first: a bad output location is reported before any model is loaded.
+    storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
     with timer.stage("prepare"):
         p = prepare(req)
-    storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
     layout = RunLayout(p.run_id)
+    if not req.resume and storage.exists(layout.root + "/manifest.json"):
+        log.info("--no-resume: deleting the earlier state of run %s", p.run_id)
+        storage.delete_prefix(layout.root)
     manifest = open_run(storage, layout, p)
     log.info("run %s at %s/%s (%d concepts)", p.run_id, storage.url, layout.root, len(p.concepts.concepts))
     for d in p.concepts.duplicates:
@@ -250,7 +264,8 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
         log.info("run %s is already complete; nothing to do", p.run_id)
         return read_json(storage, layout.report)
     try:
-        return _run_stages(storage, layout, p, timer, manifest)
+        with backend_for(req.executor, req.address) as backend:
+            return Driver(backend, p, storage, layout, timer, manifest).run()
     except BaseException as e:
         manifest["status"] = "failed"
         manifest["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
@@ -258,97 +273,203 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
         raise
 
 
-def _run_stages(storage: Storage, layout: RunLayout, p: Prepared, timer: Timer, manifest: dict) -> dict:
-    s = p.request.settings
-    unet = p.pipe.unet
-    original = get_attn2_weights(unet)
-    with timer.stage("text_statistics"):
-        prior, prior_cached = prior_statistics(storage, p)
-        domain = domain_statistics(p)
-        stats = text_statistics(storage, layout, p)
+class Driver:
+    """Stages 2-5 over a pool of concept workers and one statistics worker."""
 
-    with timer.stage("cfr"):
-        mapping = MappingStats.zeros(p.encoder.dim)
-        for c in p.concepts.concepts:
-            mapping += stats[c.slug].mapping
-        M, cfr_raw = cfr_matrix(mapping, s.cfr, prior, domain)
-        storage.write_bytes(layout.cfr_matrix, st_save({"M": M.contiguous()}, metadata={"n": str(mapping.n)}))
-        refined = apply_cfr(original, M)
+    def __init__(
+        self,
+        backend: LocalBackend | RayBackend,
+        p: Prepared,
+        storage: Storage,
+        layout: RunLayout,
+        timer: Timer,
+        manifest: dict[str, Any],
+    ) -> None:
+        self.backend = backend
+        self.p = p
+        self.storage = storage
+        self.layout = layout
+        self.timer = timer
+        self.manifest = manifest
+        req = p.request
+        self.spec = RunSpec(
+            run_id=p.run_id,
+            model=req.model,
+            output=req.output,
+            settings=req.settings,
+            prior_key=p.prior_key,
+            s3_endpoint=req.s3_endpoint,
+            device=req.device,
+            metrics=backend.name,
+        )
+        self.concepts = p.concepts.concepts
+        # Actor names must be unique in the cluster: a killed driver's actors may linger a moment.
+        self.session = f"{p.run_id[:8]}-{uuid.uuid4().hex[:6]}"
+        metrics = make_metrics(backend.name)
+        timer.on_stage = lambda stage, seconds: metrics.stage_seconds(stage, seconds, p.run_id)
 
-    with timer.stage("train"):
-        done = artefacts.done_slugs(storage, layout)
-        todo = [c for c in p.concepts.concepts if c.slug not in done]
-        log.info("train: %d concepts done before, %d to do", len(done), len(todo))
-        worker = ConceptBatchWorker(p.pipe, s, p.device, original, refined)
-        bs = max(1, p.request.concepts_per_batch)
-        for i in range(0, len(todo), bs):
-            batch = todo[i : i + bs]
-            stored = [
-                artefacts.read_images(storage, layout, c.slug, s.data.images_per_concept) for c in batch
-            ]
-            images = [x[0] for x in stored] if all(x is not None for x in stored) else None
-            for art in worker.process(batch, images):
-                artefacts.write_concept(storage, layout, art)
+    def worker_shape(self, n_batches: int) -> tuple[int, Resources]:
+        req = self.p.request
+        if self.backend.name == "local":
+            return 1, Resources(cpus=0)
+        available = self.backend.gpus_available()
+        gpus = req.gpus_per_worker if req.gpus_per_worker is not None else (1.0 if available else 0.0)
+        if req.workers is not None:
+            n = req.workers
+        elif gpus > 0:
+            n = max(1, int(available // gpus))
+        else:
+            n = 1
+        return max(1, min(n, n_batches)), Resources(cpus=1, gpus=gpus)
+
+    def run(self) -> dict[str, Any]:
+        backend, storage, layout = self.backend, self.storage, self.layout
+        bs = self.p.request.concepts_per_batch
+        done_before = artefacts.done_slugs(storage, layout)
+        todo = [c for c in self.concepts if c.slug not in done_before]
+        n_workers, resources = self.worker_shape(max(1, -(-len(todo) // bs)))
+        log.info("workers: %d x %s (%s executor)", n_workers, resources, backend.name)
+        # Autoscaling clusters grow to what the GPU stages can use, and shrink after.
+        backend.request_resources([resources.bundle()] * n_workers)
+        stats = backend.spawn(
+            StatsWorker, (self.spec,), Resources(cpus=0), f"mace-stats-{self.session}", True
+        )
+        pool = WorkerPool(backend, self.spec, resources, n_workers, storage, self.session)
+        try:
+            report = self._stages(pool, stats, todo, done_before)
+        finally:
+            pool.shutdown()
+            backend.kill(stats)
+            backend.request_resources([])
+        return report
+
+    def _stages(
+        self, pool: WorkerPool, stats: Any, todo: list[Concept], done_before: set[str]
+    ) -> dict[str, Any]:
+        backend, storage, layout, timer, p = self.backend, self.storage, self.layout, self.timer, self.p
+        slugs = [c.slug for c in self.concepts]
+        with timer.stage("text_statistics"):
+            jobs = []
+            prior_key = prior_key_path(p.prior_key)
+            prior_cached = storage.exists(prior_key)
+            if not prior_cached:
+                jobs.append(Job("prior_stats", (p.captions,), "prior"))
+            if p.retain and not storage.exists(layout.domain_stats):
+                jobs.append(Job("domain_stats", (p.retain,), "retained-set"))
+            have = {
+                k.split("/")[-2] for k in storage.list(layout.concepts) if k.endswith("/stats.safetensors")
+            }
+            missing = [c for c in self.concepts if c.slug not in have]
+            chunk = 64
+            for i in range(0, len(missing), chunk):
+                part = missing[i : i + chunk]
+                jobs.append(Job("text_stats", (part,), f"text-stats[{i}:{i + len(part)}]"))
+            pool.run(jobs)
             log.info(
-                "train: %d/%d concepts done", min(i + bs, len(todo)) + len(done), len(p.concepts.concepts)
+                "text_statistics: %d concepts computed, %d reused",
+                len(missing),
+                len(self.concepts) - len(missing),
             )
 
-    with timer.stage("fusion"):
-        sums = FusionSums.zeros(p.encoder.dim)
-        notes = {}
-        for c in p.concepts.concepts:
-            lora = artefacts.read_lora(storage, layout, c.slug)
-            sums.add_concept(stats[c.slug].fusion, lora)
-            notes[c.slug] = artefacts.read_notes(storage, layout, c.slug)
-        fused, fusion_raw = fuse(sums, original, refined, s.fusion, prior, domain)
+        with timer.stage("cfr"):
+            M = backend.get(backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve"))
+            pool.broadcast("set_cfr", backend.put(M))
 
-    with timer.stage("write"):
-        meta = {"base_model": p.request.model, "run_id": p.run_id, "model_fingerprint": p.model_fingerprint}
-        set_attn2_weights(unet, fused)
-        try:
-            with tempfile.TemporaryDirectory(prefix="mace-final-") as tmp:
-                save_pipeline(p.pipe, Path(tmp))
-                storage.put_dir(Path(tmp), layout.final_pipeline)
-        finally:
-            set_attn2_weights(unet, original)
-        storage.write_bytes(layout.erasure, erasure_bytes(fused, meta))
+        with timer.stage("train"):
+            bs = p.request.concepts_per_batch
+            log.info("train: %d concepts done before, %d to do", len(done_before), len(todo))
+            streamed: list[Any] = []
+            progress = {"done": len(done_before)}
 
-    report = {
-        "run_id": p.run_id,
-        "status": "complete",
-        "output": {
-            "root": f"{storage.url}/{layout.root}",
-            "pipeline": layout.final_pipeline,
-            "erasure": layout.erasure,
-        },
-        "model": p.request.model,
-        "device": str(p.device),
-        "concepts": [
-            {
-                **c.to_dict(),
-                "slug": c.slug,
-                "loss_first": notes[c.slug]["losses"][0] if notes[c.slug]["losses"] else None,
-                "loss_last": notes[c.slug]["losses"][-1] if notes[c.slug]["losses"] else None,
-                **{k: v for k, v in notes[c.slug].items() if k not in ("losses", "concept")},
+            def finished(job: Job, result: list[str]) -> None:
+                progress["done"] += len(job.args[0])
+                # Stream the finished concepts into the fusion sums while others train.
+                streamed.append(backend.call(stats, "add_concepts", [c.slug for c in job.args[0]]))
+                log.info("train: %d/%d concepts done (%s)", progress["done"], len(self.concepts), job.label)
+
+            batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+            pool.run(
+                [
+                    Job("process", (b,), f"concepts[{b[0].slug}+{len(b) - 1}]", finished, concepts=b)
+                    for b in batches
+                ]
+            )
+            for ref in streamed:
+                backend.get(ref)
+
+        with timer.stage("fusion"):
+            original = pool.call_one("original_weights")
+            fused, info = backend.get(backend.call(stats, "fuse", slugs, original, task_name="fusion-solve"))
+
+        with timer.stage("write"):
+            meta = {
+                "base_model": p.request.model,
+                "run_id": p.run_id,
+                "model_fingerprint": p.model_fingerprint,
             }
-            for c in p.concepts.concepts
-        ],
-        "duplicates": p.concepts.duplicates,
-        "tokens": {
-            "cfr_pairs": mapping.n,
-            "fusion": sums.C.n,
-            "prior": prior.n,
-            "domain": domain.n if domain else 0,
-        },
-        "raw_weights": {"cfr": cfr_raw.to_dict(), "fusion": fusion_raw.to_dict()},
-        "prior_cache_hit": prior_cached,
-        "settings": s.to_dict(),
-        "versions": versions(),
-        "seconds": timer.seconds,
+            pool.run([Job("write_final", (backend.put(fused), meta), "write-final")])
+
+        notes = {c.slug: artefacts.read_notes(storage, layout, c.slug) for c in self.concepts}
+        report = self._report(notes, info, prior_cached, pool)
+        write_json(storage, layout.report, report)
+        self.manifest["status"] = "complete"
+        write_json(storage, layout.manifest, self.manifest)
+        return report
+
+    def _report(
+        self, notes: dict[str, dict], info: dict[str, Any], prior_cached: bool, pool: WorkerPool
+    ) -> dict[str, Any]:
+        p, storage, layout = self.p, self.storage, self.layout
+        concepts = []
+        for c in self.concepts:
+            n = notes[c.slug]
+            losses = n.get("losses") or [None]
+            extra = {k: v for k, v in n.items() if k not in ("losses", "concept")}
+            concepts.append(
+                {**c.to_dict(), "slug": c.slug, "loss_first": losses[0], "loss_last": losses[-1], **extra}
+            )
+        return {
+            "run_id": p.run_id,
+            "status": "complete",
+            "output": {
+                "root": f"{storage.url}/{layout.root}",
+                "pipeline": layout.final_pipeline,
+                "erasure": layout.erasure,
+            },
+            "model": p.request.model,
+            "executor": self.backend.name,
+            "workers": pool.summary(),
+            "concepts": concepts,
+            "whole_image_fallbacks": sum(int(n.get("whole_image_fallbacks", 0)) for n in notes.values()),
+            "duplicates": p.concepts.duplicates,
+            **info,
+            "prior_cache_hit": prior_cached,
+            "settings": p.request.settings.to_dict(),
+            "versions": versions(),
+            "seconds": self.timer.seconds,
+            "resumed": self.manifest.get("resumed", 0),
+        }
+
+
+def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """A run's manifest status and progress, read from storage."""
+    storage = open_storage(output, s3_endpoint=s3_endpoint)
+    layout = RunLayout(run)
+    if not storage.exists(layout.manifest):
+        raise MaceError(f"run {run!r}: no manifest under {storage.url}/{layout.root}")
+    manifest = read_json(storage, layout.manifest)
+    done = artefacts.done_slugs(storage, layout)
+    out = {
+        "run_id": run,
+        "status": manifest["status"],
+        "model": manifest["model"],
+        "concepts": len(manifest["concepts"]),
+        "concepts_done": len(done),
         "resumed": manifest.get("resumed", 0),
+        "created": manifest.get("created"),
     }
-    write_json(storage, layout.report, report)
-    manifest["status"] = "complete"
-    manifest.pop("error", None)
-    write_json(storage, layout.manifest, manifest)
-    return report
+    if "error" in manifest:
+        out["error"] = manifest["error"]
+    if manifest["status"] == "complete":
+        out["seconds"] = read_json(storage, layout.report).get("seconds")
+    return out

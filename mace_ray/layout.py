@@ -44,6 +44,10 @@ class RunLayout:
         return f"{self.root}/cfr/M.safetensors"
 
     @property
+    def domain_stats(self) -> str:
+        return f"{self.root}/cfr/domain.safetensors"
+
+    @property
     def concepts(self) -> str:
         return f"{self.root}/concepts"
 

@@ -1,8 +1,8 @@
 """Storage for the run layout: keys are relative POSIX paths under one root.
 
-``LocalStorage`` serves a local folder; an S3 backend serves ``s3://bucket/prefix`` with
-the same keys. Writes are atomic: a reader sees a whole object or none, so a DONE
-marker written last vouches for everything written before it.
+``LocalStorage`` serves a local folder; ``mace_ray.s3storage.S3Storage`` serves
+``s3://bucket/prefix`` with the same keys. Writes are atomic: a reader sees a whole
+object or none, so a DONE marker written last vouches for everything written before it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from mace_core.errors import MaceError
 
 class StorageError(MaceError):
     """A storage location is unusable (bad URI, no permission, missing bucket)."""
+
+
+class StorageUnavailableError(Exception):
+    """Storage stayed unreachable through every retry: an infrastructure failure, not bad
+    input (so not a MaceError: the CLI exits 1). Completed work is kept; rerun to resume."""
 
 
 def check_key(key: str) -> str:
@@ -88,8 +93,10 @@ class LocalStorage:
             return []
         keys = []
         for p in base.rglob("*"):
-            if p.is_file() and not p.name.startswith("."):
-                keys.append(p.relative_to(self.root).as_posix())
+            rel = p.relative_to(self.root)
+            # Dot-names are temporaries (atomic writes, put_dir staging): never listed.
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                keys.append(rel.as_posix())
         return sorted(keys)
 
     def put_dir(self, local_dir: Path, key: str) -> None:
@@ -130,11 +137,16 @@ def read_json(storage: Storage, key: str) -> Any:
 
 
 def open_storage(url: str, s3_endpoint: str | None = None) -> Storage:
-    """The storage backend for ``url``: a local folder, or ``s3://bucket/prefix``."""
-    if url.startswith("s3://"):
-        raise StorageError(
-            f"output {url!r}: S3 storage is not available in this version (use a local folder)"
-        )
+    """The storage backend for ``url``: a local folder, or ``s3://bucket/prefix``.
+
+    ``s3_endpoint`` (the ``--s3-endpoint`` flag) overrides AWS_ENDPOINT_URL for S3 URLs and
+    is ignored for local folders.
+    """
+    if url[:5].lower() == "s3://":
+        # boto3 is imported only by runs that write to S3.
+        from mace_ray.s3storage import S3Storage
+
+        return S3Storage(url, s3_endpoint=s3_endpoint)
     if "://" in url:
-        raise StorageError(f"output {url!r}: unsupported scheme (use a local folder)")
+        raise StorageError(f"output {url!r}: unsupported scheme (use a local folder or s3://bucket/prefix)")
     return LocalStorage(url)

@@ -1,12 +1,19 @@
-"""Shared fixtures: the built-in tiny random pipeline and the real CLIP tokenizer."""
+"""Shared fixtures: the built-in tiny random pipeline, the real CLIP tokenizer, and a real
+S3 server (SeaweedFS, see s3server.py)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mace_core.models import build_tiny_pipeline, clip_tokenizer
 from mace_core.text_stats import TextEncoder
+
+# tests/helpers.py is imported as `helpers` by the end-to-end tests.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +30,30 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def encoder(tiny_pipe):
     return TextEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def reference_erasure(tmp_path_factory):
+    """The single-process result for tests/helpers.CONCEPTS: what every executor must match."""
+    from helpers import CONCEPTS, erasure, request
+
+    from mace_ray.erase import run_erase
+
+    tmp = tmp_path_factory.mktemp("reference")
+    cfile = tmp / "concepts.txt"
+    cfile.write_text(CONCEPTS)
+    rep = run_erase(request(cfile, tmp / "out", executor="local", concepts_per_batch=2))
+    return erasure(Path(rep["output"]["root"]))
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 with auth enforced, one per test module."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

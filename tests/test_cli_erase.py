@@ -16,7 +16,18 @@ from mace_core.checkpoints import read_erasure
 from mace_core.models import attn2_projections, build_tiny_pipeline
 from mace_ray.cli import app
 
-FAST = ["--images", "2", "--inference-steps", "3", "--train-steps", "3", "--prompts-per-concept", "4"]
+FAST = [
+    "--executor",
+    "local",
+    "--images",
+    "2",
+    "--inference-steps",
+    "3",
+    "--train-steps",
+    "3",
+    "--prompts-per-concept",
+    "4",
+]
 CONCEPTS = "Bill Clinton | celebrity\nVan Gogh | style\n# comment\nairplane | object | sky\n"
 
 
@@ -140,7 +151,9 @@ def bad(tmp_path: Path, concepts: str | None, *extra: str) -> tuple[int, str, Pa
     cfile = tmp_path / "c.txt"
     if concepts is not None:
         cfile.write_text(concepts)
-    r = CliRunner().invoke(app, ["erase", str(cfile), "--output", str(out), "--model", "tiny", *extra])
+    r = CliRunner().invoke(
+        app, ["erase", str(cfile), "--output", str(out), "--model", "tiny", "--executor", "local", *extra]
+    )
     return r.exit_code, r.stderr, out
 
 
@@ -178,3 +191,32 @@ def test_model_folder_without_model_index(tmp_path):
     (tmp_path / "m").mkdir()
     code, err, out = bad(tmp_path, "dog\n", "--model", str(tmp_path / "m"))
     assert code == 2 and "not a diffusers pipeline folder" in err and no_complete_run(out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--masker", "sam2"], "unknown masker 'sam2' (valid: grounded-sam, segment-anything, whole-image)"),
+        (["--segmenter", "/no/such/sam"], "segmenter '/no/such/sam': no such folder"),
+        (
+            ["--masker", "segment-anything", "--segmenter", "/no/sam.pth"],
+            "SAM checkpoint '/no/sam.pth': no such file",
+        ),
+        (["--detector", "./missing-dino"], "detector './missing-dino': no such folder"),
+    ],
+)
+def test_bad_masker_settings_fail_before_the_run(tmp_path, extra, needle):
+    code, err, out = bad(tmp_path, "dog\n", *extra)
+    assert code == 2 and needle in err, err
+    assert not list(out.glob("runs/*/manifest.json"))  # checked before anything is written
+
+
+def test_erase_with_the_default_masker_on_the_tiny_model(finished_run):
+    _, _, result, _ = finished_run
+    rep = json.loads((Path(result["root"]) / "report.json").read_text())
+    by_type = {c["type"]: c for c in rep["concepts"]}
+    # Default masker: Grounded-SAM (built-in tiny Grounding DINO + SAM for the tiny model).
+    assert by_type["celebrity"]["mask_source"] == "grounded-sam"
+    assert by_type["object"]["mask_source"] == "grounded-sam"
+    assert by_type["style"]["mask_source"] == "whole-image (style)"
+    assert rep["whole_image_fallbacks"] == sum(c["whole_image_fallbacks"] for c in rep["concepts"])

@@ -1,0 +1,84 @@
+"""``--model s3://bucket/path/to/diffusers-folder``: fetch the folder into a local cache.
+
+A cached copy is keyed by the URI and the ETag and size of every file, so a changed model
+is fetched again and an unchanged one never is. Copies are complete or absent: a download
+goes to a temporary sibling and is renamed into place, and a folder that changed while it
+was being fetched is not kept. Old copies are not pruned (delete the cache folder freely).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Collection
+from pathlib import Path
+
+from mace_core.errors import ModelLoadError
+from mace_ray.s3storage import S3Storage, parse_s3_url
+
+
+def default_cache_dir() -> Path:
+    """MACE_MODEL_CACHE, else $XDG_CACHE_HOME/mace-ray/models, else ~/.cache/mace-ray/models."""
+    if os.environ.get("MACE_MODEL_CACHE"):
+        return Path(os.environ["MACE_MODEL_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mace-ray" / "models"
+
+
+# What the driver needs to validate prompts and fingerprint a model (load_text_components).
+TEXT_COMPONENTS = ("tokenizer", "text_encoder")
+
+
+def resolve_model(
+    model: str,
+    s3_endpoint: str | None = None,
+    cache_dir: Path | None = None,
+    components: Collection[str] | None = None,
+) -> str:
+    """``model`` itself unless it is an s3:// URL; then the local path of a cached copy.
+
+    ``components``: only these subfolders (and model_index.json), e.g. TEXT_COMPONENTS for
+    a driver that never loads the UNet; default: the whole pipeline. Errors name ``model``:
+    ModelLoadError when the folder is missing or not a diffusers pipeline; StorageError
+    for credentials, missing buckets and the like.
+    """
+    if model[:5].lower() != "s3://":
+        return model
+    loc = parse_s3_url(model)
+    if not loc.prefix:
+        raise ModelLoadError(f"model {model!r}: name a folder inside the bucket (s3://bucket/path/to/model)")
+    parent, _, name = loc.prefix.rpartition("/")
+    storage = S3Storage(f"s3://{loc.bucket}/{parent}" if parent else f"s3://{loc.bucket}", s3_endpoint)
+    if not storage.exists(name):
+        raise ModelLoadError(f"model {model!r}: no such folder (or its upload did not complete)")
+    include = None if components is None else {"model_index.json", *components}
+    files = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
+    if "model_index.json" not in files:
+        raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
+    for part in components or ():
+        if not any(rel.startswith(part + "/") for rel in files):
+            raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
+
+    identity = hashlib.sha256(json.dumps({"uri": loc.url, "files": files}, sort_keys=True).encode())
+    root = cache_dir or default_cache_dir()
+    dest = root / identity.hexdigest()[:32]
+    if dest.is_dir():
+        return str(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        storage.get_dir(name, tmp, include)
+        now = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
+        if now != files:
+            raise ModelLoadError(f"model {model!r} changed while it was being downloaded; try again")
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # another process may have put the same copy in place
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

@@ -1,0 +1,184 @@
+"""A pool of concept workers with bounded in-flight work and replacement of dead workers.
+
+Jobs are method calls on any worker. One job per worker is in flight at a time; the
+driver waits on whichever finishes first (never a ``get`` over everything). A worker
+lost to an infrastructure failure (dead actor, dead node) is replaced and its job
+re-queued, minus the concepts that reached DONE meanwhile; an application error fails
+the run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mace_core.concepts import Concept
+from mace_ray import artefacts
+from mace_ray.metrics import make_metrics
+from mace_ray.resources import Resources
+from mace_ray.storage import Storage
+from mace_ray.workers import ConceptWorker, RunSpec
+
+log = logging.getLogger("mace_ray")
+
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class Job:
+    method: str
+    args: tuple
+    label: str
+    on_done: Callable[[Job, Any], None] | None = None
+    concepts: list[Concept] = field(default_factory=list)  # re-filtered against DONE on retry
+    attempts: int = 0
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        backend: Any,
+        spec: RunSpec | Any,  # RunSpec, or any spec with .metrics and .run_id (EvalSpec)
+        resources: Resources,
+        size: int,
+        storage: Storage,
+        session: str,
+        worker_cls: type = ConceptWorker,
+        name_prefix: str = "mace-worker",
+    ) -> None:
+        # worker_cls(spec, name) must have setup(); the evaluation reuses the pool with EvalWorker.
+        self.worker_cls = worker_cls
+        self.name_prefix = name_prefix
+        self.backend = backend
+        self.storage = storage
+        self.session = session
+        self.spec = spec
+        self.resources = resources
+        self.size = size
+        self.next_id = 0
+        self.idle: list[tuple[int, Any]] = []
+        self.starting: dict[Any, tuple[int, Any]] = {}  # ready() ref -> worker
+        self.busy: dict[Any, tuple[int, Any, Job]] = {}  # job ref -> worker, job
+        self.init_calls: list[tuple[str, tuple]] = []
+        self.replaced = 0
+        self.where: dict[str, dict] = {}
+        self.metrics = make_metrics(spec.metrics)
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        i = self.next_id
+        self.next_id += 1
+        name = f"{self.name_prefix}-{self.session}-{i}"
+        handle = self.backend.spawn(self.worker_cls, (self.spec, name), self.resources, name)
+        # Actor calls run in order: setup first, then what every worker has been told so far.
+        ready = self.backend.call(handle, "setup", task_name=f"{name}.setup")
+        for method, args in self.init_calls:
+            self.backend.call(handle, method, *args)
+        self.starting[ready] = (i, handle)
+
+    def _replace(self, i: int, handle: Any, why: BaseException) -> None:
+        self.replaced += 1
+        if self.replaced > MAX_ATTEMPTS * (self.size + 1):
+            raise RuntimeError(f"too many worker failures ({self.replaced}); last: {why}") from why
+        log.warning("worker %d lost (%s); starting a replacement", i, type(why).__name__)
+        self.backend.kill(handle)
+        self._spawn()
+
+    def broadcast(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every worker, now and on every future replacement."""
+        self.init_calls.append((method, args))
+        refs = []
+        for _, h in self.idle:
+            refs.append(self.backend.call(h, method, *args))
+        for _, h in self.starting.values():
+            self.backend.call(h, method, *args)
+        for ref in refs:
+            self.backend.get(ref)
+
+    def run(self, jobs: list[Job]) -> None:
+        """Run every job on some worker; returns when all are done."""
+        queue = deque(jobs)
+        while queue or self.busy:
+            while queue and self.idle:
+                job = queue.popleft()
+                i, h = self.idle.pop()
+                job.attempts += 1
+                ref = self.backend.call(h, job.method, *job.args, task_name=f"{job.label}@w{i}")
+                self.busy[ref] = (i, h, job)
+            waiting = list(self.busy) + list(self.starting)
+            if not waiting:
+                raise RuntimeError("no concept worker is alive or starting")
+            ready, _ = self.backend.wait(waiting)
+            for ref in ready:
+                if ref in self.starting:
+                    i, h = self.starting.pop(ref)
+                    try:
+                        self.where[str(i)] = self.backend.get(ref)
+                        self.idle.append((i, h))
+                    except Exception as e:
+                        if not self.backend.is_infrastructure_error(e):
+                            raise
+                        self._replace(i, h, e)
+                    continue
+                i, h, job = self.busy.pop(ref)
+                try:
+                    result = self.backend.get(ref)
+                except Exception as e:
+                    if not self.backend.is_infrastructure_error(e):
+                        raise
+                    self._requeue(queue, job, e)
+                    self._replace(i, h, e)
+                    continue
+                self.idle.append((i, h))
+                if job.on_done is not None:
+                    job.on_done(job, result)
+
+    def _requeue(self, queue: deque, job: Job, why: BaseException) -> None:
+        self.metrics.concepts_failed(len(job.concepts), self.spec.run_id)
+        if job.attempts >= MAX_ATTEMPTS:
+            raise RuntimeError(f"{job.label} failed {job.attempts} times; last: {why}") from why
+        if job.concepts:
+            done = artefacts.done_slugs(self.storage, self.spec.layout)
+            rest = [c for c in job.concepts if c.slug not in done]
+            finished = [c for c in job.concepts if c.slug in done]
+            if finished and job.on_done is not None:
+                job.on_done(Job(job.method, (finished,), job.label + " (before the failure)"), [])
+            if not rest:
+                return
+            job.concepts = rest
+            job.args = (rest, *job.args[1:])
+        log.warning("re-queueing %s (attempt %d)", job.label, job.attempts + 1)
+        queue.appendleft(job)
+
+    def call_one(self, method: str, *args: Any) -> Any:
+        """A value from any one worker (e.g. the original attn2 weights), as a reference."""
+        box: list[Any] = []
+
+        def keep(job: Job, result: Any) -> None:
+            box.append(result)
+
+        self.run([Job(method, args, method, keep)])
+        return self.backend.put(box[0])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "replaced": self.replaced,
+            "resources": vars(self.resources),
+            "where": self.where,
+        }
+
+    def shutdown(self) -> None:
+        for _, h in self.idle:
+            self.backend.kill(h)
+        for _, h, _ in self.busy.values():
+            self.backend.kill(h)
+        for _, h in self.starting.values():
+            self.backend.kill(h)
+        self.idle.clear()
+        self.busy.clear()
+        self.starting.clear()

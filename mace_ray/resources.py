@@ -1,0 +1,32 @@
+"""Resources a stage declares, as data; one adapter turns them into Ray options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus < 0 or self.gpus < 0:
+            raise ValueError(f"resources must be >= 0, got cpus={self.cpus} gpus={self.gpus}")
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"more than one GPU must be a whole number, got {self.gpus}")
+
+    def to_ray_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        if self.memory_gb:
+            opts["memory"] = int(self.memory_gb * 2**30)
+        return opts
+
+    def bundle(self) -> dict[str, float]:
+        """The autoscaler's view: a resource bundle for ``request_resources``."""
+        b = {"CPU": self.cpus}
+        if self.gpus:
+            b["GPU"] = self.gpus
+        return b

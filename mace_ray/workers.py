@@ -1,0 +1,277 @@
+"""The two kinds of long-lived workers of an erase run, as plain classes.
+
+``ConceptWorker`` holds a pipeline (loaded once) and does the per-concept work: text
+statistics, images, masks, LoRA training, and finally writing the model.
+``StatsWorker`` holds the running sums: it solves CFR (Eq. 2) and the fusion (Eq. 7).
+Both read their inputs from and write their outputs to storage, so either can be
+replaced at any time. The local executor instantiates them directly; the Ray executor
+runs them as actors. Neither does any maths itself: mace_core does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mace_core.cfr import apply_cfr, cfr_matrix
+from mace_core.checkpoints import erasure_bytes, safetensors_metadata, save_pipeline
+from mace_core.concept_job import ConceptBatchWorker
+from mace_core.concepts import Concept
+from mace_core.errors import ArtefactError
+from mace_core.fusion import FusionSums, fuse
+from mace_core.masking import load_masker
+from mace_core.models import TINY_MODEL, get_attn2_weights, load_pipeline, pick_device, set_attn2_weights
+from mace_core.prompts import domain_prompts
+from mace_core.settings import EraseSettings
+from mace_core.text_stats import (
+    MappingStats,
+    SecondMoment,
+    TextEncoder,
+    concept_text_stats,
+    prompt_second_moment,
+    second_moment_bytes,
+    second_moment_from_bytes,
+)
+from mace_ray import artefacts
+from mace_ray.layout import RunLayout, prior_cache_key
+from mace_ray.logs import quiet_libraries
+from mace_ray.metrics import make_metrics
+from mace_ray.models_remote import resolve_model
+from mace_ray.prior import write_prior_cache
+from mace_ray.storage import open_storage
+
+log = logging.getLogger("mace_ray")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every worker of a run needs to know; small and picklable."""
+
+    run_id: str
+    model: str
+    output: str
+    settings: EraseSettings
+    prior_key: str  # cache key of the prior statistics (text encoder + captions)
+    s3_endpoint: str | None = None
+    device: str | None = None
+    metrics: str = "none"  # "ray" inside Ray actors
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_id)
+
+
+def where_am_i(name: str) -> dict[str, str]:
+    """Worker name, host and (under Ray) node id: the report shows where concepts ran."""
+    out = {"worker": name, "host": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            out["node"] = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return out
+
+
+class ConceptWorker:
+    """Per-concept work on one device; loads the pipeline once and serves many batches."""
+
+    def __init__(self, spec: RunSpec, name: str) -> None:
+        # Nothing that can fail on bad input happens here: under Ray, an error in __init__
+        # loses its message; setup() reports it like any other call.
+        self.spec = spec
+        self.name = name
+
+    def setup(self) -> dict[str, str]:
+        """Load the models once (pipeline, masker); returns where this worker runs."""
+        quiet_libraries()
+        spec = self.spec
+        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
+        self.layout = spec.layout
+        self.device = pick_device(spec.device)
+        self.pipe = load_pipeline(resolve_model(spec.model, spec.s3_endpoint)).to(self.device)
+        self.encoder = TextEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.device)
+        self.original = get_attn2_weights(self.pipe.unet)
+        self.masker = load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
+        self.batch_worker: ConceptBatchWorker | None = None
+        self.metrics = make_metrics(spec.metrics)
+        self.where = where_am_i(self.name)
+        return self.where
+
+    # ------------------------------------------------------------ text statistics
+
+    def text_stats(self, concepts: list[Concept]) -> int:
+        """CFR and fusion statistics per concept, written per concept; returns how many were new."""
+        t = time.perf_counter()
+        n = 0
+        for c in concepts:
+            if self.storage.exists(self.layout.stats(c.slug)):
+                continue
+            stats = concept_text_stats(self.encoder, c, self.spec.settings.prompts_per_concept)
+            artefacts.write_text_stats(self.storage, self.layout, c.slug, stats)
+            n += 1
+        self.metrics.stage_seconds("text_statistics", time.perf_counter() - t, self.spec.run_id)
+        return n
+
+    def prior_stats(self, captions: list[str]) -> int:
+        """Build C_p from the captions into the shared cache; returns its token count."""
+        return write_prior_cache(self.storage, self.encoder, captions, self.spec.prior_key)[0]
+
+    def domain_stats(self, retain: list[Concept]) -> int:
+        """C_d of the retained concepts' prompts, stored with the run's CFR files."""
+        key = self.layout.domain_stats
+        if self.storage.exists(key):
+            return second_moment_from_bytes(self.storage.read_bytes(key), key).n
+        n = self.spec.settings.prompts_per_concept
+        prompts = [p for c in retain for p in domain_prompts([c.text], c.type)[:n]]
+        domain = prompt_second_moment(self.encoder, prompts)
+        self.storage.write_bytes(key, second_moment_bytes(domain))
+        return domain.n
+
+    # ------------------------------------------------------------ training
+
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        return self.original
+
+    def set_cfr(self, M: torch.Tensor) -> None:
+        """W' = W M (Eq. 2), the weights the LoRAs train on."""
+        refined = apply_cfr(self.original, M)
+        self.batch_worker = ConceptBatchWorker(
+            self.pipe, self.spec.settings, self.device, self.original, refined, masker=self.masker
+        )
+
+    def process(self, concepts: list[Concept]) -> list[str]:
+        """Images, masks and LoRA for a batch; each concept's DONE marker written last.
+
+        Concepts already DONE are skipped; stored images are reused (same seeds, same images).
+        """
+        if self.batch_worker is None:
+            raise RuntimeError("set_cfr must be called before process")
+        done = artefacts.done_slugs(self.storage, self.layout)
+        todo = [c for c in concepts if c.slug not in done]
+        if not todo:
+            return []
+        n_img = self.spec.settings.data.images_per_concept
+        stored = [artefacts.read_images(self.storage, self.layout, c.slug, n_img) for c in todo]
+        images = [s[0] for s in stored] if all(s is not None for s in stored) else None
+        t = time.perf_counter()
+        arts = self.batch_worker.process(todo, images)
+        for art in arts:
+            art.notes["where"] = self.where
+            artefacts.write_concept(self.storage, self.layout, art)
+        self.metrics.stage_seconds("concepts", time.perf_counter() - t, self.spec.run_id)
+        self.metrics.concepts_done(len(arts), self.spec.run_id)
+        return [a.concept.slug for a in arts]
+
+    # ------------------------------------------------------------ output
+
+    def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """The erased diffusers folder (visible at once) and the compact erasure file."""
+        unet = self.pipe.unet
+        set_attn2_weights(unet, fused)
+        try:
+            with tempfile.TemporaryDirectory(prefix="mace-final-") as tmp:
+                save_pipeline(self.pipe, Path(tmp))
+                self.storage.put_dir(Path(tmp), self.layout.final_pipeline)
+        finally:
+            set_attn2_weights(unet, self.original)
+        self.storage.write_bytes(self.layout.erasure, erasure_bytes(fused, metadata))
+
+    def teardown(self) -> None:
+        self.batch_worker = None
+        self.pipe = None
+        self.masker = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class StatsWorker:
+    """Sums and solves. Its state is a cache of storage: after a restart it rebuilds it."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
+        self.layout = spec.layout
+        self.sums: FusionSums | None = None
+        self.added: set[str] = set()
+
+    def _second_moment(self, key: str) -> SecondMoment | None:
+        if not self.storage.exists(key):
+            return None
+        return second_moment_from_bytes(self.storage.read_bytes(key), f"{self.storage.url}/{key}")
+
+    def _prior(self) -> SecondMoment:
+        prior = self._second_moment(prior_cache_key(self.spec.prior_key))
+        if prior is None:
+            raise ArtefactError(f"prior statistics {prior_cache_key(self.spec.prior_key)} are missing")
+        return prior
+
+    def solve_cfr(self, slugs: list[str]) -> torch.Tensor:
+        """Sum every concept's X_k, C_k from storage and solve M (Eq. 2); writes cfr/M."""
+        total: MappingStats | None = None
+        for slug in slugs:
+            m = artefacts.read_text_stats(self.storage, self.layout, slug).mapping
+            total = m if total is None else total + m
+        if total is None:
+            raise ArtefactError("CFR needs at least one concept")
+        domain = self._second_moment(self.layout.domain_stats)
+        M, raw = cfr_matrix(total, self.spec.settings.cfr, self._prior(), domain)
+        info = {"tokens": total.n, "raw_weights": raw.to_dict()}
+        self.storage.write_bytes(
+            self.layout.cfr_matrix, st_save({"M": M.contiguous()}, metadata={"info": json.dumps(info)})
+        )
+        return M
+
+    def _load_M(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        data = self.storage.read_bytes(self.layout.cfr_matrix)
+        return st_load(data)["M"].double(), json.loads(safetensors_metadata(data).get("info", "{}"))
+
+    def add_concepts(self, slugs: list[str]) -> int:
+        """Stream finished concepts into the fusion sums (idempotent per slug)."""
+        for slug in slugs:
+            if slug in self.added:
+                continue
+            C_k = artefacts.read_text_stats(self.storage, self.layout, slug).fusion
+            lora = artefacts.read_lora(self.storage, self.layout, slug)
+            if self.sums is None:
+                self.sums = FusionSums.zeros(C_k.C.shape[0])
+            self.sums.add_concept(C_k, lora)
+            self.added.add(slug)
+        return len(self.added)
+
+    def fuse(
+        self, slugs: list[str], original: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """W* for every projection (Eq. 7), after adding any concept not yet streamed in.
+
+        Returns the weights and, for the report, token counts and raw weights of both solves.
+        """
+        self.add_concepts(slugs)
+        if self.sums is None or set(slugs) != self.added:
+            raise ArtefactError("fusion sums do not match the run's concepts")
+        M, cfr_info = self._load_M()
+        refined = apply_cfr(original, M)
+        prior = self._prior()
+        domain = self._second_moment(self.layout.domain_stats)
+        fused, raw = fuse(self.sums, original, refined, self.spec.settings.fusion, prior, domain)
+        info = {
+            "tokens": {
+                "cfr_pairs": cfr_info["tokens"],
+                "fusion": self.sums.C.n,
+                "prior": prior.n,
+                "domain": domain.n if domain else 0,
+            },
+            "raw_weights": {"cfr": cfr_info["raw_weights"], "fusion": raw.to_dict()},
+        }
+        return fused, info

@@ -1,0 +1,76 @@
+"""`mace-ray status`, `mace-ray cache-prior` and `--config` files."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import CONCEPTS, FLAGS, run_cli
+from typer.testing import CliRunner
+
+from mace_ray.cli import app
+
+
+def test_cache_prior_then_erase_reuses_it_and_status(tmp_path):
+    caps = tmp_path / "captions.txt"
+    caps.write_text("a cat on a sofa\na red bus in the street\n\nthree people on a beach\n")
+    out = tmp_path / "out"
+    r = run_cli("cache-prior", str(caps), "--model", "tiny", "--output", str(out), "--executor", "local")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout.strip().splitlines()[-1])
+    assert first["captions"] == 3 and first["tokens"] == 3 * 77 and first["cached"] is False
+    again = json.loads(
+        run_cli(
+            "cache-prior", str(caps), "--model", "tiny", "--output", str(out), "--executor", "local"
+        ).stdout
+    )
+    assert again["cached"] is True and again["key"] == first["key"]
+
+    (tmp_path / "c.txt").write_text(CONCEPTS)
+    e = run_cli("erase", str(tmp_path / "c.txt"), "--output", str(out), "--executor", "local",
+                "--prior-captions", str(caps), *FLAGS)  # fmt: skip
+    assert e.returncode == 0, e.stderr
+    run_id = json.loads(e.stdout.strip().splitlines()[-1])["run_id"]
+    rep = json.loads((out / "runs" / run_id / "report.json").read_text())
+    assert rep["prior_cache_hit"] is True and rep["tokens"]["prior"] == 3 * 77
+
+    s = CliRunner().invoke(app, ["status", run_id, "--output", str(out)])
+    assert s.exit_code == 0, s.output
+    st = json.loads(s.stdout)
+    assert st["status"] == "complete" and st["concepts"] == st["concepts_done"] == 4
+
+    missing = CliRunner().invoke(app, ["status", "nope", "--output", str(out)])
+    assert missing.exit_code == 2 and "run 'nope': no manifest" in missing.stderr
+
+
+def test_config_file_supplies_options_and_cli_overrides(tmp_path, monkeypatch):
+    import mace_ray.erase as erase_mod
+
+    seen = {}
+
+    def fake_run(req):  # capture the request: this test is about option parsing only
+        seen["req"] = req
+        return {"run_id": "x", "status": "complete", "output": {}}
+
+    monkeypatch.setattr(erase_mod, "run_erase", fake_run)
+    (tmp_path / "c.txt").write_text("Bill Clinton\n")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        f"concepts: {tmp_path / 'c.txt'}\ntype: celebrity\nlr: 0.0001\ntrain_steps: 7\nworkers: 3\n"
+    )
+    r = CliRunner().invoke(app, ["erase", "--config", str(cfg), "--train-steps", "9"])
+    assert r.exit_code == 0, r.output
+    req = seen["req"]
+    assert req.concept_file == str(tmp_path / "c.txt") and req.default_type.value == "celebrity"
+    assert req.settings.train.lr == 1e-4 and req.settings.train.steps == 9 and req.workers == 3
+
+    cfg.write_text("concepts: c.txt\nlearning_rate: 1\n")
+    bad = CliRunner().invoke(app, ["erase", "--config", str(cfg)])
+    assert bad.exit_code == 2 and "unknown option 'learning_rate'" in bad.stderr
+    gone = CliRunner().invoke(app, ["erase", "--config", str(tmp_path / "none.yaml")])
+    assert gone.exit_code == 2 and "does not exist" in gone.stderr
+
+
+def test_unknown_executor_is_bad_input(tmp_path):
+    (tmp_path / "c.txt").write_text("dog\n")
+    r = CliRunner().invoke(app, ["erase", str(tmp_path / "c.txt"), "--executor", "spark", "--model", "tiny"])
+    assert r.exit_code == 2 and "unknown executor 'spark' (valid: ray, local)" in r.stderr

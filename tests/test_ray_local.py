@@ -1,0 +1,80 @@
+"""The Ray executor on a local Ray (fake GPUs) gives the single-process result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+from helpers import CONCEPTS, assert_same_erasure, erasure, request
+
+from mace_ray.erase import run_erase
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_matches_single_process(local_ray, reference_erasure, tmp_path, workers):
+    cfile = tmp_path / "concepts.txt"
+    cfile.write_text(CONCEPTS)
+    rep = run_erase(
+        request(cfile, tmp_path / "out", workers=workers, gpus_per_worker=1, concepts_per_batch=2)
+    )
+    assert rep["executor"] == "ray" and rep["workers"]["size"] == workers
+    assert rep["workers"]["resources"]["gpus"] == 1
+    assert_same_erasure(erasure(Path(rep["output"]["root"])), reference_erasure)
+    # Every concept names the worker that trained it; with 2 workers both took batches.
+    used = {c["where"]["worker"] for c in rep["concepts"]}
+    assert len(used) == workers
+
+
+def test_fractional_gpus_share_a_gpu(local_ray, reference_erasure, tmp_path):
+    cfile = tmp_path / "concepts.txt"
+    cfile.write_text(CONCEPTS)
+    rep = run_erase(request(cfile, tmp_path / "out", workers=2, gpus_per_worker=0.5, concepts_per_batch=1))
+    assert rep["workers"]["resources"]["gpus"] == 0.5
+    assert_same_erasure(erasure(Path(rep["output"]["root"])), reference_erasure)
+
+
+def test_statistics_actor_restart_rebuilds_from_storage(local_ray, reference_erasure, tmp_path):
+    """Kill the statistics actor mid-run: Ray restarts it, it rebuilds its sums from storage."""
+    import threading
+    import time
+
+    cfile = tmp_path / "concepts.txt"
+    cfile.write_text(CONCEPTS)
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def drive() -> None:
+        try:
+            result["report"] = run_erase(
+                request(cfile, out, workers=1, gpus_per_worker=1, concepts_per_batch=1)
+            )
+        except BaseException as e:
+            result["error"] = e
+
+    t = threading.Thread(target=drive)
+    t.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("runs/*/concepts/*/DONE")):
+        time.sleep(0.1)
+    (root,) = list(out.glob("runs/*"))
+    (name,) = [n for n in ray.util.list_named_actors() if n.startswith(f"mace-stats-{root.name[:8]}-")]
+    actor = ray.get_actor(name)
+    ray.kill(actor, no_restart=False)  # a crash, not a shutdown: Ray restarts it
+    t.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    assert_same_erasure(erasure(root), reference_erasure)
