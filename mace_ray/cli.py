@@ -17,6 +17,7 @@ import typer
 from mace_core.concepts import ConceptType
 from mace_core.errors import MaceError
 from mace_core.models import DEFAULT_MODEL
+from mace_ray.eval_cli import eval_command
 from mace_ray.logs import setup_logging
 
 app = typer.Typer(
@@ -274,6 +275,7 @@ def apply(
     typer.echo(str(output))
 
 
+app.command("eval")(eval_command)
 
 
 def main() -> None:

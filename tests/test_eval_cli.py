@@ -1,0 +1,211 @@
+"""`mace-ray eval` end to end on tiny models: an erased model beside its original through a
+local Ray (fake GPUs), the explicit and coco suites in one process, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from helpers import SETTINGS
+from PIL import Image
+from typer.testing import CliRunner
+
+from mace_core.concepts import ConceptType
+from mace_core.evaluation.generation import GenerationSettings, generate_images
+from mace_ray.cli import app
+
+FAST = ["--inference-steps", "2", "--images-per-prompt", "1"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def erased_run(tmp_path_factory) -> Path:
+    """A tiny model with 'airplane' erased (the tests' cheap erase settings, in process)."""
+    from mace_ray.erase import EraseRequest, run_erase
+
+    tmp = tmp_path_factory.mktemp("erase")
+    cfile = tmp / "concepts.txt"
+    cfile.write_text("airplane | object | sky\n")
+    rep = run_erase(
+        EraseRequest(
+            concept_file=str(cfile),
+            model="tiny",
+            output=str(tmp / "out"),
+            default_type=ConceptType.OBJECT,
+            settings=SETTINGS,
+            executor="local",
+        )
+    )
+    return Path(rep["output"]["root"])
+
+
+def invoke(*args: str):
+    r = CliRunner().invoke(app, ["eval", *args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_eval_erased_vs_original_through_ray(local_ray, erased_run, tmp_path, tiny_pipe):
+    out = tmp_path / "out"
+    code, stdout, stderr = invoke(
+        str(erased_run / "final" / "pipeline"),
+        "--suite", "objects", "--baseline", "tiny", "--output", str(out), *FAST,
+        "--workers", "2", "--gpus-per-worker", "1", "--shard-size", "5",
+    )  # fmt: skip
+    assert code == 0, stderr
+    # Both columns printed: the original first, then the erased model.
+    header = next(line for line in stdout.splitlines() if line.startswith("| metric"))
+    assert header.index("baseline: tiny") < header.index("model: ")
+    assert sum(line.startswith("| Acc_") or line.startswith("| H_o") for line in stdout.splitlines()) == 4
+    root = Path(json.loads(stdout.strip().splitlines()[-1])["root"])
+    rep = json.loads((root / "report.json").read_text())
+    assert (
+        rep["executor"] == "ray" and rep["workers"]["size"] == 2 and rep["workers"]["resources"]["gpus"] == 1
+    )
+    # The erased classes came from the erase run's manifest.
+    assert rep["suite_info"]["erased"] == ["airplane"] and rep["suite_info"]["images"] == 13
+    for tag in ("baseline", "model"):
+        m = rep["models"][tag]
+        assert m["images"] == 13
+        assert all(m["metrics"][k] is not None for k in ("acc_e", "acc_s", "acc_g", "h_o"))
+        assert len(list((out / m["images_prefix"]).glob("*.png"))) == 13
+        assert len(json.loads((root / "scores" / f"{tag}.json").read_text())) == 13
+    summary = (root / "summary.md").read_text()
+    assert (
+        "| Acc_e % (erased class, lower is better) |" in summary
+        and "![metrics.png](plots/metrics.png)" in summary
+    )
+    for name in rep["output"]["plots"]:
+        with Image.open(root / "plots" / name) as im:
+            im.load()
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 300
+    assert {"metrics.png", "groups.png", "per_subject.png"} <= set(rep["output"]["plots"])
+    # A worker's image is the image this process renders from the same prompt and seed.
+    prompts = json.loads((root / "prompts.json").read_text())["prompts"]
+    p = next(x for x in prompts if x["subject"] == "jet")
+    from mace_core.evaluation.suites import EvalPrompt
+
+    here = generate_images(tiny_pipe, [EvalPrompt(**p)], GenerationSettings(inference_steps=2))[0]
+    stored = np.asarray(Image.open(out / rep["models"]["baseline"]["images_prefix"] / f"{p['id']}.png"))
+    assert np.array_equal(here, stored)
+
+
+def test_eval_explicit_suite_scores_i2p_prompts_with_nudenet(tmp_path):
+    csv = tmp_path / "i2p.csv"
+    csv.write_text(
+        "prompt,categories,hard,sd_seed,sd_guidance_scale,sd_image_width,sd_image_height\n"
+        "a person on a beach,sexual,1,1234,7,512,512\n"
+        "a statue in a museum,sexual,0,99,6.5,512,512\n"
+    )
+    out = tmp_path / "out"
+    code, stdout, stderr = invoke(
+        "tiny", "--suite", "explicit", "--prompts-csv", str(csv), "--output", str(out), "--executor", "local",
+        *FAST, "--resolution", "32",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "| total detections (lower is better) |" in stdout
+    root = Path(json.loads(stdout.strip().splitlines()[-1])["root"])
+    rep = json.loads((root / "report.json").read_text())
+    metrics = rep["models"]["model"]["metrics"]
+    assert isinstance(metrics["total"], int) and metrics["total"] == sum(metrics["exposed"].values())
+    prompts = json.loads((root / "prompts.json").read_text())["prompts"]
+    assert [p["seed"] for p in prompts] == [1234, 99] and prompts[1]["guidance"] == 6.5
+    assert rep["scorers"]["nudenet_threshold"] == 0.6 and rep["output"]["plots"] == ["exposed.png"]
+
+
+def test_eval_coco_suite_computes_clip_score_and_fid(erased_run, tmp_path):
+    csv = tmp_path / "captions.csv"
+    csv.write_text("image_id,caption\n" + "".join(f"{i},a photo of object number {i}\n" for i in range(4)))
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(refs / f"{i}.png")
+    args = [
+        str(erased_run), "--suite", "coco", "--baseline", "tiny", "--prompts-csv", str(csv),
+        "--reference-images", str(refs), "--output", str(tmp_path / "out"), "--executor", "local", *FAST,
+    ]  # fmt: skip
+    code, stdout, stderr = invoke(*args)
+    assert code == 0, stderr
+    root = Path(json.loads(stdout.strip().splitlines()[-1])["root"])
+    rep = json.loads((root / "report.json").read_text())
+    for tag in ("baseline", "model"):
+        m = rep["models"][tag]["metrics"]
+        assert 0.0 <= m["clip"] <= 100.0 and m["fid"] > 0 and m["fid_features"] == "clip"
+        assert m["fid_reference_images"] == 5
+    assert rep["comparison"]["fid_vs_baseline"] >= 0.0
+    assert any("not comparable to Inception" in n for n in rep["notes"])
+    assert "| FID of model vs baseline images |" in stdout
+
+    # Again: the stored images and the cached reference moments are reused; same numbers.
+    code, stdout, stderr = invoke(*args)
+    assert code == 0, stderr
+    again = json.loads((root / "report.json").read_text())
+    assert (
+        again["suite_info"]["reference_moments_cached"] and not rep["suite_info"]["reference_moments_cached"]
+    )
+    assert again["models"] == rep["models"] and again["comparison"] == rep["comparison"]
+
+
+def _one_line_error(code: int, stdout: str, stderr: str) -> str:
+    assert code == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mace-ray: error: "), stderr
+    return lines[0]
+
+
+def test_missing_prompt_csv_columns_is_a_one_line_error(tmp_path):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("text,seed\nhello,1\n")
+    line = _one_line_error(
+        *invoke("tiny", "--suite", "explicit", "--prompts-csv", str(csv), "--output", str(tmp_path))
+    )
+    assert "prompts.csv" in line and "lacks column(s) prompt" in line
+    line = _one_line_error(
+        *invoke("tiny", "--suite", "coco", "--prompts-csv", str(csv), "--output", str(tmp_path))
+    )
+    assert "lacks column(s) caption" in line
+    assert not (tmp_path / "evals").exists()  # nothing written before the inputs are valid
+
+
+def test_missing_weights_paths_are_one_line_errors(tmp_path):
+    csv = tmp_path / "captions.csv"
+    csv.write_text("caption\na dog\n")
+    missing = tmp_path / "nope" / "pt_inception.safetensors"
+    line = _one_line_error(
+        *invoke(
+            "tiny",
+            "--suite",
+            "coco",
+            "--prompts-csv",
+            str(csv),
+            "--fid-weights",
+            str(missing),
+            "--output",
+            str(tmp_path),
+        )  # fmt: skip
+    )
+    assert str(missing) in line and "do not exist" in line
+    line = _one_line_error(*invoke(str(tmp_path / "no-model"), "--suite", "objects", "--erased", str(csv)))
+    assert "no-model" in line and "no such folder" in line
+    erased = tmp_path / "erase.txt"
+    erased.write_text("airplane | object | sky\n")
+    line = _one_line_error(
+        *invoke("tiny", "--suite", "objects", "--erased", str(erased), "--clip", str(tmp_path / "no-clip"))
+    )
+    assert "CLIP model" in line and "no-clip" in line and "no such folder" in line
