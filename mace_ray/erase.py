@@ -45,7 +45,7 @@ from mace_ray.layout import RunLayout
 from mace_ray.layout import prior_cache_key as prior_key_path
 from mace_ray.metrics import make_metrics
 from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
-from mace_ray.pool import Job, WorkerPool
+from mace_ray.pool import Job, WorkerPool, worker_shape
 from mace_ray.resources import Resources
 from mace_ray.storage import Storage, open_storage, read_json, write_json
 from mace_ray.workers import RunSpec, StatsWorker
@@ -310,17 +310,7 @@ class Driver:
 
     def worker_shape(self, n_batches: int) -> tuple[int, Resources]:
         req = self.p.request
-        if self.backend.name == "local":
-            return 1, Resources(cpus=0)
-        available = self.backend.gpus_available()
-        gpus = req.gpus_per_worker if req.gpus_per_worker is not None else (1.0 if available else 0.0)
-        if req.workers is not None:
-            n = req.workers
-        elif gpus > 0:
-            n = max(1, int(available // gpus))
-        else:
-            n = 1
-        return max(1, min(n, n_batches)), Resources(cpus=1, gpus=gpus)
+        return worker_shape(self.backend, req.workers, req.gpus_per_worker, n_batches)
 
     def run(self) -> dict[str, Any]:
         backend, storage, layout = self.backend, self.storage, self.layout

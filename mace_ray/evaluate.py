@@ -52,7 +52,7 @@ from mace_core.pretrained import looks_like_path, resolve_pretrained
 from mace_ray.erase import EXECUTORS, Timer, backend_for, versions
 from mace_ray.eval_layout import EvalLayout, images_prefix, reference_cache_key
 from mace_ray.eval_worker import EvalSpec, EvalWorker
-from mace_ray.pool import Job, WorkerPool
+from mace_ray.pool import Job, WorkerPool, worker_shape
 from mace_ray.resources import Resources
 from mace_ray.storage import Storage, open_storage, write_json
 
@@ -340,17 +340,7 @@ class EvalDriver:
 
     def worker_shape(self, n_jobs: int) -> tuple[int, Resources]:
         req = self.p.request
-        if self.backend.name == "local":
-            return 1, Resources(cpus=0)
-        available = self.backend.gpus_available()
-        gpus = req.gpus_per_worker if req.gpus_per_worker is not None else (1.0 if available else 0.0)
-        if req.workers is not None:
-            n = req.workers
-        elif gpus > 0:
-            n = max(1, int(available // gpus))
-        else:
-            n = 1
-        return max(1, min(n, n_jobs)), Resources(cpus=1, gpus=gpus)
+        return worker_shape(self.backend, req.workers, req.gpus_per_worker, n_jobs)
 
     def reference_key(self) -> str:
         """The cache key of the reference set's moments: its files (names, sizes) and the extractor."""

@@ -182,3 +182,24 @@ class WorkerPool:
         self.idle.clear()
         self.busy.clear()
         self.starting.clear()
+
+
+def worker_shape(
+    backend: Any, workers: int | None, gpus_per_worker: float | None, n_jobs: int
+) -> tuple[int, Resources]:
+    """How many workers, with which resources: one per GPU of the cluster unless told.
+
+    ``gpus_per_worker`` None: 1 when the cluster has GPUs, else CPU workers. ``workers``
+    None: as many as the GPUs allow (1 on a CPU cluster). Never more than there are jobs.
+    """
+    if backend.name == "local":
+        return 1, Resources(cpus=0)
+    available = backend.gpus_available()
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if available else 0.0)
+    if workers is not None:
+        n = workers
+    elif gpus > 0:
+        n = max(1, int(available // gpus))
+    else:
+        n = 1
+    return max(1, min(n, n_jobs)), Resources(cpus=1, gpus=gpus)

@@ -4,7 +4,6 @@ OR-ing, whole-image fallbacks, the concept job's notes, image/mask pairing, bad 
 from __future__ import annotations
 
 import random
-from functools import partial
 
 import numpy as np
 import pytest
@@ -31,7 +30,8 @@ from mace_core.masking import (
 from mace_core.models import get_attn2_weights
 from mace_core.segmentation import (
     PATCH_KEY,
-    TINY_SAM,
+    TINY,
+    build_segment_anything,
     build_tiny_transformers_sam,
     sam_model_type,
 )
@@ -47,43 +47,9 @@ def images(n: int = 3, h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:
 
 
 def tiny_segment_anything_sam(seed: int = 1):
-    """A tiny `segment_anything` Sam built here from the package's classes (not via mace_core)."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    t = TINY_SAM
-    dim, grid = t["prompt_dim"], t["img_size"] // t["patch_size"]
+    """A tiny `segment_anything` Sam with random weights (the architecture mace_core builds)."""
     torch.manual_seed(seed)
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=t["img_size"],
-            patch_size=t["patch_size"],
-            embed_dim=t["embed_dim"],
-            depth=t["depth"],
-            num_heads=t["num_heads"],
-            mlp_ratio=2.0,
-            out_chans=dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=4,
-            global_attn_indexes=(1,),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(t["img_size"], t["img_size"]),
-            mask_in_chans=4,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-            transformer_dim=dim,
-            iou_head_depth=2,
-            iou_head_hidden_dim=dim,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    ).eval()
+    return build_segment_anything(TINY)
 
 
 @pytest.fixture(scope="module")
