@@ -28,6 +28,19 @@ from mace_core.train import TrainJob, train_loras
 
 
 @dataclass
+class ConceptData:
+    """A concept's training data: images of the original model and their masks.
+
+    It needs no CFR result, so it can be made while the closed form is being solved.
+    """
+
+    concept: Concept
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    masks: np.ndarray  # bool (N, H, W)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ConceptArtefacts:
     """Everything a concept's DONE marker vouches for (the text statistics are separate)."""
 
@@ -42,6 +55,7 @@ class ConceptArtefacts:
 class ConceptBatchWorker:
     """Generation (original weights W), masks, and LoRA training (refined weights W') for batches.
 
+    ``refined``: W' = W M; None until CFR is solved (images and masks do not need it).
     ``masker``: from ``mace_core.masking.load_masker``, loaded once per worker; None means
     whole-image masks for every concept. ``max_batch_images``: at most this many images
     per diffusion batch (GPU memory), without changing any image's seed.
@@ -53,7 +67,7 @@ class ConceptBatchWorker:
         settings: EraseSettings,
         device: torch.device,
         original: dict[str, torch.Tensor],
-        refined: dict[str, torch.Tensor],
+        refined: dict[str, torch.Tensor] | None,
         masker: Masker | None = None,
         max_batch_images: int | None = None,
     ) -> None:
@@ -139,39 +153,47 @@ class ConceptBatchWorker:
                     out[i] = (r.lora, r.losses, len(idx))
         return [o for o in out if o is not None]
 
-    def process(
-        self, concepts: list[Concept], images: list[np.ndarray] | None = None
-    ) -> list[ConceptArtefacts]:
-        """Full Stage 2 for a batch; ``images`` reuses already generated ones."""
+    def data(self, concepts: list[Concept], images: list[np.ndarray] | None = None) -> list[ConceptData]:
+        """Images (unless given: already generated ones are reused) and masks of a batch."""
         t0 = time.perf_counter()
         if images is None:
             images = self.generate(concepts)
         t1 = time.perf_counter()
-        masks, notes = [], []
-        for c, im in zip(concepts, images, strict=True):
-            m, note = self.masks(c, im)
-            masks.append(m)
-            notes.append(note)
-        t2 = time.perf_counter()
-        trained = self.train(concepts, images, masks)
-        t3 = time.perf_counter()
-        k = len(concepts)
         out = []
-        for c, im, m, note, (lora, losses, group) in zip(
-            concepts, images, masks, notes, trained, strict=True
-        ):
-            resolved = self.settings.train.resolve(c.type)
+        for c, im in zip(concepts, images, strict=True):
+            t = time.perf_counter()
+            m, note = self.masks(c, im)
+            note["seconds"] = {
+                "generate": round((t1 - t0) / len(concepts), 3),
+                "mask": round(time.perf_counter() - t, 3),
+            }
+            out.append(ConceptData(c, im, m, note))
+        return out
+
+    def finish(self, data: list[ConceptData]) -> list[ConceptArtefacts]:
+        """The LoRAs of a batch whose images and masks are ready (needs W')."""
+        if self.refined is None:
+            raise RuntimeError("the refined weights W' are needed to train; solve CFR first")
+        t = time.perf_counter()
+        concepts = [d.concept for d in data]
+        trained = self.train(concepts, [d.images for d in data], [d.masks for d in data])
+        per_concept = round((time.perf_counter() - t) / len(data), 3)
+        out = []
+        for d, (lora, losses, group) in zip(data, trained, strict=True):
+            resolved = self.settings.train.resolve(d.concept.type)
             note = {
-                **note,
+                **d.notes,
                 "lr": resolved.lr,
                 "steps": resolved.steps,
                 "cfis": resolved.cfis,
                 "train_batch": group,
-                "seconds": {
-                    "generate": round((t1 - t0) / k, 3),
-                    "mask": round((t2 - t1) / k, 3),
-                    "train": round((t3 - t2) / k, 3),
-                },
+                "seconds": {**d.notes.get("seconds", {}), "train": per_concept},
             }
-            out.append(ConceptArtefacts(c, im, m, lora, losses, note))
+            out.append(ConceptArtefacts(d.concept, d.images, d.masks, lora, losses, note))
         return out
+
+    def process(
+        self, concepts: list[Concept], images: list[np.ndarray] | None = None
+    ) -> list[ConceptArtefacts]:
+        """Full Stage 2 for a batch; ``images`` reuses already generated ones."""
+        return self.finish(self.data(concepts, images))

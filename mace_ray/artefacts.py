@@ -10,7 +10,8 @@ import numpy as np
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mace_core.concept_job import ConceptArtefacts
+from mace_core.concept_job import ConceptArtefacts, ConceptData
+from mace_core.concepts import Concept
 from mace_core.errors import ArtefactError
 from mace_core.imageio import png_bytes, read_png
 from mace_core.lora import LoraFactors
@@ -19,10 +20,20 @@ from mace_ray.layout import RunLayout
 from mace_ray.storage import Storage, read_json, write_json
 
 
-def done_slugs(storage: Storage, layout: RunLayout) -> set[str]:
-    """Slugs whose DONE marker exists (one listing of the concepts folder)."""
+def slugs_with(storage: Storage, layout: RunLayout, name: str) -> set[str]:
+    """Slugs of the concepts whose folder holds file ``name`` (one listing of the concepts)."""
     prefix = layout.concepts + "/"
-    return {k[len(prefix) :].split("/")[0] for k in storage.list(layout.concepts) if k.endswith("/DONE")}
+    out = set()
+    for k in storage.list(layout.concepts):
+        slug, _, rest = k[len(prefix) :].partition("/")
+        if rest == name:
+            out.add(slug)
+    return out
+
+
+def done_slugs(storage: Storage, layout: RunLayout) -> set[str]:
+    """Slugs whose DONE marker exists."""
+    return slugs_with(storage, layout, "DONE")
 
 
 def write_text_stats(storage: Storage, layout: RunLayout, slug: str, stats: ConceptTextStats) -> None:
@@ -41,12 +52,30 @@ def read_text_stats(storage: Storage, layout: RunLayout, slug: str) -> ConceptTe
         raise ArtefactError(f"{storage.url}/{key} is not readable: {e}") from None
 
 
-def write_concept(storage: Storage, layout: RunLayout, art: ConceptArtefacts) -> None:
-    """Images, masks, LoRA and notes; the DONE marker last."""
-    slug = art.concept.slug
-    for i, (im, m) in enumerate(zip(art.images, art.masks, strict=True)):
+def write_data(storage: Storage, layout: RunLayout, data: ConceptData) -> None:
+    """Images and masks, then data.json: the marker that the training data is complete."""
+    slug = data.concept.slug
+    for i, (im, m) in enumerate(zip(data.images, data.masks, strict=True)):
         storage.write_bytes(layout.image(slug, i), png_bytes(im))
         storage.write_bytes(layout.mask(slug, i), png_bytes(m))
+    write_json(storage, layout.data_notes(slug), {"images": len(data.images), **data.notes})
+
+
+def read_data(storage: Storage, layout: RunLayout, concept: Concept) -> ConceptData | None:
+    """A concept's stored images and masks (paired by index), or None if not complete."""
+    key = layout.data_notes(concept.slug)
+    if not storage.exists(key):
+        return None
+    notes = read_json(storage, key)
+    pair = read_images(storage, layout, concept.slug, int(notes.pop("images")))
+    if pair is None:
+        return None
+    return ConceptData(concept, pair[0], pair[1], notes)
+
+
+def write_result(storage: Storage, layout: RunLayout, art: ConceptArtefacts) -> None:
+    """LoRA and notes, then the DONE marker. The concept's data must already be stored."""
+    slug = art.concept.slug
     storage.write_bytes(layout.lora(slug), art.lora.to_bytes({"concept": art.concept.text}))
     notes = {"concept": art.concept.to_dict(), "losses": art.losses, **art.notes}
     write_json(storage, layout.notes(slug), notes)

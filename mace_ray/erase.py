@@ -346,9 +346,7 @@ class Driver:
                 jobs.append(Job("prior_stats", (p.captions,), "prior"))
             if p.retain and not storage.exists(layout.domain_stats):
                 jobs.append(Job("domain_stats", (p.retain,), "retained-set"))
-            have = {
-                k.split("/")[-2] for k in storage.list(layout.concepts) if k.endswith("/stats.safetensors")
-            }
+            have = artefacts.slugs_with(storage, layout, "stats.safetensors")
             missing = [c for c in self.concepts if c.slug not in have]
             chunk = 64
             for i in range(0, len(missing), chunk):
@@ -361,8 +359,23 @@ class Driver:
                 len(self.concepts) - len(missing),
             )
 
+        # The statistics actor solves CFR while the workers make images and masks, which
+        # need only the original model: data generation never waits for the closed form.
+        cfr = backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve")
+        with timer.stage("data"):
+            bs = p.request.concepts_per_batch
+            ready = artefacts.slugs_with(storage, layout, "data.json")
+            need = [c for c in todo if c.slug not in ready]
+            batches = [need[i : i + bs] for i in range(0, len(need), bs)]
+            pool.run(
+                [Job("prepare_data", (b,), f"data[{b[0].slug}+{len(b) - 1}]", concepts=b) for b in batches]
+            )
+            log.info(
+                "data: images and masks of %d concepts made, %d reused", len(need), len(todo) - len(need)
+            )
+
         with timer.stage("cfr"):
-            M = backend.get(backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve"))
+            M = backend.get(cfr)
             pool.broadcast("set_cfr", backend.put(M))
 
         with timer.stage("train"):

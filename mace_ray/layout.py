@@ -62,6 +62,10 @@ class RunLayout:
     def lora(self, slug: str) -> str:
         return f"{self.concept(slug)}/lora.safetensors"
 
+    def data_notes(self, slug: str) -> str:
+        """Written after the concept's images and masks: they are complete when it exists."""
+        return f"{self.concept(slug)}/data.json"
+
     def notes(self, slug: str) -> str:
         return f"{self.concept(slug)}/notes.json"
 

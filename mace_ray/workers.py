@@ -104,7 +104,10 @@ class ConceptWorker:
         self.encoder = TextEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.device)
         self.original = get_attn2_weights(self.pipe.unet)
         self.masker = load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
-        self.batch_worker: ConceptBatchWorker | None = None
+        # Refined weights come with set_cfr; images and masks need only the original model.
+        self.batch_worker = ConceptBatchWorker(
+            self.pipe, spec.settings, self.device, self.original, None, masker=self.masker
+        )
         self.metrics = make_metrics(spec.metrics)
         self.where = where_am_i(self.name)
         return self.where
@@ -146,31 +149,45 @@ class ConceptWorker:
 
     def set_cfr(self, M: torch.Tensor) -> None:
         """W' = W M (Eq. 2), the weights the LoRAs train on."""
-        refined = apply_cfr(self.original, M)
-        self.batch_worker = ConceptBatchWorker(
-            self.pipe, self.spec.settings, self.device, self.original, refined, masker=self.masker
-        )
+        self.batch_worker.refined = apply_cfr(self.original, M)
 
-    def process(self, concepts: list[Concept]) -> list[str]:
-        """Images, masks and LoRA for a batch; each concept's DONE marker written last.
-
-        Concepts already DONE are skipped; stored images are reused (same seeds, same images).
-        """
-        if self.batch_worker is None:
-            raise RuntimeError("set_cfr must be called before process")
+    def _pending(self, concepts: list[Concept]) -> list[Concept]:
         done = artefacts.done_slugs(self.storage, self.layout)
-        todo = [c for c in concepts if c.slug not in done]
+        return [c for c in concepts if c.slug not in done]
+
+    def prepare_data(self, concepts: list[Concept]) -> list[str]:
+        """Images and masks of a batch, stored; runs before CFR is solved. Returns new slugs."""
+        todo = [c for c in self._pending(concepts) if not self.storage.exists(self.layout.data_notes(c.slug))]
         if not todo:
             return []
-        n_img = self.spec.settings.data.images_per_concept
-        stored = [artefacts.read_images(self.storage, self.layout, c.slug, n_img) for c in todo]
-        images = [s[0] for s in stored] if all(s is not None for s in stored) else None
         t = time.perf_counter()
-        arts = self.batch_worker.process(todo, images)
+        for d in self.batch_worker.data(todo):
+            artefacts.write_data(self.storage, self.layout, d)
+        self.metrics.stage_seconds("data", time.perf_counter() - t, self.spec.run_id)
+        return [c.slug for c in todo]
+
+    def process(self, concepts: list[Concept]) -> list[str]:
+        """The LoRAs of a batch; each concept's DONE marker written last.
+
+        Concepts already DONE are skipped; stored images and masks are used, and any
+        concept without them gets them here first (same seeds, same images).
+        """
+        if self.batch_worker.refined is None:
+            raise RuntimeError("set_cfr must be called before process")
+        todo = self._pending(concepts)
+        if not todo:
+            return []
+        t = time.perf_counter()
+        stored = {c.slug: artefacts.read_data(self.storage, self.layout, c) for c in todo}
+        missing = [c for c in todo if stored[c.slug] is None]
+        for d in self.batch_worker.data(missing) if missing else []:
+            artefacts.write_data(self.storage, self.layout, d)
+            stored[d.concept.slug] = d
+        arts = self.batch_worker.finish([stored[c.slug] for c in todo])
         for art in arts:
             art.notes["where"] = self.where
-            artefacts.write_concept(self.storage, self.layout, art)
-        self.metrics.stage_seconds("concepts", time.perf_counter() - t, self.spec.run_id)
+            artefacts.write_result(self.storage, self.layout, art)
+        self.metrics.stage_seconds("train", time.perf_counter() - t, self.spec.run_id)
         self.metrics.concepts_done(len(arts), self.spec.run_id)
         return [a.concept.slug for a in arts]
 

@@ -86,7 +86,7 @@ def test_erase_writes_a_loadable_pipeline_that_differs_only_in_attn2(finished_ru
     assert [x["text"] for x in report["concepts"]] == ["Bill Clinton", "Van Gogh", "airplane"]
     assert report["concepts"][1]["mask_source"].startswith("whole-image")
     assert report["tokens"]["prior"] > 100 * 77
-    assert set(report["seconds"]) >= {"prepare", "text_statistics", "cfr", "train", "fusion", "write"}
+    assert set(report["seconds"]) >= {"prepare", "text_statistics", "data", "cfr", "train", "fusion", "write"}
     for x in report["concepts"]:
         cdir = root / "concepts" / x["slug"]
         assert (cdir / "DONE").is_file() and (cdir / "lora.safetensors").is_file()
