@@ -57,3 +57,20 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs and 2 fake GPUs (tasks get GPU ids, torch still sees the CPU)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from helpers import SETTINGS
 from PIL import Image
 from typer.testing import CliRunner
@@ -18,20 +17,6 @@ from mace_core.evaluation.generation import GenerationSettings, generate_images
 from mace_ray.cli import app
 
 FAST = ["--inference-steps", "2", "--images-per-prompt", "1"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,6 @@ from helpers import CONCEPTS, assert_same_erasure, erasure, request
 from mace_ray.erase import run_erase
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ray_matches_single_process(local_ray, reference_erasure, tmp_path, workers):
     cfile = tmp_path / "concepts.txt"
