@@ -24,6 +24,19 @@ from mace_core.errors import ModelLoadError
 from mace_core.pretrained import looks_like_path
 
 TINY_MODEL = "tiny"
+# The tiny CLIP text tower (real 49408-token vocabulary, 77 positions): the tiny pipeline's
+# text encoder and the tiny evaluation CLIP share it.
+TINY_CLIP_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=49408,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 
@@ -173,19 +186,7 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
             latent_channels=4,
             norm_num_groups=8,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                vocab_size=49408,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -262,11 +263,3 @@ def load_text_components(model: str):  # -> (CLIPTokenizer, CLIPTextModel)
     except Exception as e:
         raise _load_error(model, e) from None
     return tok, te.eval()
-
-
-def text_hidden_size(pipe) -> int:
-    return int(pipe.text_encoder.config.hidden_size)
-
-
-def max_tokens(pipe) -> int:
-    return int(pipe.tokenizer.model_max_length)

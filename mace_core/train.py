@@ -74,6 +74,26 @@ def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Ten
     return (lat * vae.config.scaling_factor).float()
 
 
+def draw_sample(
+    g: torch.Generator,
+    latents: torch.Tensor,
+    n_prompts: int,
+    alphas: torch.Tensor,
+    cfis: bool,
+    settings: TrainSettings,
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """One training draw from a concept's own generator: image i, prompt p, timestep t
+    (CFIS, Eq. 5, or uniform) and the noised latent x_t ~ q(x_t | x_0)."""
+    i = int(torch.randint(len(latents), (1,), generator=g))
+    p = int(torch.randint(n_prompts, (1,), generator=g))
+    t = sample_timesteps(1, g, cfis, settings.cfis_t1, settings.cfis_t2, settings.cfis_gamma, len(alphas)).to(
+        latents.device
+    )
+    noise = torch.randn(latents.shape[1:], generator=g).to(latents.device)
+    a = alphas[t].view(1, 1, 1)
+    return i, p, t, a.sqrt() * latents[i] + (1 - a).sqrt() * noise
+
+
 def train_loras(
     unet,
     vae,
@@ -112,7 +132,6 @@ def train_loras(
         for j in jobs
     ]
     masks = [j.masks.to(device) for j in jobs]
-    n_train = int(noise_scheduler.config.num_train_timesteps)
     alphas = noise_scheduler.alphas_cumprod.to(device)
 
     params = list(bank.parameters())
@@ -123,15 +142,10 @@ def train_loras(
         for _ in range(resolved.steps):
             x, t, c, m, tm = [], [], [], [], []
             for j in range(k):
-                g = gens[j]
-                i = int(torch.randint(len(latents[j]), (1,), generator=g))
-                p = int(torch.randint(len(embeds[j]), (1,), generator=g))
-                tj = sample_timesteps(
-                    1, g, resolved.cfis, settings.cfis_t1, settings.cfis_t2, settings.cfis_gamma, n_train
-                ).to(device)
-                noise = torch.randn(latents[j].shape[1:], generator=g).to(device)
-                a = alphas[tj].view(1, 1, 1)
-                x.append(a.sqrt() * latents[j][i] + (1 - a).sqrt() * noise)  # q(x_t | x_0)
+                i, p, tj, xj = draw_sample(
+                    gens[j], latents[j], len(embeds[j]), alphas, resolved.cfis, settings
+                )
+                x.append(xj)
                 t.append(tj)
                 c.append(embeds[j][p])
                 m.append(masks[j][i])
@@ -184,15 +198,9 @@ def evaluate_attention_loss(
     total = 0.0
     with cross_attention_probes(unet, bank) as store:
         for _ in range(n):
-            i = int(torch.randint(len(lat), (1,), generator=g))
-            p = int(torch.randint(len(emb), (1,), generator=g))
-            t = sample_timesteps(1, g, True, settings.cfis_t1, settings.cfis_t2, settings.cfis_gamma).to(
-                device
-            )
-            noise = torch.randn(lat.shape[1:], generator=g).to(device)
-            a = alphas[t].view(1, 1, 1)
+            i, p, t, x = draw_sample(g, lat, len(emb), alphas, True, settings)
             store.clear()
-            unet((a.sqrt() * lat[i] + (1 - a).sqrt() * noise)[None], t, encoder_hidden_states=emb[p][None])
+            unet(x[None], t, encoder_hidden_states=emb[p][None])
             tm = loss_token_mask(encoder, job.prompts[p], job.concept, settings.penalize_eot)[None].to(device)
             total += float(attention_loss(store, job.masks[i][None].to(device), tm, tuple(lat.shape[-2:]))[0])
     return total / n

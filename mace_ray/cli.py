@@ -17,6 +17,7 @@ import typer
 from mace_core.concepts import ConceptType
 from mace_core.errors import MaceError
 from mace_core.models import DEFAULT_MODEL
+from mace_ray.cli_options import AddressOpt, ExecutorOpt, GpusPerWorkerOpt, S3EndpointOpt
 from mace_ray.eval_cli import eval_command
 from mace_ray.logs import setup_logging
 
@@ -92,19 +93,12 @@ def erase(
     retain: Annotated[
         Path | None, typer.Option(help="Concept file of concepts to keep (the domain set C_d).")
     ] = None,
-    executor: Annotated[
-        str, typer.Option(help="ray (a cluster, or a local Ray) or local (this process).")
-    ] = "ray",
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray).")
-    ] = None,
+    executor: ExecutorOpt = "ray",
+    address: AddressOpt = None,
     workers: Annotated[
         int | None, typer.Option(min=1, help="Concept workers (default: one per GPU of the cluster, else 1).")
     ] = None,
-    gpus_per_worker: Annotated[
-        float | None,
-        typer.Option(min=0.0, help="GPUs per worker, fractions allowed (default: 1 if any GPU)."),
-    ] = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
     resume: Annotated[
         bool, typer.Option(help="Reuse what an earlier run with the same inputs finished.")
     ] = True,
@@ -141,9 +135,7 @@ def erase(
     ] = None,
     box_threshold: Annotated[float, typer.Option(help="Grounding DINO box threshold.")] = 0.3,
     text_threshold: Annotated[float, typer.Option(help="Grounding DINO text threshold.")] = 0.25,
-    s3_endpoint: Annotated[
-        str | None, typer.Option(help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).")
-    ] = None,
+    s3_endpoint: S3EndpointOpt = None,
     precision: Annotated[
         str, typer.Option(help="auto (fp16/bf16 autocast on GPUs, fp32 on CPU) or fp32.")
     ] = "auto",
@@ -204,7 +196,7 @@ def erase(
 def status(
     run: Annotated[str, typer.Argument(help="Run id (the folder name under runs/).")],
     output: Annotated[str, typer.Option(help="The --output the run was written to.")] = "mace-runs",
-    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+    s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Show a run's status and progress from its manifest."""
     from mace_ray.erase import run_status
@@ -221,9 +213,9 @@ def cache_prior_cmd(
     captions: Annotated[Path, typer.Argument(help="Caption file, one caption per line (e.g. MS-COCO).")],
     model: Annotated[str, typer.Option(help="Hub id, local diffusers folder, or 'tiny'.")] = DEFAULT_MODEL,
     output: Annotated[str, typer.Option(help="The --output that erase runs will use.")] = "mace-runs",
-    executor: Annotated[str, typer.Option(help="ray (a Ray task) or local (this process).")] = "ray",
-    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
-    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+    executor: ExecutorOpt = "ray",
+    address: AddressOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Build the prior statistics C_p of a caption file once, for every later erase to reuse."""
     from mace_ray.erase import backend_for

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from mace_core.errors import MaceError
+from mace_ray.cli_options import AddressOpt, ExecutorOpt, GpusPerWorkerOpt, S3EndpointOpt
 
 
 class SuiteName(str, enum.Enum):
@@ -104,28 +105,19 @@ def eval_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 8,
     fp16: Annotated[bool, typer.Option(help="Generate in float16 on CUDA.")] = False,
-    executor: Annotated[
-        str, typer.Option(help="ray (a cluster, or a local Ray) or local (this process).")
-    ] = "ray",
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray).")
-    ] = None,
+    executor: ExecutorOpt = "ray",
+    address: AddressOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(min=1, help="Evaluation workers (default: one per GPU of the cluster, else 1)."),
     ] = None,
-    gpus_per_worker: Annotated[
-        float | None,
-        typer.Option(min=0.0, help="GPUs per worker, fractions allowed (default: 1 if any GPU)."),
-    ] = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per worker job.")] = 32,
     device: Annotated[
         str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Reuse images stored by an earlier eval.")] = True,
-    s3_endpoint: Annotated[
-        str | None, typer.Option(help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).")
-    ] = None,
+    s3_endpoint: S3EndpointOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Progress lines on stderr.")] = True,
 ) -> None:
     """Evaluate MODEL with one of the paper's protocols; writes evals/<eval_id>/ under OUTPUT."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mace_core.models import clip_tokenizer
+from mace_core.models import TINY_CLIP_TEXT, clip_tokenizer
 from mace_core.pretrained import load_pretrained
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -77,17 +77,7 @@ def build_tiny_clip(seed: int = 0, device: torch.device | None = None) -> ClipMo
     """A seeded random CLIP (32 px images, 32-wide towers) with the real CLIP tokenizer."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    text = dict(TINY_CLIP_TEXT)
     vision = dict(
         hidden_size=32,
         intermediate_size=64,
