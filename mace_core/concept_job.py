@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from mace_core.batching import BatchPlan, is_out_of_memory, plan_batches, shrink_on_oom
 from mace_core.concepts import Concept
-from mace_core.datagen import generate_images, images_to_tensor
+from mace_core.datagen import generate_images, image_size, images_to_tensor
 from mace_core.lora import LoraFactors
 from mace_core.masking import Masker
 from mace_core.masks import whole_image_masks
 from mace_core.models import attn2_weights
 from mace_core.prompts import concept_prompts
-from mace_core.settings import TYPE_DEFAULTS, EraseSettings
+from mace_core.settings import TYPE_DEFAULTS, EraseSettings, ResolvedTrain
 from mace_core.text_stats import TextEncoder
 from mace_core.train import TrainJob, train_loras
 
@@ -58,7 +59,10 @@ class ConceptBatchWorker:
     ``refined``: W' = W M; None until CFR is solved (images and masks do not need it).
     ``masker``: from ``mace_core.masking.load_masker``, loaded once per worker; None means
     whole-image masks for every concept. ``max_batch_images``: at most this many images
-    per diffusion batch (GPU memory), without changing any image's seed.
+    per diffusion batch, ``concepts_per_batch``: at most this many LoRAs per UNet batch
+    (GPU memory; None: no limit; ``plan`` picks both from free memory). Neither changes
+    any result, so a batch that runs out of memory is split and retried, and the smaller
+    size is kept for the next batches.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class ConceptBatchWorker:
         refined: dict[str, torch.Tensor] | None,
         masker: Masker | None = None,
         max_batch_images: int | None = None,
+        concepts_per_batch: int | None = None,
     ) -> None:
         self.pipe = pipe
         self.settings = settings
@@ -78,6 +83,7 @@ class ConceptBatchWorker:
         self.refined = refined
         self.masker = masker
         self.max_batch_images = max_batch_images
+        self.concepts_per_batch = concepts_per_batch
         self.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, device)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -85,13 +91,34 @@ class ConceptBatchWorker:
     def mixed_precision(self) -> bool:
         return self.settings.precision == "auto" and self.device.type == "cuda"
 
+    def plan(self) -> BatchPlan:
+        """Batch sizes from the device's free memory, once the models are loaded.
+
+        This worker adopts the images per diffusion batch; the concepts per batch are the
+        caller's to hand out (``mace-ray erase --concepts-per-batch auto``). A batch the
+        caller makes bigger than what fits is split when it runs out of memory.
+        """
+        latent = image_size(self.pipe, self.settings.data) // self.pipe.vae_scale_factor
+        plan = plan_batches(self.device, self.pipe.unet, latent, self.mixed_precision)
+        self.max_batch_images = plan.max_batch_images
+        return plan
+
     def generate(self, concepts: list[Concept]) -> list[np.ndarray]:
         """Images of the original model W; fp16 autocast on GPUs (``precision`` auto)."""
-        with (
-            attn2_weights(self.pipe.unet, self.original),
-            torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
-        ):
-            return generate_images(self.pipe, concepts, self.settings.data, self.max_batch_images)
+        total = len(concepts) * self.settings.data.images_per_concept
+        while True:
+            try:
+                with (
+                    attn2_weights(self.pipe.unet, self.original),
+                    torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
+                ):
+                    return generate_images(self.pipe, concepts, self.settings.data, self.max_batch_images)
+            except Exception as e:
+                if not is_out_of_memory(e) or self.max_batch_images == 1:
+                    raise
+            # Outside the handler, so the failed batch's memory is free again.
+            self.max_batch_images = max(1, min(self.max_batch_images or total, total) // 2)
+            torch.cuda.empty_cache()
 
     def masks(self, concept: Concept, images: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """The concept's masks for Eq. 3 and notes for the run report.
@@ -127,30 +154,39 @@ class ConceptBatchWorker:
             groups.setdefault(ts.resolve(c.type), []).append(i)
         out: list[tuple[LoraFactors, list[float], int] | None] = [None] * len(concepts)
         n_prompts = self.settings.prompts_per_concept
+
+        def run(resolved: ResolvedTrain, idx: list[int]) -> list[tuple[LoraFactors, list[float], int]]:
+            jobs = [
+                TrainJob(
+                    concept=concepts[i],
+                    images=images_to_tensor(images[i]),
+                    masks=torch.from_numpy(masks[i]),
+                    prompts=concept_prompts(concepts[i])[:n_prompts],
+                )
+                for i in idx
+            ]
+            results = train_loras(
+                self.pipe.unet,
+                self.pipe.vae,
+                self.noise_scheduler,
+                self.encoder,
+                jobs,
+                ts,
+                resolved,
+                self.device,
+                autocast=torch.bfloat16 if self.mixed_precision else None,
+            )
+            return [(r.lora, r.losses, len(idx)) for r in results]
+
+        def shrink(size: int) -> None:
+            self.concepts_per_batch = size
+
         with attn2_weights(self.pipe.unet, self.refined):
             for resolved, idx in groups.items():
-                jobs = [
-                    TrainJob(
-                        concept=concepts[i],
-                        images=images_to_tensor(images[i]),
-                        masks=torch.from_numpy(masks[i]),
-                        prompts=concept_prompts(concepts[i])[:n_prompts],
-                    )
-                    for i in idx
-                ]
-                results = train_loras(
-                    self.pipe.unet,
-                    self.pipe.vae,
-                    self.noise_scheduler,
-                    self.encoder,
-                    jobs,
-                    ts,
-                    resolved,
-                    self.device,
-                    autocast=torch.bfloat16 if self.mixed_precision else None,
-                )
+                size = min(len(idx), self.concepts_per_batch or len(idx))
+                results = shrink_on_oom(idx, size, lambda part, r=resolved: run(r, part), shrink)
                 for i, r in zip(idx, results, strict=True):
-                    out[i] = (r.lora, r.losses, len(idx))
+                    out[i] = r
         return [o for o in out if o is not None]
 
     def data(self, concepts: list[Concept], images: list[np.ndarray] | None = None) -> list[ConceptData]:

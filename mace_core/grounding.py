@@ -69,6 +69,13 @@ def select_boxes(
     return out
 
 
+def image_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> one uint8 (N, 3, H, W) tensor, the input transformers' torchvision
+    image processors resize fastest (the same pixels as a list of HWC arrays, in about a
+    third of the time)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
 class GroundingDino:
     """Grounding DINO boxes for a text in a batch of images (one forward pass per call)."""
 
@@ -94,10 +101,9 @@ class GroundingDino:
         """uint8 (N, H, W, 3) images -> per image a float32 (k, 4) xyxy array of boxes."""
         n, h, w = images.shape[:3]
         inputs = self.processor(
-            images=list(images),
+            images=image_batch(images),
             text=[grounding_text(text)] * n,
             return_tensors="pt",
-            input_data_format="channels_last",
         )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         out = self.model(**inputs)

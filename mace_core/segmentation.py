@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mace_core.errors import ModelLoadError
+from mace_core.grounding import image_batch
 from mace_core.pretrained import TINY, load_pretrained
 
 DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
@@ -47,7 +48,7 @@ class TransformersSam:
     @torch.no_grad()
     def segment(self, images: np.ndarray, boxes: list[np.ndarray]) -> list[np.ndarray]:
         """uint8 (N, H, W, 3) images and per image (k, 4) xyxy boxes -> per image bool (k, H, W)."""
-        inputs = self.processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+        inputs = self.processor(images=image_batch(images), return_tensors="pt")
         embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device))
         original = inputs["original_sizes"].tolist()
         reshaped = inputs["reshaped_input_sizes"].tolist()

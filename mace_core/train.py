@@ -8,7 +8,9 @@ own generator, so its adapter is the same whatever batch it lands in.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -74,6 +76,31 @@ def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Ten
     return (lat * vae.config.scaling_factor).float()
 
 
+def draw(
+    g: torch.Generator,
+    n_images: int,
+    n_prompts: int,
+    latent_shape: torch.Size,
+    n_timesteps: int,
+    cfis: bool,
+    settings: TrainSettings,
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """One training draw on the CPU from a concept's own generator: image i, prompt p,
+    timestep t (CFIS, Eq. 5, or uniform) and the noise of x_t. Always in this order, so a
+    concept's draws are the same whether made one at a time or all ahead."""
+    i = int(torch.randint(n_images, (1,), generator=g))
+    p = int(torch.randint(n_prompts, (1,), generator=g))
+    t = sample_timesteps(1, g, cfis, settings.cfis_t1, settings.cfis_t2, settings.cfis_gamma, n_timesteps)
+    noise = torch.randn(latent_shape, generator=g)
+    return i, p, t, noise
+
+
+def noised(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, for a batch of (x0, t, noise)."""
+    a = alphas[t].view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 def draw_sample(
     g: torch.Generator,
     latents: torch.Tensor,
@@ -82,16 +109,38 @@ def draw_sample(
     cfis: bool,
     settings: TrainSettings,
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """One training draw from a concept's own generator: image i, prompt p, timestep t
-    (CFIS, Eq. 5, or uniform) and the noised latent x_t ~ q(x_t | x_0)."""
-    i = int(torch.randint(len(latents), (1,), generator=g))
-    p = int(torch.randint(n_prompts, (1,), generator=g))
-    t = sample_timesteps(1, g, cfis, settings.cfis_t1, settings.cfis_t2, settings.cfis_gamma, len(alphas)).to(
-        latents.device
-    )
-    noise = torch.randn(latents.shape[1:], generator=g).to(latents.device)
-    a = alphas[t].view(1, 1, 1)
-    return i, p, t, a.sqrt() * latents[i] + (1 - a).sqrt() * noise
+    """One draw (``draw``) and its noised latent x_t, on the latents' device."""
+    i, p, t, noise = draw(g, len(latents), n_prompts, latents.shape[1:], len(alphas), cfis, settings)
+    t = t.to(latents.device)
+    return i, p, t, noised(latents[i][None], t, noise.to(latents.device)[None], alphas)[0]
+
+
+@dataclass
+class Draws:
+    """A concept's draws for every training step, made ahead: one copy to the device, not
+    one per step (a copy from pageable CPU memory would wait for the GPU every step)."""
+
+    images: list[int]
+    prompts: list[int]
+    t: torch.Tensor  # (steps,) on the device
+    noise: torch.Tensor  # (steps, C, h, w) on the device
+
+    @classmethod
+    def make(
+        cls,
+        draw_one: Callable[[], tuple[int, int, torch.Tensor, torch.Tensor]],
+        steps: int,
+        device: torch.device,
+    ) -> Draws:
+        ds = [draw_one() for _ in range(steps)]
+        if not ds:
+            return cls([], [], torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
+        return cls(
+            [d[0] for d in ds],
+            [d[1] for d in ds],
+            torch.cat([d[2] for d in ds]).to(device),
+            torch.stack([d[3] for d in ds]).to(device),
+        )
 
 
 def train_loras(
@@ -134,36 +183,54 @@ def train_loras(
     masks = [j.masks.to(device) for j in jobs]
     alphas = noise_scheduler.alphas_cumprod.to(device)
 
+    draws = [
+        Draws.make(
+            partial(
+                draw,
+                gens[j],
+                len(latents[j]),
+                len(embeds[j]),
+                latents[j].shape[1:],
+                len(alphas),
+                resolved.cfis,
+                settings,
+            ),
+            resolved.steps,
+            device,
+        )
+        for j in range(k)
+    ]
+    all_t = torch.stack([d.t for d in draws], dim=1)  # (steps, K)
+    all_noise = torch.stack([d.noise for d in draws], dim=1)  # (steps, K, C, h, w)
+
     params = list(bank.parameters())
     opt = torch.optim.AdamW(params, lr=resolved.lr, weight_decay=settings.weight_decay)
     results = [TrainResult(LoraFactors({})) for _ in jobs]
     unet_dtype = next(unet.parameters()).dtype
+    history: list[torch.Tensor] = []  # per step (K,) losses, kept on the device until the end
     with cross_attention_probes(unet, bank) as store:
-        for _ in range(resolved.steps):
-            x, t, c, m, tm = [], [], [], [], []
-            for j in range(k):
-                i, p, tj, xj = draw_sample(
-                    gens[j], latents[j], len(embeds[j]), alphas, resolved.cfis, settings
-                )
-                x.append(xj)
-                t.append(tj)
-                c.append(embeds[j][p])
-                m.append(masks[j][i])
-                tm.append(tok_masks[j][p])
+        for step in range(resolved.steps):
+            i = [d.images[step] for d in draws]
+            p = [d.prompts[step] for d in draws]
+            t = all_t[step]
+            x0 = torch.stack([latents[j][i[j]] for j in range(k)])
+            x = noised(x0, t, all_noise[step], alphas)
+            c = torch.stack([embeds[j][p[j]] for j in range(k)])
+            m = torch.stack([masks[j][i[j]] for j in range(k)])
+            tm = torch.stack([tok_masks[j][p[j]] for j in range(k)])
             store.clear()
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                unet(
-                    torch.stack(x).to(unet_dtype),
-                    torch.cat(t),
-                    encoder_hidden_states=torch.stack(c).to(unet_dtype),
-                )
-            losses = attention_loss(store, torch.stack(m), torch.stack(tm), latent_hw, settings.squared_loss)
+                unet(x.to(unet_dtype), t, encoder_hidden_states=c.to(unet_dtype))
+            losses = attention_loss(store, m, tm, latent_hw, settings.squared_loss)
             losses.sum().backward()
             bank.clip_grad_per_adapter(settings.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for j, v in enumerate(losses.detach().cpu().tolist()):
-                results[j].losses.append(v)
+            history.append(losses.detach().float())
+    if history:
+        per_step = torch.stack(history).cpu().tolist()  # the one wait for the GPU
+        for j in range(k):
+            results[j].losses = [row[j] for row in per_step]
     store.clear()
     for j in range(k):
         results[j].lora = bank.factors(j)

@@ -37,6 +37,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _batch_size(value: str) -> int | None:
+    """``--concepts-per-batch``: a positive integer, or auto (None)."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        k = int(str(value).strip())
+    except ValueError:
+        k = 0
+    if k < 1:
+        _fail(f"--concepts-per-batch: expected a positive integer or auto, got {value!r}")
+    return k
+
+
 # Config keys that differ from the function parameter names.
 _CONFIG_ALIASES = {"type": "type_"}
 
@@ -105,7 +118,10 @@ def erase(
     device: Annotated[
         str | None, typer.Option(help="torch device (default: cuda if present, else cpu).")
     ] = None,
-    concepts_per_batch: Annotated[int, typer.Option(min=1, help="Concepts per worker batch.")] = 4,
+    concepts_per_batch: Annotated[
+        str,
+        typer.Option(help="Concepts per worker batch, or auto: from the GPU's free memory (4 on CPUs)."),
+    ] = "auto",
     images: Annotated[int, typer.Option(min=1, help="Training images per concept.")] = 8,
     inference_steps: Annotated[int, typer.Option(min=1, help="DPM-Solver steps per training image.")] = 30,
     train_steps: Annotated[int | None, typer.Option(min=0, help="LoRA steps (default: per type).")] = None,
@@ -178,7 +194,7 @@ def erase(
             prior_captions=str(prior_captions) if prior_captions else None,
             retain_file=str(retain) if retain else None,
             device=device,
-            concepts_per_batch=concepts_per_batch,
+            concepts_per_batch=_batch_size(concepts_per_batch),
             s3_endpoint=s3_endpoint,
             executor=executor,
             address=address,

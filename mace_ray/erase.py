@@ -65,7 +65,7 @@ class EraseRequest:
     prior_captions: str | None = None
     retain_file: str | None = None
     device: str | None = None
-    concepts_per_batch: int = 4
+    concepts_per_batch: int | None = None  # None: from the workers' free GPU memory
     s3_endpoint: str | None = None
     executor: str = "ray"
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS, else a local Ray
@@ -76,7 +76,7 @@ class EraseRequest:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r} (valid: {', '.join(EXECUTORS)})")
-        if self.concepts_per_batch < 1:
+        if self.concepts_per_batch is not None and self.concepts_per_batch < 1:
             raise ValueError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
@@ -312,9 +312,21 @@ class Driver:
         req = self.p.request
         return worker_shape(self.backend, req.workers, req.gpus_per_worker, n_batches)
 
+    def batch_size(self, pool: WorkerPool, n_concepts: int) -> int:
+        """Concepts per worker batch: as requested, else what a worker's free memory holds,
+        capped so that ``n_concepts`` spread over every worker of the pool."""
+        if self.p.request.concepts_per_batch is not None:
+            return self.p.request.concepts_per_batch
+        plan = pool.ask_one("batch_plan")
+        k = max(1, min(plan["concepts_per_batch"], -(-n_concepts // pool.size)))
+        log.info("concepts per batch: %d (auto; one worker's memory holds %d)", k, plan["concepts_per_batch"])
+        return k
+
     def run(self) -> dict[str, Any]:
         backend, storage, layout = self.backend, self.storage, self.layout
-        bs = self.p.request.concepts_per_batch
+        # With an automatic batch size, size the pool as if every concept were a batch: the
+        # batch size is then capped so that every worker gets work (batch_size).
+        bs = self.p.request.concepts_per_batch or 1
         done_before = artefacts.done_slugs(storage, layout)
         todo = [c for c in self.concepts if c.slug not in done_before]
         n_workers, resources = self.worker_shape(max(1, -(-len(todo) // bs)))
@@ -362,8 +374,8 @@ class Driver:
         # The statistics actor solves CFR while the workers make images and masks, which
         # need only the original model: data generation never waits for the closed form.
         cfr = backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve")
+        bs = self.batch_size(pool, len(todo)) if todo else 1
         with timer.stage("data"):
-            bs = p.request.concepts_per_batch
             ready = artefacts.slugs_with(storage, layout, "data.json")
             need = [c for c in todo if c.slug not in ready]
             batches = [need[i : i + bs] for i in range(0, len(need), bs)]
@@ -379,7 +391,6 @@ class Driver:
             pool.broadcast("set_cfr", backend.put(M))
 
         with timer.stage("train"):
-            bs = p.request.concepts_per_batch
             log.info("train: %d concepts done before, %d to do", len(done_before), len(todo))
             streamed: list[Any] = []
             progress = {"done": len(done_before)}

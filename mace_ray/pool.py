@@ -154,15 +154,19 @@ class WorkerPool:
         log.warning("re-queueing %s (attempt %d)", job.label, job.attempts + 1)
         queue.appendleft(job)
 
-    def call_one(self, method: str, *args: Any) -> Any:
-        """A value from any one worker (e.g. the original attn2 weights), as a reference."""
+    def ask_one(self, method: str, *args: Any) -> Any:
+        """A value from any one worker (e.g. its batch plan)."""
         box: list[Any] = []
 
         def keep(job: Job, result: Any) -> None:
             box.append(result)
 
         self.run([Job(method, args, method, keep)])
-        return self.backend.put(box[0])
+        return box[0]
+
+    def call_one(self, method: str, *args: Any) -> Any:
+        """A value from any one worker (e.g. the original attn2 weights), as a reference."""
+        return self.backend.put(self.ask_one(method, *args))
 
     def summary(self) -> dict[str, Any]:
         return {

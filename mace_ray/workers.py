@@ -93,7 +93,7 @@ class ConceptWorker:
         self.spec = spec
         self.name = name
 
-    def setup(self) -> dict[str, str]:
+    def setup(self) -> dict[str, Any]:
         """Load the models once (pipeline, masker); returns where this worker runs."""
         quiet_libraries()
         spec = self.spec
@@ -108,9 +108,15 @@ class ConceptWorker:
         self.batch_worker = ConceptBatchWorker(
             self.pipe, spec.settings, self.device, self.original, None, masker=self.masker
         )
+        # With the models loaded, what is left of the GPU's memory sets the batch sizes.
+        self.plan = self.batch_worker.plan()
         self.metrics = make_metrics(spec.metrics)
         self.where = where_am_i(self.name)
-        return self.where
+        return {**self.where, "batch_plan": self.plan.to_dict()}
+
+    def batch_plan(self) -> dict[str, Any]:
+        """Concepts per batch and images per diffusion batch this worker's memory holds."""
+        return self.plan.to_dict()
 
     # ------------------------------------------------------------ text statistics
 

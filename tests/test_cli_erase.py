@@ -175,6 +175,8 @@ def no_complete_run(out: Path) -> bool:
         ("word " * 80 + "\n", [], "tokens, the text encoder takes 77"),
         ("dog\n", ["--model", "/nonexistent/model/folder"], "'/nonexistent/model/folder': no such folder"),
         ("dog\n", ["--type", "animal"], "animal"),
+        ("dog\n", ["--concepts-per-batch", "0"], "--concepts-per-batch: expected a positive integer or auto"),
+        ("dog\n", ["--concepts-per-batch", "many"], "got 'many'"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, concepts, extra, needle):

@@ -15,12 +15,16 @@ from mace_ray.erase import run_erase
 def test_ray_matches_single_process(local_ray, reference_erasure, tmp_path, workers):
     cfile = tmp_path / "concepts.txt"
     cfile.write_text(CONCEPTS)
-    rep = run_erase(
-        request(cfile, tmp_path / "out", workers=workers, gpus_per_worker=1, concepts_per_batch=2)
-    )
+    # concepts_per_batch auto: a CPU worker holds 4, capped so that every worker gets work.
+    rep = run_erase(request(cfile, tmp_path / "out", workers=workers, gpus_per_worker=1))
     assert rep["executor"] == "ray" and rep["workers"]["size"] == workers
     assert rep["workers"]["resources"]["gpus"] == 1
     assert_same_erasure(erasure(Path(rep["output"]["root"])), reference_erasure)
+    assert all(w["batch_plan"]["concepts_per_batch"] == 4 for w in rep["workers"]["where"].values())
+    # The celebrities and the style share training settings, the object has its own lr:
+    # one batch of 4 trains groups of 3 and 1; batches of 2 train groups of 2, 1 and 1.
+    batches = [c["train_batch"] for c in rep["concepts"]]
+    assert batches == ([3, 3, 1, 3] if workers == 1 else [2, 2, 1, 1])
     # Every concept names the worker that trained it; with 2 workers both took batches.
     used = {c["where"]["worker"] for c in rep["concepts"]}
     assert len(used) == workers

@@ -1,0 +1,31 @@
+"""The speed benchmark runs end to end on the tiny models (its figures are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_writes_both_paths(tmp_path):
+    args = ["--concepts", "3", "--reference-concepts", "1", "--k", "auto", "--images", "2"]
+    args += ["--steps", "1", "--train-steps", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
+    assert res["concepts"] == {"reference": 1, "fast": 3}
+    assert res["k"] == 4 and res["batch_plan"]["concepts_per_batch"] == 4  # auto on a CPU
+    for path in ("reference", "fast"):
+        stages = res["seconds_per_concept"][path]
+        assert {"load", "generate", "mask", "train", "total"} <= stages.keys()
+        assert all(v > 0 for v in stages.values())
+    assert set(res["reference_over_fast"]) >= {"train", "total"}
