@@ -183,6 +183,9 @@ def build_tiny_grounding_dino(seed: int = 0):  # -> (GroundingDinoForObjectDetec
         encoder_n_points=2,
         decoder_n_points=2,
         max_text_len=64,
+        # The backbone's three levels only: a fourth, strided from the 2x2 one, would be 1x1,
+        # and GroupNorm fails on a 1x1 map of a single image.
+        num_feature_levels=3,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

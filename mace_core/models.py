@@ -238,7 +238,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):  # -> StableD
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=is_local,

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speed_benchmark_writes_both_paths(tmp_path):
-    args = ["--concepts", "3", "--reference-concepts", "1", "--k", "auto", "--images", "2"]
+    args = ["--concepts", "3", "--reference-concepts", "1", "--k", "auto", "--images", "1"]
     args += ["--steps", "1", "--train-steps", "1", "--out", str(tmp_path)]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), *args],
