@@ -34,5 +34,5 @@ step() {  # step SECONDS NAME COMMAND...
 }
 
 step 60 speed_tiny $py benchmarks/speed.py --size tiny --concepts 8 --k 8 --out "$out"
-step 330 speed_real $py benchmarks/speed.py --size real --concepts 16 --reference-concepts 4 --k auto --out "$out"
-step 100 masking_datagen_real $py benchmarks/masking_datagen.py --sizes real --out "$out"
+step 300 speed_real $py benchmarks/speed.py --size real --concepts 16 --reference-concepts 4 --k auto --out "$out"
+step 150 masking_datagen_real $py benchmarks/masking_datagen.py --sizes real --out "$out"
