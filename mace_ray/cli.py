@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import click
 import typer
 
 from mace_core.concepts import ConceptType
 from mace_core.errors import MaceError
 from mace_core.models import DEFAULT_MODEL
-from mace_ray.cli_options import AddressOpt, ExecutorOpt, GpusPerWorkerOpt, S3EndpointOpt
+from mace_ray.cli_options import (
+    AddressOpt,
+    ConfigOpt,
+    ExecutorOpt,
+    GpusPerWorkerOpt,
+    S3EndpointOpt,
+    fail,
+)
 from mace_ray.eval_cli import eval_command
 from mace_ray.logs import setup_logging
 
@@ -27,14 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Mass concept erasure (MACE) for Stable Diffusion, on one machine or a Ray cluster.",
 )
-
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def _fail(message: str) -> None:
-    # One line: under `ray job submit` this is the line the job log ends with.
-    typer.echo(f"mace-ray: error: {' '.join(message.split())}", err=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _batch_size(value: str) -> int | None:
@@ -46,51 +44,14 @@ def _batch_size(value: str) -> int | None:
     except ValueError:
         k = 0
     if k < 1:
-        _fail(f"--concepts-per-batch: expected a positive integer or auto, got {value!r}")
+        fail(f"--concepts-per-batch: expected a positive integer or auto, got {value!r}")
     return k
-
-
-# Config keys that differ from the function parameter names.
-_CONFIG_ALIASES = {"type": "type_"}
-
-
-def _load_config(ctx: typer.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    """``--config job.yaml``: option values from a YAML mapping; the command line wins."""
-    if value is None:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(value.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        _fail(f"config {str(value)!r} does not exist")
-    except (OSError, yaml.YAMLError) as e:
-        _fail(f"config {str(value)!r} cannot be read: {e}")
-    if not isinstance(data, dict):
-        _fail(f"config {str(value)!r} must be a mapping of option names to values")
-    names = {p.name for p in ctx.command.params if p.name != "config"}
-    defaults: dict[str, Any] = {}
-    for key, v in data.items():
-        name = _CONFIG_ALIASES.get(str(key), str(key).replace("-", "_"))
-        if name not in names:
-            valid = ", ".join(sorted(n.rstrip("_") for n in names))
-            _fail(f"config {str(value)!r}: unknown option {key!r} (valid: {valid})")
-        defaults[name] = v
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
 
 
 @app.command()
 def erase(
     concepts: Annotated[Path, typer.Argument(help="Concept file: one 'text | type | anchor' per line.")],
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            is_eager=True,
-            callback=_load_config,
-            help="YAML file of option values (keys as option names); command-line options override it.",
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     model: Annotated[
         str, typer.Option(help="Hub id, local diffusers folder, or 'tiny' (built-in random model).")
     ] = DEFAULT_MODEL,
@@ -204,7 +165,7 @@ def erase(
         )
         report = run_erase(req)
     except (MaceError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
 
 
@@ -221,7 +182,7 @@ def status(
     try:
         typer.echo(json.dumps(run_status(output, run, s3_endpoint), indent=2))
     except MaceError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command("cache-prior")
@@ -252,7 +213,7 @@ def cache_prior_cmd(
                 task = ray.remote(cache_prior).options(name="cache-prior", num_gpus=gpus)
                 result = backend.get(task.remote(*args))
     except MaceError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(json.dumps(result))
 
 
@@ -279,7 +240,7 @@ def apply(
         apply_erasure(pipe, data, str(erasure))
         save_pipeline(pipe, output)
     except MaceError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(str(output))
 
 

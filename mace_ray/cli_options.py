@@ -1,10 +1,15 @@
-"""Command-line options shared by several ``mace-ray`` commands (one definition each)."""
+"""Command-line pieces shared by several ``mace-ray`` commands (one definition each):
+options, the exit codes, the one-line error, and ``--config`` YAML files."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import click
 import typer
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 ExecutorOpt = Annotated[str, typer.Option(help="ray (a cluster, or a local Ray) or local (this process).")]
 AddressOpt = Annotated[
@@ -16,4 +21,51 @@ GpusPerWorkerOpt = Annotated[
 ]
 S3EndpointOpt = Annotated[
     str | None, typer.Option(help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).")
+]
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr and exit code 2."""
+    # One line: under `ray job submit` this is the line the job log ends with.
+    typer.echo(f"mace-ray: error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+# Config keys that differ from the function parameter names.
+_CONFIG_ALIASES = {"type": "type_"}
+
+
+def load_config(ctx: typer.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config job.yaml``: option values from a YAML mapping; the command line wins."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"config {str(value)!r} does not exist")
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"config {str(value)!r} cannot be read: {e}")
+    if not isinstance(data, dict):
+        fail(f"config {str(value)!r} must be a mapping of option names to values")
+    names = {p.name for p in ctx.command.params if p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        name = _CONFIG_ALIASES.get(str(key), str(key).replace("-", "_"))
+        if name not in names:
+            valid = ", ".join(sorted(n.rstrip("_") for n in names))
+            fail(f"config {str(value)!r}: unknown option {key!r} (valid: {valid})")
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        is_eager=True,
+        callback=load_config,
+        help="YAML file of option values (keys as option names); command-line options override it.",
+    ),
 ]

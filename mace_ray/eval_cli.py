@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from mace_core.errors import MaceError
-from mace_ray.cli_options import AddressOpt, ExecutorOpt, GpusPerWorkerOpt, S3EndpointOpt
+from mace_ray.cli_options import AddressOpt, ConfigOpt, ExecutorOpt, GpusPerWorkerOpt, S3EndpointOpt, fail
 
 
 class SuiteName(str, enum.Enum):
@@ -38,6 +38,7 @@ def eval_command(
     suite: Annotated[
         SuiteName, typer.Option(case_sensitive=False, help="Evaluation protocol (paper Sec. 4).")
     ],
+    config: ConfigOpt = None,
     baseline: Annotated[
         str | None,
         typer.Option(help="The original model, evaluated in the same run and printed beside MODEL."),
@@ -124,7 +125,6 @@ def eval_command(
     # Imported here: mace_ray.cli imports this module to register the command.
     from mace_core.evaluation.generation import GenerationSettings
     from mace_core.evaluation.summary import metrics_table
-    from mace_ray.cli import _fail
     from mace_ray.evaluate import EvalRequest, run_eval
     from mace_ray.logs import setup_logging
 
@@ -165,7 +165,7 @@ def eval_command(
         )
         report = run_eval(req)
     except (MaceError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(metrics_table(report))
     out = report["output"]
     typer.echo(json.dumps({"eval_id": report["eval_id"], "status": report["status"], "root": out["root"]}))

@@ -22,7 +22,8 @@ def test_speed_benchmark_writes_both_paths(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
-    assert res["concepts"] == {"reference": 1, "fast": 3}
+    assert res["status"] == "complete" and res["concepts"] == {"reference": 1, "fast": 3}
+    assert set(res["projection_1000_concepts_8_devices_minutes"]) == {"reference", "fast"}
     assert res["k"] == 4 and res["batch_plan"]["concepts_per_batch"] == 4  # auto on a CPU
     for path in ("reference", "fast"):
         stages = res["seconds_per_concept"][path]

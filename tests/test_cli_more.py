@@ -74,3 +74,28 @@ def test_unknown_executor_is_bad_input(tmp_path):
     (tmp_path / "c.txt").write_text("dog\n")
     r = CliRunner().invoke(app, ["erase", str(tmp_path / "c.txt"), "--executor", "spark", "--model", "tiny"])
     assert r.exit_code == 2 and "unknown executor 'spark' (valid: ray, local)" in r.stderr
+
+
+def test_eval_config_file_supplies_options_and_cli_overrides(tmp_path, monkeypatch):
+    import mace_core.evaluation.summary as summary
+    import mace_ray.evaluate as evaluate
+
+    seen = {}
+
+    def fake_run(req):  # option parsing only
+        seen["req"] = req
+        return {"eval_id": "e", "status": "complete", "output": {"root": str(tmp_path)}}
+
+    monkeypatch.setattr(evaluate, "run_eval", fake_run)
+    monkeypatch.setattr(summary, "metrics_table", lambda report: "metrics")
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model: tiny\nsuite: celebrities\nlimit: 5\nseeds: [1, 2]\ninference-steps: 7\n")
+    r = CliRunner().invoke(app, ["eval", "--config", str(cfg), "--limit", "3", "--executor", "local"])
+    assert r.exit_code == 0, r.output
+    req = seen["req"]
+    assert (req.model, req.suite, req.limit, req.seeds) == ("tiny", "celebrities", 3, (1, 2))
+    assert req.generation.inference_steps == 7 and req.executor == "local"
+
+    cfg.write_text("model: tiny\nsuite: celebrities\nsteps: 7\n")
+    bad = CliRunner().invoke(app, ["eval", "--config", str(cfg)])
+    assert bad.exit_code == 2 and "unknown option 'steps'" in bad.stderr
