@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # default OUT_DIR: benchmarks/results
 #
-# A machine without our packages can be handed wheels in .whl/ (pip download ... -d .whl);
-# they are installed into /tmp/site first. Each step has its own time limit, so a slow or
+# A machine without our packages can be handed wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh
+# on a machine with PyPI, then carry .whl); they are installed into /tmp/site first. Each step has its own time limit, so a slow or
 # failing step leaves the others' results.
 set -u
 out=${1:-benchmarks/results}
