@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# benchmarks/ is on the path when this runs as a script: the real-size builders are shared.
+from masking_datagen import fixed_boxes, real_grounding_dino, real_pipeline, real_transformers_sam_h, sync
 
 from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
@@ -51,11 +53,6 @@ NAMES = ["Bill Clinton", "Tom Hanks", "Angelina Jolie", "Taylor Swift", "Barack 
          "Anne Hathaway", "Robert De Niro", "Sandra Bullock", "Matt Damon", "Halle Berry",
          "George Clooney", "Jennifer Lawrence", "Ryan Gosling", "Emma Stone"]  # fmt: skip
 GB = 1024**3
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class Clock:
@@ -82,9 +79,6 @@ class Clock:
 
 def real_folders(root: Path) -> tuple[str, MaskSettings]:
     """SD 1.x, Grounding DINO Swin-T and SAM ViT-H shapes with random weights, saved as folders."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from masking_datagen import real_grounding_dino, real_pipeline, real_transformers_sam_h
-
     cpu = torch.device("cpu")
     sd, dino_dir, sam_dir = root / "sd", root / "dino", root / "sam"
     real_pipeline(cpu).save_pretrained(sd)
@@ -131,10 +125,7 @@ class ThreeBoxes:
 
     def detect(self, images: np.ndarray, text: str) -> list[np.ndarray]:
         self.detector.detect(images, text)
-        h, w = images.shape[1:3]
-        fr = np.array([0.2, 0.32, 0.45])
-        b = np.stack([w * (0.5 - fr), h * (0.5 - fr), w * (0.5 + fr), h * (0.5 + fr)], axis=1)
-        return [b.astype(np.float32)] * len(images)
+        return fixed_boxes(images)
 
 
 def make_worker(pipe, masker, settings: EraseSettings, device: torch.device) -> ConceptBatchWorker:

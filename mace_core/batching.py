@@ -82,30 +82,46 @@ def is_out_of_memory(e: BaseException) -> bool:
     )
 
 
+def halve_on_oom(
+    attempt: Callable[[int | None], T],
+    size: int | None,
+    total: int,
+    on_shrink: Callable[[int], None] | None = None,
+) -> T:
+    """``attempt(size)``, halving ``size`` after each out-of-memory error until it fits.
+
+    ``size`` None means all ``total`` at once. A size of one that still does not fit, and
+    any other error, re-raise. ``on_shrink`` is told each new size, so a worker remembers it.
+    """
+    while True:
+        try:
+            return attempt(size)
+        except Exception as e:
+            if not is_out_of_memory(e) or size == 1:
+                raise
+        # Outside the handler: the failed attempt's tensors are released before retrying.
+        size = max(1, min(size or total, total) // 2)
+        log.warning("out of memory; retrying with batches of %d", size)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if on_shrink is not None:
+            on_shrink(size)
+
+
 def shrink_on_oom(
     items: list[T], size: int, run: Callable[[list[T]], list], on_shrink: Callable[[int], None] | None = None
 ) -> list:
     """``run`` over ``items`` in chunks of ``size``, halving the chunk after an out-of-memory error.
 
-    Results are concatenated in order. A chunk of one that still does not fit re-raises.
-    ``on_shrink`` is told each new size, so a worker remembers what fits.
+    Results are concatenated in order; the size that fitted is kept for the next chunks.
     """
     out: list = []
     start = 0
     while start < len(items):
-        chunk = items[start : start + size]
-        try:
-            out += run(chunk)
-            start += len(chunk)
-            continue
-        except Exception as e:
-            if not is_out_of_memory(e) or len(chunk) == 1:
-                raise
-        # Outside the handler: the failed attempt's tensors are released before retrying.
-        size = max(1, len(chunk) // 2)
-        log.warning("out of memory with a batch of %d; retrying with %d", len(chunk), size)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if on_shrink is not None:
-            on_shrink(size)
+        rest = items[start:]
+        part, size = halve_on_oom(
+            lambda n, rest=rest: (run(rest[:n]), n), min(size, len(rest)), len(rest), on_shrink
+        )
+        out += part
+        start += size
     return out

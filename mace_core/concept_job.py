@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from mace_core.batching import BatchPlan, is_out_of_memory, plan_batches, shrink_on_oom
+from mace_core.batching import BatchPlan, halve_on_oom, plan_batches, shrink_on_oom
 from mace_core.concepts import Concept
 from mace_core.datagen import generate_images, image_size, images_to_tensor
 from mace_core.lora import LoraFactors
@@ -105,20 +105,19 @@ class ConceptBatchWorker:
 
     def generate(self, concepts: list[Concept]) -> list[np.ndarray]:
         """Images of the original model W; fp16 autocast on GPUs (``precision`` auto)."""
+
+        def attempt(max_images: int | None) -> list[np.ndarray]:
+            with (
+                attn2_weights(self.pipe.unet, self.original),
+                torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
+            ):
+                return generate_images(self.pipe, concepts, self.settings.data, max_images)
+
+        def shrink(size: int) -> None:
+            self.max_batch_images = size
+
         total = len(concepts) * self.settings.data.images_per_concept
-        while True:
-            try:
-                with (
-                    attn2_weights(self.pipe.unet, self.original),
-                    torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
-                ):
-                    return generate_images(self.pipe, concepts, self.settings.data, self.max_batch_images)
-            except Exception as e:
-                if not is_out_of_memory(e) or self.max_batch_images == 1:
-                    raise
-            # Outside the handler, so the failed batch's memory is free again.
-            self.max_batch_images = max(1, min(self.max_batch_images or total, total) // 2)
-            torch.cuda.empty_cache()
+        return halve_on_oom(attempt, self.max_batch_images, total, shrink)
 
     def masks(self, concept: Concept, images: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """The concept's masks for Eq. 3 and notes for the run report.

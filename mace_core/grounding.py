@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mace_core.errors import ModelLoadError
-from mace_core.pretrained import TINY, load_pretrained
+from mace_core.pretrained import TINY, load_model_and_processor
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 
@@ -203,14 +202,9 @@ def load_grounding_dino(
         model, processor = build_tiny_grounding_dino()
         return GroundingDino(model, processor, device, box_threshold, text_threshold)
 
-    def load(source: str, local_only: bool):
-        from transformers import AutoConfig, AutoProcessor, GroundingDinoForObjectDetection
+    from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        kind = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
-        if kind != "grounding-dino":
-            raise ModelLoadError(f"detector {spec!r} is a {kind!r} model, not Grounding DINO")
-        model = GroundingDinoForObjectDetection.from_pretrained(source, local_files_only=local_only)
-        return model, AutoProcessor.from_pretrained(source, local_files_only=local_only)
-
-    model, processor = load_pretrained(load, spec, "detector")
+    model, processor = load_model_and_processor(
+        spec, "detector", "grounding-dino", "Grounding DINO", GroundingDinoForObjectDetection, AutoProcessor
+    )
     return GroundingDino(model, processor, device, box_threshold, text_threshold)

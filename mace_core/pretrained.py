@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mace_core.errors import ModelLoadError
 
@@ -50,3 +50,23 @@ def load_pretrained(load: Callable[[str, bool], T], spec: str, what: str) -> T:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         kind = "folder" if local_only else "hub id"
         raise ModelLoadError(f"{what} {kind} {spec!r} cannot be loaded: {first[:300]}") from None
+
+
+def load_model_and_processor(
+    spec: str, what: str, model_type: str, label: str, model_cls: Any, processor_cls: Any
+) -> tuple[Any, Any]:
+    """A transformers model whose config says ``model_type``, and its processor, from ``spec``.
+
+    A model of another type is a ModelLoadError naming ``spec`` and ``label`` (what it should be).
+    """
+
+    def load(source: str, local_only: bool) -> tuple[Any, Any]:
+        from transformers import AutoConfig
+
+        kind = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
+        if kind != model_type:
+            raise ModelLoadError(f"{what} {spec!r} is a {kind!r} model, not {label}")
+        model = model_cls.from_pretrained(source, local_files_only=local_only)
+        return model, processor_cls.from_pretrained(source, local_files_only=local_only)
+
+    return load_pretrained(load, spec, what)

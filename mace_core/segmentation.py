@@ -26,7 +26,7 @@ import torch
 
 from mace_core.errors import ModelLoadError
 from mace_core.grounding import image_batch
-from mace_core.pretrained import TINY, load_pretrained
+from mace_core.pretrained import TINY, load_model_and_processor
 
 DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
 # Boxes decoded at once: each costs a float mask at the image size before thresholding.
@@ -178,16 +178,9 @@ def load_transformers_sam(spec: str, device: torch.device) -> TransformersSam:
             f"segmenter {spec!r} is an original SAM checkpoint: use the segment-anything masker for it"
         )
 
-    def load(source: str, local_only: bool):
-        from transformers import AutoConfig, SamModel, SamProcessor
+    from transformers import SamModel, SamProcessor
 
-        kind = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
-        if kind != "sam":
-            raise ModelLoadError(f"segmenter {spec!r} is a {kind!r} model, not SAM")
-        model = SamModel.from_pretrained(source, local_files_only=local_only)
-        return model, SamProcessor.from_pretrained(source, local_files_only=local_only)
-
-    model, processor = load_pretrained(load, spec, "segmenter")
+    model, processor = load_model_and_processor(spec, "segmenter", "sam", "SAM", SamModel, SamProcessor)
     return TransformersSam(model, processor, device)
 
 

@@ -8,9 +8,7 @@ own generator, so its adapter is the same whatever batch it lands in.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
@@ -115,34 +113,6 @@ def draw_sample(
     return i, p, t, noised(latents[i][None], t, noise.to(latents.device)[None], alphas)[0]
 
 
-@dataclass
-class Draws:
-    """A concept's draws for every training step, made ahead: one copy to the device, not
-    one per step (a copy from pageable CPU memory would wait for the GPU every step)."""
-
-    images: list[int]
-    prompts: list[int]
-    t: torch.Tensor  # (steps,) on the device
-    noise: torch.Tensor  # (steps, C, h, w) on the device
-
-    @classmethod
-    def make(
-        cls,
-        draw_one: Callable[[], tuple[int, int, torch.Tensor, torch.Tensor]],
-        steps: int,
-        device: torch.device,
-    ) -> Draws:
-        ds = [draw_one() for _ in range(steps)]
-        if not ds:
-            return cls([], [], torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
-        return cls(
-            [d[0] for d in ds],
-            [d[1] for d in ds],
-            torch.cat([d[2] for d in ds]).to(device),
-            torch.stack([d[3] for d in ds]).to(device),
-        )
-
-
 def train_loras(
     unet,
     vae,
@@ -183,10 +153,12 @@ def train_loras(
     masks = [j.masks.to(device) for j in jobs]
     alphas = noise_scheduler.alphas_cumprod.to(device)
 
-    draws = [
-        Draws.make(
-            partial(
-                draw,
+    # Every step's draws made ahead (each concept from its own generator, in draw's order)
+    # and copied to the device once: a copy from pageable CPU memory per step would make the
+    # CPU wait for the GPU at every step.
+    ahead = [
+        [
+            draw(
                 gens[j],
                 len(latents[j]),
                 len(embeds[j]),
@@ -194,14 +166,14 @@ def train_loras(
                 len(alphas),
                 resolved.cfis,
                 settings,
-            ),
-            resolved.steps,
-            device,
-        )
+            )
+            for _ in range(resolved.steps)
+        ]
         for j in range(k)
     ]
-    all_t = torch.stack([d.t for d in draws], dim=1)  # (steps, K)
-    all_noise = torch.stack([d.noise for d in draws], dim=1)  # (steps, K, C, h, w)
+    if resolved.steps:
+        all_t = torch.stack([torch.cat([d[2] for d in a]) for a in ahead], dim=1).to(device)  # (steps, K)
+        all_noise = torch.stack([torch.stack([d[3] for d in a]) for a in ahead], dim=1).to(device)
 
     params = list(bank.parameters())
     opt = torch.optim.AdamW(params, lr=resolved.lr, weight_decay=settings.weight_decay)
@@ -210,8 +182,8 @@ def train_loras(
     history: list[torch.Tensor] = []  # per step (K,) losses, kept on the device until the end
     with cross_attention_probes(unet, bank) as store:
         for step in range(resolved.steps):
-            i = [d.images[step] for d in draws]
-            p = [d.prompts[step] for d in draws]
+            i = [a[step][0] for a in ahead]
+            p = [a[step][1] for a in ahead]
             t = all_t[step]
             x0 = torch.stack([latents[j][i[j]] for j in range(k)])
             x = noised(x0, t, all_noise[step], alphas)
