@@ -34,14 +34,43 @@ def attention_loss(
     """
     b = masks.shape[0]
     total = torch.zeros(b, device=masks.device, dtype=torch.float32)
-    cache: dict[tuple[int, int], torch.Tensor] = {}
     tok = token_mask.to(torch.float32)[:, None, None, :]  # (b, 1, 1, tokens)
+    for p, m in zip(probs, _layer_masks(probs, masks, latent_hw), strict=True):
+        sel = p.float() * m * tok
+        sq = sel.pow(2).sum(dim=(1, 2, 3))
+        total = total + (sq if squared else (sq + 1e-12).sqrt())
+    return total
+
+
+def _layer_masks(
+    probs: list[torch.Tensor], masks: torch.Tensor, latent_hw: tuple[int, int]
+) -> list[torch.Tensor]:
+    """The masks resized (nearest) to each layer's grid, as (batch, 1, queries, 1) floats."""
+    b = masks.shape[0]
+    cache: dict[tuple[int, int], torch.Tensor] = {}
+    out = []
     for p in probs:
         grid = layer_grid(p.shape[2], latent_hw)
         if grid not in cache:
             m = F.interpolate(masks[:, None].float(), size=grid, mode="nearest")
             cache[grid] = m.view(b, 1, -1, 1)
-        sel = p.float() * cache[grid] * tok
-        sq = sel.pow(2).sum(dim=(1, 2, 3))
-        total = total + (sq if squared else (sq + 1e-12).sqrt())
-    return total
+        out.append(cache[grid])
+    return out
+
+
+def masked_attention_share(
+    probs: list[torch.Tensor], masks: torch.Tensor, token_mask: torch.Tensor, latent_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Per sample, the mean over layers, heads and masked queries of the attention given to
+    the ``token_mask`` tokens: the attention mass that Eq. 3 lowers, in [0, 1].
+
+    Arguments as for ``attention_loss``; a layer whose resized mask is empty counts 0.
+    """
+    b = masks.shape[0]
+    total = torch.zeros(b, device=masks.device, dtype=torch.float32)
+    tok = token_mask.to(torch.float32)[:, None, None, :]
+    for p, m in zip(probs, _layer_masks(probs, masks, latent_hw), strict=True):
+        heads = p.shape[1]
+        inside = (p.float() * m * tok).sum(dim=(1, 2, 3))
+        total = total + inside / (m.sum(dim=(1, 2, 3)) * heads).clamp(min=1)
+    return total / max(len(probs), 1)

@@ -5,7 +5,7 @@ LoRA its own slot with exact per-sample gradients, so a batch that does not fit 
 split and retried (``shrink_on_oom``), as accelerate's ``find_executable_batch_size`` does.
 
 The estimate scales per-sample peaks measured on an H200 with SD 1.x shapes at 512 px
-(../shared/bench/h200-floor.json and benchmarks/results/speed_real_gpu.json) by the
+(benchmarks/results/speed_real_gpu.json) by the
 model's size and the latent area; ``benchmarks/speed.py`` prints the plan it gives
 next to the measured peaks.
 """

@@ -4,73 +4,116 @@
     W' = W (X + a C_p + r I)(C + a C_p + r I)^-1  =  W M
 
 Every term is W times a d x d matrix, so ONE matrix M serves all attn2 to_k / to_v
-projections. Weights are on the per-token mean scale (see ``mace_core.settings``).
+projections. Besides the prior C_p the preservation terms include the domain set C_d
+and the user's retained set C_r, each with its weight. Weights are on the per-token
+mean scale (``mace_core.settings``), resolved by ``mace_core.closed_form_weights``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from mace_core.settings import ClosedFormSettings
+from mace_core.closed_form_weights import Weights
 from mace_core.text_stats import MappingStats, SecondMoment
+
+# The smallest reciprocal condition number a solve accepts: token states are float32
+# (relative precision ~6e-8), so below this the solve amplifies their rounding into the
+# result (the "noise images" of a singular system). A ridge of 0 on states that lie in a
+# hyperplane (random LayerNorm weights) needs this floor.
+MIN_RCOND = 1e-8
+
+
+@dataclass(frozen=True)
+class Preservation:
+    """Second moments of the preservation terms: prior C_p, domain C_d, retained C_r."""
+
+    prior: SecondMoment | None = None
+    domain: SecondMoment | None = None
+    retain: SecondMoment | None = None
+
+    def tokens(self) -> dict[str, int]:
+        return {k: (m.n if m is not None else 0) for k, m in self.terms().items()}
+
+    def terms(self) -> dict[str, SecondMoment | None]:
+        return {"prior": self.prior, "domain": self.domain, "retain": self.retain}
 
 
 @dataclass(frozen=True)
 class RawWeights:
-    """The weights as applied to the plain sums (the paper's scale), for the report."""
+    """The weights as applied to the plain sums (the paper's scale), for the report.
+
+    ``ridge_floor``: ridge added beyond ``ridge`` because the system was too close to
+    singular (``MIN_RCOND``); 0 when the requested weights solve as they are.
+    """
 
     prior: float
     domain: float
+    retain: float
     ridge: float
+    ridge_floor: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return {"prior": self.prior, "domain": self.domain, "ridge": self.ridge}
+        return asdict(self)
 
 
-def raw_weights(
-    settings: ClosedFormSettings, n_main: int, prior: SecondMoment | None, domain: SecondMoment | None
-) -> RawWeights:
-    """Per-token-mean weights -> raw weights on the sums (``settings`` docstring)."""
+def raw_weights(weights: Weights, n_main: int, terms: Preservation) -> RawWeights:
+    """Per-token-mean weights -> raw weights on the sums (``mace_core.settings``)."""
     n_main = max(n_main, 1)
-    a = settings.prior_weight * n_main / prior.n if prior is not None and prior.n else 0.0
-    w = (
-        settings.prior_weight * settings.domain_weight * n_main / domain.n
-        if domain is not None and domain.n
-        else 0.0
+
+    def raw(w: float, m: SecondMoment | None) -> float:
+        return w * n_main / m.n if m is not None and m.n else 0.0
+
+    return RawWeights(
+        prior=raw(weights.prior, terms.prior),
+        domain=raw(weights.domain, terms.domain),
+        retain=raw(weights.retain, terms.retain),
+        ridge=weights.ridge * n_main,
     )
-    return RawWeights(prior=a, domain=w, ridge=settings.ridge * n_main)
 
 
-def _regulariser(
-    d: int, prior: SecondMoment | None, domain: SecondMoment | None, raw: RawWeights
-) -> torch.Tensor:
-    R = raw.ridge * torch.eye(d, dtype=torch.float64)
-    if prior is not None and raw.prior:
-        R = R + raw.prior * prior.C
-    if domain is not None and raw.domain:
-        R = R + raw.domain * domain.C
+def preservation_sum(d: int, terms: Preservation, raw: RawWeights) -> torch.Tensor:
+    """a C_p + w C_d + q C_r (raw weights), float64 d x d; the ridge is not included."""
+    R = torch.zeros(d, d, dtype=torch.float64)
+    for name, m in terms.terms().items():
+        w = getattr(raw, name)
+        if m is not None and w:
+            R = R + w * m.C
     return R
 
 
-def cfr_matrix(
-    stats: MappingStats,
-    settings: ClosedFormSettings,
-    prior: SecondMoment | None = None,
-    domain: SecondMoment | None = None,
-) -> tuple[torch.Tensor, RawWeights]:
-    """Eq. 2: M = (X + a C_p + w C_d + r I)(C + a C_p + w C_d + r I)^-1, float64 (d x d).
+def ridge_floor(A: torch.Tensor) -> float:
+    """The smallest ridge delta with rcond(A + delta I) >= MIN_RCOND (0 if A already is)."""
+    lam = torch.linalg.eigvalsh(A)
+    lo, hi = float(lam[0]), float(lam[-1])
+    if hi <= 0:  # nothing at all: any positive ridge solves; pick 1
+        return 1.0
+    need = (MIN_RCOND * hi - lo) / (1 - MIN_RCOND)
+    return max(0.0, need)
 
-    Solved with ``linalg.solve`` on the symmetric right factor, never an explicit inverse.
+
+def solve_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """X with X A = B for a symmetric A (float64), by ``linalg.solve``, never an inverse."""
+    return torch.linalg.solve(A, B.T).T
+
+
+def cfr_matrix(stats: MappingStats, weights: Weights, terms: Preservation) -> tuple[torch.Tensor, RawWeights]:
+    """Eq. 2: M = (X + R + r I)(C + R + r I)^-1, R = a C_p + w C_d + q C_r, float64 (d x d).
+
+    A ridge too small to solve (r = 0 on a singular system) is raised to the floor of
+    ``ridge_floor`` and reported in the returned ``RawWeights``; never NaN.
     """
     d = stats.C.shape[0]
-    raw = raw_weights(settings, stats.n, prior, domain)
-    R = _regulariser(d, prior, domain, raw)
-    A = stats.C + R  # symmetric positive (semi)definite; r > 0 makes it definite
-    B = stats.X + R
-    # M A = B  <=>  A M^T = B^T  (A symmetric)
-    M = torch.linalg.solve(A, B.T).T
+    raw = raw_weights(weights, stats.n, terms)
+    R = preservation_sum(d, terms, raw)
+    eye = torch.eye(d, dtype=torch.float64)
+    A = stats.C + R + raw.ridge * eye  # symmetric positive (semi)definite
+    floor = ridge_floor(A)
+    if floor:
+        raw = RawWeights(raw.prior, raw.domain, raw.retain, raw.ridge, floor)
+    ridge = raw.ridge + floor
+    M = solve_right(stats.C + R + ridge * eye, stats.X + R + ridge * eye)
     return M, raw
 
 

@@ -3,8 +3,8 @@
 Image i of a concept always comes from the same seed (derived from the concept text and
 i), drawn on a CPU generator, so a concept gets the same images on any machine, in any
 shard and in any batch composition (alone, with other concepts, or split into chunks).
-The pipeline's dtype is the caller's choice: fp16 on CUDA is the fast path (DESIGN.md:
-UNet fp16 at batch 16 is ~4x faster than fp32); the initial noise is drawn on the CPU in
+The pipeline's dtype is the caller's choice: fp16 on CUDA is the fast path (UNet fp16
+at batch 16 is ~4x faster than fp32); the initial noise is drawn on the CPU in
 fp32 and cast, so the seeds mean the same noise in every dtype.
 """
 

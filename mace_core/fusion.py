@@ -1,7 +1,7 @@
 """Closed-form fusion of the per-concept LoRAs (MACE Eq. 7).
 
-    W* = [ sum_k (W' + dW_k) C_k + f (W C_p + w W C_d) + r W' ]
-         [ sum_k C_k + f (C_p + w C_d) + r I ]^-1
+    W* = [ sum_k (W' + dW_k) C_k + W (f C_p + w C_d + q C_r) + r W' ]
+         [ sum_k C_k + f C_p + w C_d + q C_r + r I ]^-1
 
 Per concept only C_k (d x d) and dW_k C_k = B_k (A_k C_k) enter, so the sums stream:
 ``FusionSums`` adds concepts one at a time, in any order, and two partial sums add.
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mace_core.cfr import RawWeights, _regulariser, raw_weights
+from mace_core.cfr import Preservation, RawWeights, preservation_sum, raw_weights, ridge_floor, solve_right
+from mace_core.closed_form_weights import Weights
 from mace_core.lora import LoraFactors
-from mace_core.settings import ClosedFormSettings
 from mace_core.text_stats import SecondMoment
 
 
@@ -86,26 +86,32 @@ def fuse(
     sums: FusionSums,
     original: dict[str, torch.Tensor],
     refined: dict[str, torch.Tensor],
-    settings: ClosedFormSettings,
-    prior: SecondMoment | None = None,
-    domain: SecondMoment | None = None,
+    weights: Weights,
+    terms: Preservation,
 ) -> tuple[dict[str, torch.Tensor], RawWeights]:
     """Eq. 7 for every projection: W* from the running sums, float64 solve, float32 out.
 
-    ``original`` is W (anchors the prior and domain terms), ``refined`` is W' (the CFR
-    result, on which the LoRAs were trained and which the ridge pulls towards).
+    ``original`` is W (anchors the preservation terms), ``refined`` is W' (the CFR
+    result, on which the LoRAs were trained and which the ridge pulls towards). A ridge
+    too small to solve is raised to ``ridge_floor`` and reported, as in CFR.
     """
     d = sums.C.C.shape[0]
-    raw = raw_weights(settings, sums.C.n, prior, domain)
-    # Denominator: sum_k C_k + f C_p + f w C_d + r I (shared by all projections).
-    D = sums.C.C + _regulariser(d, prior, domain, raw)
-    prior_part = _regulariser(d, prior, domain, RawWeights(raw.prior, raw.domain, 0.0))
+    raw = raw_weights(weights, sums.C.n, terms)
+    R = preservation_sum(d, terms, raw)
+    eye = torch.eye(d, dtype=torch.float64)
+    # Denominator: sum_k C_k + R + r I (shared by all projections).
+    D = sums.C.C + R + raw.ridge * eye
+    floor = ridge_floor(D)
+    if floor:
+        raw = RawWeights(raw.prior, raw.domain, raw.retain, raw.ridge, floor)
+        D = D + floor * eye
+    ridge = raw.ridge + raw.ridge_floor
     out = {}
     for key, W in original.items():
         W = W.double()
         Wr = refined[key].double()
-        N = Wr @ sums.C.C + W @ prior_part + raw.ridge * Wr
+        N = Wr @ sums.C.C + W @ R + ridge * Wr
         if key in sums.dWC:
             N = N + sums.dWC[key]
-        out[key] = torch.linalg.solve(D, N.T).T.float()  # W* D = N, D symmetric
+        out[key] = solve_right(D, N).float()  # W* D = N, D symmetric
     return out, raw

@@ -2,7 +2,8 @@
 
 Templates are our own (``mace_core/data/templates/<type>.txt``, one per line, ``{}``
 marks the concept). Each concept prompt has a twin in which the concept is replaced by
-its anchor; CFR maps the first onto the second.
+its anchor; CFR maps the first onto the second. A second, disjoint set of templates
+(``data/heldout/<type>.txt``) is never trained on: the erasure report measures on it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from importlib import resources
 
 from mace_core.concepts import Concept, ConceptType
 
-# Stage 2 data generation prompts (MACE.md): one fixed prompt per type.
+# Stage 2 data generation prompts (MACE Sec. 4): one fixed prompt per type.
 GENERATION_PROMPTS: dict[ConceptType, str] = {
     ConceptType.OBJECT: "a photo of the {}",
     ConceptType.CELEBRITY: "a photo of {}",
@@ -22,15 +23,32 @@ GENERATION_PROMPTS: dict[ConceptType, str] = {
 }
 
 
-@cache
-def templates(type_: ConceptType) -> tuple[str, ...]:
-    """The prompt templates of a concept type, in file order."""
-    text = resources.files("mace_core").joinpath(f"data/templates/{type_.value}.txt").read_text("utf-8")
+def _template_file(path: str) -> tuple[str, ...]:
+    text = resources.files("mace_core").joinpath(path).read_text("utf-8")
     out = tuple(line.strip() for line in text.splitlines() if line.strip())
     bad = [t for t in out if t.count("{}") != 1]
     if bad:  # a packaging error, not a user error
-        raise RuntimeError(f"template file for {type_.value} has lines without exactly one '{{}}': {bad[:3]}")
+        raise RuntimeError(f"template file {path} has lines without exactly one '{{}}': {bad[:3]}")
     return out
+
+
+@cache
+def templates(type_: ConceptType) -> tuple[str, ...]:
+    """The prompt templates of a concept type, in file order."""
+    return _template_file(f"data/templates/{type_.value}.txt")
+
+
+@cache
+def heldout_templates(type_: ConceptType) -> tuple[str, ...]:
+    """Templates of a type that no training or statistics prompt uses (the erasure report's)."""
+    return _template_file(f"data/heldout/{type_.value}.txt")
+
+
+@cache
+def heldout_captions() -> tuple[str, ...]:
+    """Generic captions outside the built-in prior captions (the report's prior drift)."""
+    text = resources.files("mace_core").joinpath("data/heldout_captions.txt").read_text("utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,17 @@ def prompt_pairs(concept: Concept, n: int | None = None) -> list[PromptPair]:
     return [PromptPair(t.format(concept.text), t.format(concept.anchor)) for t in ts]
 
 
+def heldout_pairs(concept: Concept) -> list[PromptPair]:
+    """Concept/anchor pairs from the held-out templates (never trained on)."""
+    ts = heldout_templates(concept.type)
+    return [PromptPair(t.format(concept.text), t.format(concept.anchor)) for t in ts]
+
+
+def heldout_prompts(concepts: list[Concept]) -> list[str]:
+    """Every held-out template of each concept's type, filled with the concept."""
+    return [t.format(c.text) for c in concepts for t in heldout_templates(c.type)]
+
+
 def concept_prompts(concept: Concept) -> list[str]:
     """Augmented prompts of a concept (training prompts and fusion statistics)."""
     return [p.concept for p in prompt_pairs(concept)]
@@ -55,6 +84,12 @@ def generation_prompt(concept: Concept) -> str:
     return GENERATION_PROMPTS[concept.type].format(concept.text)
 
 
-def domain_prompts(texts: list[str], type_: ConceptType) -> list[str]:
-    """Prompts of a retained domain set (e.g. celebrities to keep) for the C_d statistics."""
-    return [t.format(x) for x in texts for t in templates(type_)]
+def domain_prompts(texts: list[str], type_: ConceptType, n: int | None = None) -> list[str]:
+    """Prompts of a preserved set: each text in the first ``n`` templates of ``type_``.
+
+    The domain set C_d (the type's domain phrase, "a person") and the retained set C_r
+    (the ``--retain`` concepts) are built this way.
+    """
+    ts = templates(type_)
+    ts = ts if n is None else ts[:n]
+    return [t.format(x) for x in texts for t in ts]

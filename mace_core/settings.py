@@ -1,17 +1,19 @@
 """Settings of an erase run: frozen dataclasses that round-trip to JSON.
 
 Weights of the closed forms are on a *per-token mean* scale: each sum of outer
-products is divided by its token count, so a weight of 1 gives the prior the same
-emphasis as the mapping term whatever the size of the caption file or the number of
-concepts. The paper's raw weights (applied to plain sums) relate to ours as::
+products is divided by its token count, so a weight of 1 gives a preservation term
+the same emphasis as the mapping term whatever the size of the caption file or the
+number of concepts. The paper's raw weights (applied to plain sums) relate to ours as::
 
-    a_raw = a * N_f / N_p        (prior, CFR; N_f aligned concept tokens, N_p prior tokens)
-    w_raw = a * w * N_f / N_d    (domain set, N_d its tokens)
+    a_raw = a * N_f / N_p        (prior; N_f tokens of the mapping term, N_p prior tokens)
+    w_raw = w * N_f / N_d        (domain set, N_d its tokens)
+    q_raw = q * N_f / N_r        (retained set, N_r its tokens)
     r_raw = r * N_f              (ridge)
 
-and likewise for the fusion with N_F = all concept tokens. Every run's report records
-N_f, N_F, N_p and N_d together with the raw values, so a paper setting can be read off
-or reproduced by choosing a, w and r.
+with N_f the aligned concept tokens (CFR) or all concept tokens (fusion). A weight
+left at None takes the value that reproduces the paper's training configuration for
+the run's concept type and number of concepts (``mace_core.closed_form_weights``).
+Every run's report records the token counts and both scales of every weight.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ from mace_core.concepts import ConceptType
 
 @dataclass(frozen=True)
 class ClosedFormSettings:
-    """Weights of one closed form (CFR Eq. 2 or fusion Eq. 7), per-token mean scale."""
+    """Weights of one closed form (CFR Eq. 2 or fusion Eq. 7), per-token mean scale.
 
-    prior_weight: float = 1.0
-    domain_weight: float = 1.0
-    ridge: float = 1e-2
+    None: the paper's value for the run's type and size (``closed_form_weights``).
+    ``retain_weight`` weighs the user's retained set (``--retain``) against the erased
+    concepts; the paper's configurations have no such term.
+    """
+
+    prior_weight: float | None = None
+    domain_weight: float | None = None
+    ridge: float | None = None
+    retain_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("prior_weight", "domain_weight", "ridge"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("prior_weight", "domain_weight", "ridge", "retain_weight"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -46,13 +55,16 @@ class TrainDefaults:
     whole_image_masks: bool
 
 
-# MACE.md, "Hyper-parameters of the paper's experiments".
+# The paper's published training configurations, per concept type.
 TYPE_DEFAULTS: dict[ConceptType, TrainDefaults] = {
     ConceptType.OBJECT: TrainDefaults(lr=1e-5, steps=50, cfis=True, whole_image_masks=False),
     ConceptType.CELEBRITY: TrainDefaults(lr=1e-4, steps=50, cfis=True, whole_image_masks=False),
     ConceptType.STYLE: TrainDefaults(lr=1e-4, steps=50, cfis=True, whole_image_masks=True),
     ConceptType.EXPLICIT: TrainDefaults(lr=1e-5, steps=120, cfis=False, whole_image_masks=False),
 }
+
+
+LORA_INITS = ("gaussian", "kaiming")
 
 
 @dataclass(frozen=True)
@@ -73,8 +85,14 @@ class TrainSettings:
     cfis_t2: int = 400
     cfis_gamma: float = 0.05
     seed: int = 0
+    # "gaussian": A ~ N(0, 1/rank^2), B = 0, as diffusers' LoRALinearLayer and the paper's
+    # experiments; "kaiming": PEFT's default (A uniform in +-1/sqrt(d_in)), ~sqrt(d_in)
+    # times smaller, which at the paper's learning rates leaves the LoRA stage near a no-op.
+    lora_init: str = "gaussian"
 
     def __post_init__(self) -> None:
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"unknown lora_init {self.lora_init!r} (valid: {', '.join(LORA_INITS)})")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.steps is not None and self.steps < 0:
@@ -148,13 +166,20 @@ class EraseSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     data: DataSettings = field(default_factory=DataSettings)
     masks: MaskSettings = field(default_factory=MaskSettings)
-    # Number of templates per concept used for the statistics and training prompts.
-    prompts_per_concept: int | None = None
+    # Templates per concept for the statistics and training prompts (the paper: 30);
+    # None: all of the type's templates.
+    prompts_per_concept: int | None = 30
+    # The reference experiments apply the prior and domain scales twice in CFR (s^2) and
+    # once in the fusion; their reported numbers come from that. False: once in both, as
+    # Eq. 2 reads. Only used for weights left at None.
+    cfr_scale_squared: bool = True
     # "auto": on CUDA, fp16 autocast for generation and bf16 autocast for training (LoRA
     # weights and optimizer state stay fp32); on CPU everything fp32. "fp32": fp32 everywhere.
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.prompts_per_concept is not None and self.prompts_per_concept < 1:
+            raise ValueError(f"prompts_per_concept must be >= 1, got {self.prompts_per_concept}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r} (valid: {', '.join(PRECISIONS)})")
 
@@ -173,5 +198,6 @@ class EraseSettings:
             data=DataSettings(**d["data"]),
             masks=MaskSettings(**d.get("masks", {})),
             prompts_per_concept=d.get("prompts_per_concept"),
+            cfr_scale_squared=d.get("cfr_scale_squared", True),
             precision=d.get("precision", "auto"),
         )

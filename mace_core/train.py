@@ -45,23 +45,37 @@ def concept_seed(base: int, concept: Concept, purpose: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def find_subsequence(ids: list[int], sub: list[int]) -> int:
-    for i in range(len(ids) - len(sub) + 1):
+def find_subsequences(ids: list[int], sub: list[int]) -> list[int]:
+    """Start of every non-overlapping occurrence of ``sub`` in ``ids``, in order."""
+    out, i = [], 0
+    while sub and i <= len(ids) - len(sub):
         if ids[i : i + len(sub)] == sub:
-            return i
-    return -1
+            out.append(i)
+            i += len(sub)
+        else:
+            i += 1
+    return out
+
+
+def concept_token_mask(encoder: TextEncoder, prompt: str, concept: Concept) -> torch.Tensor:
+    """(max_length,) bool: every position of every occurrence of the concept's tokens."""
+    ids = encoder.ids(prompt)
+    sub = encoder.ids(concept.text)[1:-1]  # without start/end tokens
+    starts = find_subsequences(ids, sub)
+    if not starts:
+        raise ConceptError(f"concept {concept.text!r}: its tokens are not found in prompt {prompt!r}")
+    mask = torch.zeros(encoder.max_length, dtype=torch.bool)
+    for start in starts:
+        mask[start : start + len(sub)] = True
+    return mask
 
 
 def loss_token_mask(encoder: TextEncoder, prompt: str, concept: Concept, penalize_eot: bool) -> torch.Tensor:
-    """Token positions whose attention Eq. 3 suppresses: the concept's tokens (and EOT/padding)."""
-    ids = encoder.ids(prompt)
-    sub = encoder.ids(concept.text)[1:-1]  # without start/end tokens
-    start = find_subsequence(ids, sub)
-    if start < 0:
-        raise ConceptError(f"concept {concept.text!r}: its tokens are not found in prompt {prompt!r}")
-    mask = torch.zeros(encoder.max_length, dtype=torch.bool)
-    mask[start : start + len(sub)] = True
+    """Token positions whose attention Eq. 3 suppresses: every occurrence of the concept's
+    tokens (and, with ``penalize_eot``, end-of-text and the padding after it)."""
+    mask = concept_token_mask(encoder, prompt, concept)
     if penalize_eot:
+        ids = encoder.ids(prompt)
         mask[len(ids) - 1 :] = True  # end-of-text and all padding after it
     return mask
 
@@ -138,7 +152,7 @@ def train_loras(
     shapes = {key: tuple(m.weight.shape) for key, m in projs.items()}
     gens = [torch.Generator().manual_seed(concept_seed(settings.seed, j.concept, "train")) for j in jobs]
     init_gens = [torch.Generator().manual_seed(concept_seed(settings.seed, j.concept, "init")) for j in jobs]
-    bank = LoraBank(shapes, k, settings.rank, init_gens, device)
+    bank = LoraBank(shapes, k, settings.rank, init_gens, device, settings.lora_init)
     bank.slot = torch.arange(k, device=device)
 
     latents = [encode_latents(vae, j.images, device) for j in jobs]

@@ -35,6 +35,22 @@ app = typer.Typer(
 )
 
 
+# Exit code of a complete run whose erasure report fails --max-residual.
+EXIT_WEAK_ERASURE = 3
+
+
+def residuals_above(report: dict, limit: float | None) -> list[tuple[str, float]]:
+    """(concept, residual) of every concept of a report whose final residual exceeds ``limit``."""
+    if limit is None:
+        return []
+    out = []
+    for c in report.get("concepts", []):
+        residual = (c.get("erasure") or {}).get("residual")
+        if residual is not None and residual > limit:
+            out.append((c["text"], residual))
+    return out
+
+
 def _batch_size(value: str) -> int | None:
     """``--concepts-per-batch``: a positive integer, or auto (None)."""
     if str(value).strip().lower() == "auto":
@@ -88,16 +104,39 @@ def erase(
     train_steps: Annotated[int | None, typer.Option(min=0, help="LoRA steps (default: per type).")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, help="LoRA learning rate (default: per type).")] = None,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 1,
+    lora_init: Annotated[
+        str, typer.Option(help="gaussian (A ~ N(0, 1/rank^2), the paper's) or kaiming (PEFT's default).")
+    ] = "gaussian",
     cfr_prior_weight: Annotated[
-        float, typer.Option(min=0.0, help="CFR prior weight a (per-token mean).")
-    ] = 1.0,
-    cfr_ridge: Annotated[float, typer.Option(min=0.0, help="CFR ridge r (per-token mean).")] = 1e-2,
-    fusion_prior_weight: Annotated[float, typer.Option(min=0.0, help="Fusion prior weight f.")] = 1.0,
-    fusion_ridge: Annotated[float, typer.Option(min=0.0, help="Fusion ridge r.")] = 1e-2,
-    domain_weight: Annotated[float, typer.Option(min=0.0, help="Weight w of the retained set.")] = 1.0,
-    prompts_per_concept: Annotated[
-        int | None, typer.Option(min=1, help="Templates per concept (default: all of its type).")
+        float | None,
+        typer.Option(min=0.0, help="CFR prior weight a, per-token mean (default: the paper's for the run)."),
     ] = None,
+    cfr_ridge: Annotated[
+        float | None, typer.Option(min=0.0, help="CFR ridge r, per-token mean (default: the paper's).")
+    ] = None,
+    fusion_prior_weight: Annotated[
+        float | None, typer.Option(min=0.0, help="Fusion prior weight f (default: the paper's).")
+    ] = None,
+    fusion_ridge: Annotated[
+        float | None, typer.Option(min=0.0, help="Fusion ridge r (default: the paper's).")
+    ] = None,
+    domain_weight: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="Weight w of the domain set ('a person' prompts; default: the paper's)."),
+    ] = None,
+    retain_weight: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the --retain set against the erased concepts.")
+    ] = 1.0,
+    cfr_scale_squared: Annotated[
+        bool,
+        typer.Option(
+            help="Paper defaults: apply the prior/domain scale squared in CFR, as the reference "
+            "experiments did (--no-cfr-scale-squared: once, as Eq. 2 reads)."
+        ),
+    ] = True,
+    prompts_per_concept: Annotated[
+        int | None, typer.Option(min=1, help="Templates per concept (the paper: 30).")
+    ] = 30,
     squared_loss: Annotated[bool, typer.Option(help="Square the Frobenius norm of Eq. 3.")] = False,
     penalize_eot: Annotated[bool, typer.Option(help="Also suppress end-of-text/padding attention.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of images, LoRA init and training draws.")] = 0,
@@ -116,6 +155,12 @@ def erase(
     precision: Annotated[
         str, typer.Option(help="auto (fp16/bf16 autocast on GPUs, fp32 on CPU) or fp32.")
     ] = "auto",
+    max_residual: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Exit 3 (after writing everything) if a concept's residual stays above this."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Progress lines on stderr.")] = True,
 ) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
@@ -131,10 +176,11 @@ def erase(
     setup_logging(verbose)
     try:
         settings = EraseSettings(
-            cfr=ClosedFormSettings(cfr_prior_weight, domain_weight, cfr_ridge),
-            fusion=ClosedFormSettings(fusion_prior_weight, domain_weight, fusion_ridge),
+            cfr=ClosedFormSettings(cfr_prior_weight, domain_weight, cfr_ridge, retain_weight),
+            fusion=ClosedFormSettings(fusion_prior_weight, domain_weight, fusion_ridge, retain_weight),
             train=TrainSettings(
                 rank=rank,
+                lora_init=lora_init,
                 lr=lr,
                 steps=train_steps,
                 squared_loss=squared_loss,
@@ -144,6 +190,7 @@ def erase(
             data=DataSettings(images_per_concept=images, inference_steps=inference_steps, seed=seed),
             masks=MaskSettings(masker, detector, segmenter, box_threshold, text_threshold),
             prompts_per_concept=prompts_per_concept,
+            cfr_scale_squared=cfr_scale_squared,
             precision=precision,
         )
         req = EraseRequest(
@@ -162,11 +209,20 @@ def erase(
             workers=workers,
             gpus_per_worker=gpus_per_worker,
             resume=resume,
+            max_residual=max_residual,
         )
         report = run_erase(req)
     except (MaceError, ValueError) as e:
         fail(str(e))
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
+    above = residuals_above(report, max_residual)
+    if above:
+        shown = ", ".join(f"{name} ({value:.3f})" for name, value in above[:5])
+        more = f" and {len(above) - 5} more" if len(above) > 5 else ""
+        fail(
+            f"--max-residual {max_residual}: {len(above)} concept(s) stay above it: {shown}{more}",
+            code=EXIT_WEAK_ERASURE,
+        )
 
 
 @app.command()

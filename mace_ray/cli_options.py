@@ -24,11 +24,11 @@ S3EndpointOpt = Annotated[
 ]
 
 
-def fail(message: str) -> None:
-    """Bad input: one line on stderr and exit code 2."""
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr and exit ``code`` (2: bad input)."""
     # One line: under `ray job submit` this is the line the job log ends with.
     typer.echo(f"mace-ray: error: {' '.join(message.split())}", err=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
+    raise typer.Exit(code)
 
 
 # Config keys that differ from the function parameter names.

@@ -1,4 +1,4 @@
-"""The erase job: concept list in, erased pipeline out, in the run layout of DESIGN.md.
+"""The erase job: concept list in, erased pipeline out, in the run layout of ``mace_ray.layout``.
 
 Stages (each resumable from storage):
   1. prepare: parse and validate the concept list, fingerprint the model, derive the run id
@@ -26,11 +26,14 @@ from typing import Any
 import torch
 
 import mace_core
+from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
+from mace_core.erasure_report import headline, summary_line
+from mace_core.erasure_report import summarize as erasure_summary
 from mace_core.errors import ConceptError, MaceError
 from mace_core.masking import check_masker_sources
 from mace_core.models import DEFAULT_MODEL, TINY_MODEL, load_text_components
-from mace_core.prompts import generation_prompt, prompt_pairs
+from mace_core.prompts import domain_prompts, generation_prompt, heldout_pairs, heldout_prompts, prompt_pairs
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
     TextEncoder,
@@ -72,8 +75,13 @@ class EraseRequest:
     workers: int | None = None  # None: one per GPU (gpus_per_worker each), else 1
     gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
     resume: bool = True
+    # A concept whose residual (erasure report) stays above this fails the command after
+    # everything is written; not part of the run id (it changes no result).
+    max_residual: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_residual is not None and not self.max_residual >= 0:
+            raise ValueError(f"max_residual must be >= 0, got {self.max_residual}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r} (valid: {', '.join(EXECUTORS)})")
         if self.concepts_per_batch is not None and self.concepts_per_batch < 1:
@@ -93,6 +101,18 @@ class Prepared:
     model_fingerprint: str
     prior_key: str
     run_id: str
+    profile: ConceptType  # whose paper configuration sets the closed-form weights
+
+    def domain_prompts(self) -> list[str]:
+        """Prompts of the domain set C_d: the profile's domain phrase in its templates."""
+        phrase = domain_phrase(self.profile)
+        n = self.request.settings.prompts_per_concept
+        return domain_prompts([phrase], self.profile, n) if phrase else []
+
+    def retain_prompts(self) -> list[str]:
+        """Prompts of the retained set C_r: each --retain concept in its type's templates."""
+        n = self.request.settings.prompts_per_concept
+        return [p for c in self.retain for p in domain_prompts([c.text], c.type, n)]
 
 
 class Timer:
@@ -139,7 +159,7 @@ def validate_prompts(
 ) -> None:
     """Every prompt of every concept must fit the text encoder; errors name the concept."""
     for c in concepts:
-        for pair in prompt_pairs(c, n_prompts):
+        for pair in prompt_pairs(c, n_prompts) + heldout_pairs(c):
             encoder.check_length(pair.concept, f"{source}: concept {c.text!r}")
             encoder.check_length(pair.anchor, f"{source}: anchor {c.anchor!r} of concept {c.text!r}")
         encoder.check_length(generation_prompt(c), f"{source}: concept {c.text!r}")
@@ -189,7 +209,8 @@ def prepare(req: EraseRequest) -> Prepared:
     fingerprint = model_identity(text_encoder)
     prior_key = prior_cache_key(fingerprint, captions)
     run_id = compute_run_id(req.model, fingerprint, concepts.concepts, retain, prior_key, req.settings)
-    return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id)
+    profile = profile_type(c.type for c in concepts.concepts)
+    return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id, profile)
 
 
 def open_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]:
@@ -298,6 +319,7 @@ class Driver:
             output=req.output,
             settings=req.settings,
             prior_key=p.prior_key,
+            profile=p.profile,
             s3_endpoint=req.s3_endpoint,
             device=req.device,
             metrics=backend.name,
@@ -356,8 +378,12 @@ class Driver:
             prior_cached = storage.exists(prior_key)
             if not prior_cached:
                 jobs.append(Job("prior_stats", (p.captions,), "prior"))
-            if p.retain and not storage.exists(layout.domain_stats):
-                jobs.append(Job("domain_stats", (p.retain,), "retained-set"))
+            for key, prompts, label in (
+                (layout.domain_stats, p.domain_prompts(), "domain-set"),
+                (layout.retain_stats, p.retain_prompts(), "retained-set"),
+            ):
+                if prompts and not storage.exists(key):
+                    jobs.append(Job("prompt_stats", (key, prompts), label))
             have = artefacts.slugs_with(storage, layout, "stats.safetensors")
             missing = [c for c in self.concepts if c.slug not in have]
             chunk = 64
@@ -415,23 +441,55 @@ class Driver:
             original = pool.call_one("original_weights")
             fused, info = backend.get(backend.call(stats, "fuse", slugs, original, task_name="fusion-solve"))
 
+        fused_ref = backend.put(fused)
         with timer.stage("write"):
             meta = {
                 "base_model": p.request.model,
                 "run_id": p.run_id,
                 "model_fingerprint": p.model_fingerprint,
             }
-            pool.run([Job("write_final", (backend.put(fused), meta), "write-final")])
+            pool.run([Job("write_final", (fused_ref, meta), "write-final")])
+
+        with timer.stage("erasure_report"):
+            erasure = self._erasure_report(pool, fused_ref, bs)
 
         notes = {c.slug: artefacts.read_notes(storage, layout, c.slug) for c in self.concepts}
-        report = self._report(notes, info, prior_cached, pool)
+        report = self._report(notes, info, prior_cached, pool, erasure)
         write_json(storage, layout.report, report)
         self.manifest["status"] = "complete"
         write_json(storage, layout.manifest, self.manifest)
+        log.info("erasure report: %s", summary_line(erasure))
         return report
 
+    def _erasure_report(self, pool: WorkerPool, fused_ref: Any, bs: int) -> dict[str, Any]:
+        """Per-concept residuals and attention mass, and the drift of other prompts, on the
+        workers (text encoder, projections, one UNet batch per concept and model)."""
+        per_concept: dict[str, dict[str, Any]] = {}
+        drift: dict[str, Any] = {}
+        batches = [self.concepts[i : i + bs] for i in range(0, len(self.concepts), bs)]
+        jobs = [
+            Job(
+                "erasure_report",
+                (b, fused_ref),
+                f"report[{b[0].slug}+{len(b) - 1}]",
+                lambda job, result: per_concept.update(result),
+            )
+            for b in batches
+        ]
+        retain = heldout_prompts(self.p.retain)
+        jobs.append(
+            Job("drift_report", (fused_ref, retain), "drift-report", lambda job, result: drift.update(result))
+        )
+        pool.run(jobs)
+        return erasure_summary(per_concept, drift, self.p.request.max_residual)
+
     def _report(
-        self, notes: dict[str, dict], info: dict[str, Any], prior_cached: bool, pool: WorkerPool
+        self,
+        notes: dict[str, dict],
+        info: dict[str, Any],
+        prior_cached: bool,
+        pool: WorkerPool,
+        erasure: dict[str, Any],
     ) -> dict[str, Any]:
         p, storage, layout = self.p, self.storage, self.layout
         concepts = []
@@ -440,7 +498,14 @@ class Driver:
             losses = n.get("losses") or [None]
             extra = {k: v for k, v in n.items() if k not in ("losses", "concept")}
             concepts.append(
-                {**c.to_dict(), "slug": c.slug, "loss_first": losses[0], "loss_last": losses[-1], **extra}
+                {
+                    **c.to_dict(),
+                    "slug": c.slug,
+                    "loss_first": losses[0],
+                    "loss_last": losses[-1],
+                    **extra,
+                    "erasure": erasure["concepts"].get(c.slug),
+                }
             )
         return {
             "run_id": p.run_id,
@@ -456,6 +521,7 @@ class Driver:
             "concepts": concepts,
             "whole_image_fallbacks": sum(int(n.get("whole_image_fallbacks", 0)) for n in notes.values()),
             "duplicates": p.concepts.duplicates,
+            "erasure": {k: v for k, v in erasure.items() if k != "concepts"},
             **info,
             "prior_cache_hit": prior_cached,
             "settings": p.request.settings.to_dict(),
@@ -485,5 +551,9 @@ def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[st
     if "error" in manifest:
         out["error"] = manifest["error"]
     if manifest["status"] == "complete":
-        out["seconds"] = read_json(storage, layout.report).get("seconds")
+        report = read_json(storage, layout.report)
+        out["seconds"] = report.get("seconds")
+        if report.get("erasure"):
+            out["erasure"] = headline(report["erasure"])
+            out["erasure_summary"] = summary_line(report["erasure"])
     return out

@@ -1,4 +1,4 @@
-"""The run layout (DESIGN.md): every key of a run, in one place.
+"""The run layout: every key of a run, in one place.
 
 runs/<run_id>/manifest.json              inputs, settings, versions, status
 runs/<run_id>/cfr/                       summed statistics and M
@@ -45,7 +45,13 @@ class RunLayout:
 
     @property
     def domain_stats(self) -> str:
+        """C_d: the prompts of the type's domain phrase ("a person")."""
         return f"{self.root}/cfr/domain.safetensors"
+
+    @property
+    def retain_stats(self) -> str:
+        """C_r: the prompts of the --retain concepts."""
+        return f"{self.root}/cfr/retain.safetensors"
 
     @property
     def concepts(self) -> str:

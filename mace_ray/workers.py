@@ -23,15 +23,23 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mace_core.cfr import apply_cfr, cfr_matrix
+from mace_core.cfr import Preservation, apply_cfr, cfr_matrix
 from mace_core.checkpoints import erasure_bytes, safetensors_metadata, save_pipeline
+from mace_core.closed_form_weights import PAPER_WEIGHTS, resolve_weights
 from mace_core.concept_job import ConceptBatchWorker
-from mace_core.concepts import Concept
+from mace_core.concepts import Concept, ConceptType
+from mace_core.erasure_report import (
+    KVProjection,
+    attention_mass,
+    kv_drift,
+    kv_gaps,
+    lora_relative_norm,
+)
 from mace_core.errors import ArtefactError
 from mace_core.fusion import FusionSums, fuse
 from mace_core.masking import load_masker
 from mace_core.models import TINY_MODEL, get_attn2_weights, load_pipeline, pick_device, set_attn2_weights
-from mace_core.prompts import domain_prompts
+from mace_core.prompts import heldout_captions, prompt_pairs
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
     MappingStats,
@@ -62,6 +70,8 @@ class RunSpec:
     output: str
     settings: EraseSettings
     prior_key: str  # cache key of the prior statistics (text encoder + captions)
+    # The concept type whose paper configuration sets the closed-form weights left at None.
+    profile: ConceptType = ConceptType.OBJECT
     s3_endpoint: str | None = None
     device: str | None = None
     metrics: str = "none"  # "ray" inside Ray actors
@@ -137,16 +147,14 @@ class ConceptWorker:
         """Build C_p from the captions into the shared cache; returns its token count."""
         return write_prior_cache(self.storage, self.encoder, captions, self.spec.prior_key)[0]
 
-    def domain_stats(self, retain: list[Concept]) -> int:
-        """C_d of the retained concepts' prompts, stored with the run's CFR files."""
-        key = self.layout.domain_stats
+    def prompt_stats(self, key: str, prompts: list[str]) -> int:
+        """The second moment of ``prompts`` (domain set C_d, retained set C_r) stored at ``key``
+        of the run's folder unless there; returns its token count."""
         if self.storage.exists(key):
             return second_moment_from_bytes(self.storage.read_bytes(key), key).n
-        n = self.spec.settings.prompts_per_concept
-        prompts = [p for c in retain for p in domain_prompts([c.text], c.type)[:n]]
-        domain = prompt_second_moment(self.encoder, prompts)
-        self.storage.write_bytes(key, second_moment_bytes(domain))
-        return domain.n
+        stats = prompt_second_moment(self.encoder, prompts)
+        self.storage.write_bytes(key, second_moment_bytes(stats))
+        return stats.n
 
     # ------------------------------------------------------------ training
 
@@ -211,6 +219,76 @@ class ConceptWorker:
             set_attn2_weights(unet, self.original)
         self.storage.write_bytes(self.layout.erasure, erasure_bytes(fused, metadata))
 
+    # ------------------------------------------------------------ erasure report
+
+    def _projections(self, fused: dict[str, torch.Tensor]) -> dict[str, KVProjection]:
+        if self.batch_worker.refined is None:
+            raise RuntimeError("set_cfr must be called before the erasure report")
+        return {
+            "original": KVProjection(self.original, self.device),
+            "cfr": KVProjection(self.batch_worker.refined, self.device),
+            "final": KVProjection(fused, self.device),
+        }
+
+    def erasure_report(
+        self, concepts: list[Concept], fused: dict[str, torch.Tensor]
+    ) -> dict[str, dict[str, Any]]:
+        """Per concept: residual after CFR and after fusion, attention mass in its masks for
+        the original and the erased UNet (``mace_core.erasure_report``)."""
+        kv = self._projections(fused)
+        out: dict[str, dict[str, Any]] = {}
+        for c in concepts:
+            gap, residual = kv_gaps(self.encoder, c, kv["original"], {"cfr": kv["cfr"], "final": kv["final"]})
+            train_pairs = prompt_pairs(c, self.spec.settings.prompts_per_concept)
+            final = {"final": kv["final"]}
+            gap_train, on_train = kv_gaps(self.encoder, c, kv["original"], final, train_pairs)
+            entry: dict[str, Any] = {
+                "residual_cfr": residual["cfr"],
+                "residual": residual["final"],
+                "residual_train": on_train["final"],
+                "gap": gap,
+                "gap_train": gap_train,
+                "lora_relative_norm": lora_relative_norm(
+                    artefacts.read_lora(self.storage, self.layout, c.slug), self.original
+                ),
+            }
+            data = artefacts.read_data(self.storage, self.layout, c)
+            if data is None:
+                entry["attention_mass"] = None
+                entry["attention_mass_missing"] = "the concept's stored images or masks are incomplete"
+            else:
+                mass = attention_mass(
+                    self.pipe.unet,
+                    self.pipe.vae,
+                    self.batch_worker.noise_scheduler,
+                    self.encoder,
+                    c,
+                    data.images,
+                    data.masks,
+                    {"original": self.original, "erased": fused},
+                    self.device,
+                    seed=self.spec.settings.train.seed,
+                )
+                entry["attention_mass"] = mass
+            out[c.slug] = entry
+        return out
+
+    def drift_report(self, fused: dict[str, torch.Tensor], retain_prompts: list[str]) -> dict[str, Any]:
+        """Drift of held-out generic captions (and of the retained set's held-out prompts)
+        after CFR and after fusion."""
+        kv = self._projections(fused)
+        captions = list(heldout_captions())
+        out: dict[str, Any] = {
+            "prior_drift_cfr": kv_drift(self.encoder, captions, kv["original"], kv["cfr"]),
+            "prior_drift": kv_drift(self.encoder, captions, kv["original"], kv["final"]),
+            "heldout_captions": len(captions),
+        }
+        if retain_prompts:
+            out["retain_drift_cfr"] = kv_drift(self.encoder, retain_prompts, kv["original"], kv["cfr"])
+            out["retain_drift"] = kv_drift(self.encoder, retain_prompts, kv["original"], kv["final"])
+            out["retain_prompts"] = len(retain_prompts)
+        return out
+
     def teardown(self) -> None:
         self.batch_worker = None
         self.pipe = None
@@ -234,11 +312,15 @@ class StatsWorker:
             return None
         return second_moment_from_bytes(self.storage.read_bytes(key), f"{self.storage.url}/{key}")
 
-    def _prior(self) -> SecondMoment:
+    def _preservation(self) -> Preservation:
         prior = self._second_moment(prior_cache_key(self.spec.prior_key))
         if prior is None:
             raise ArtefactError(f"prior statistics {prior_cache_key(self.spec.prior_key)} are missing")
-        return prior
+        return Preservation(
+            prior=prior,
+            domain=self._second_moment(self.layout.domain_stats),
+            retain=self._second_moment(self.layout.retain_stats),
+        )
 
     def solve_cfr(self, slugs: list[str]) -> torch.Tensor:
         """Sum every concept's X_k, C_k from storage and solve M (Eq. 2); writes cfr/M."""
@@ -248,9 +330,18 @@ class StatsWorker:
             total = m if total is None else total + m
         if total is None:
             raise ArtefactError("CFR needs at least one concept")
-        domain = self._second_moment(self.layout.domain_stats)
-        M, raw = cfr_matrix(total, self.spec.settings.cfr, self._prior(), domain)
-        info = {"tokens": total.n, "raw_weights": raw.to_dict()}
+        terms = self._preservation()
+        settings = self.spec.settings
+        weights = resolve_weights(
+            settings.cfr,
+            self.spec.profile,
+            len(slugs),
+            total.n,
+            terms.tokens()["domain"],
+            scale_squared=settings.cfr_scale_squared,
+        )
+        M, raw = cfr_matrix(total, weights, terms)
+        info = {"tokens": total.n, "weights": weights.to_dict(), "raw_weights": raw.to_dict()}
         self.storage.write_bytes(
             self.layout.cfr_matrix, st_save({"M": M.contiguous()}, metadata={"info": json.dumps(info)})
         )
@@ -285,16 +376,28 @@ class StatsWorker:
             raise ArtefactError("fusion sums do not match the run's concepts")
         M, cfr_info = self._load_M()
         refined = apply_cfr(original, M)
-        prior = self._prior()
-        domain = self._second_moment(self.layout.domain_stats)
-        fused, raw = fuse(self.sums, original, refined, self.spec.settings.fusion, prior, domain)
+        terms = self._preservation()
+        settings = self.spec.settings
+        weights = resolve_weights(
+            settings.fusion, self.spec.profile, len(slugs), self.sums.C.n, terms.tokens()["domain"]
+        )
+        fused, raw = fuse(self.sums, original, refined, weights, terms)
+        paper = PAPER_WEIGHTS[self.spec.profile]
         info = {
-            "tokens": {
-                "cfr_pairs": cfr_info["tokens"],
-                "fusion": self.sums.C.n,
-                "prior": prior.n,
-                "domain": domain.n if domain else 0,
-            },
+            "tokens": {"cfr_pairs": cfr_info["tokens"], "fusion": self.sums.C.n, **terms.tokens()},
+            "weights": {"cfr": cfr_info.get("weights"), "fusion": weights.to_dict()},
             "raw_weights": {"cfr": cfr_info["raw_weights"], "fusion": raw.to_dict()},
+            "weights_profile": {
+                "type": self.spec.profile.value,
+                "concepts": len(slugs),
+                "source": paper.source,
+                "cfr_scale_squared": settings.cfr_scale_squared,
+                "paper_defaults": sorted(
+                    f"{stage}.{name}"
+                    for stage, cf in (("cfr", settings.cfr), ("fusion", settings.fusion))
+                    for name in ("prior_weight", "domain_weight", "ridge")
+                    if getattr(cf, name) is None
+                ),
+            },
         }
         return fused, info

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mace_core.checkpoints import read_erasure
@@ -52,6 +53,36 @@ def assert_same_erasure(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def _image_stack(images) -> np.ndarray:
+    """Images (H, W, C) or batches of them (N, H, W, C), in order, as one float64 stack."""
+    return np.concatenate([np.asarray(x)[None] if np.ndim(x) == 3 else np.asarray(x) for x in images]).astype(
+        np.float64
+    )
+
+
+def assert_same_seed_images(expected, got, max_mean_abs: float = 1.0, ratio: float = 0.1) -> None:
+    """``got`` holds the same images as ``expected``, in the same order, up to kernel rounding.
+
+    Both are sequences of images or of batches of images; ``expected`` has one per seed.
+
+    fp32 kernels round differently across batch sizes and CPUs (~1e-6 on the tiny UNet,
+    which can flip a uint8 pixel by one level), so pixels are not compared bit for bit.
+    Each image must be within ``max_mean_abs`` levels on average of its counterpart AND
+    closer to it than ``ratio`` times its distance to any other image: a wrong seed or
+    prompt for an image, or a swap, fails.
+    """
+    a, b = _image_stack(expected), _image_stack(got)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    dist = np.abs(a[:, None] - b[None, :]).reshape(len(a), len(b), -1).mean(-1)  # (expected, got)
+    for i in range(len(a)):
+        own = dist[i, i]
+        others = np.delete(dist[:, i], i)
+        assert own <= max_mean_abs, f"image {i}: {own:.3f} levels from its own seed's image"
+        if len(others):
+            closest = others.min()
+            assert own < ratio * closest, f"image {i}: {own:.3f} levels, another image {closest:.3f}"
 
 
 def free_port() -> int:

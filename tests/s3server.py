@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` on 127.0.0.1 (TESTING.md).
+"""A real S3 server for tests: SeaweedFS ``weed mini`` on 127.0.0.1.
 
 Auth is enforced through an identities file: an admin identity with a recognisable secret
 (tests grep outputs for it) and a read-only identity. Every port ``weed mini`` opens

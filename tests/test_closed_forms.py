@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from mace_core.cfr import apply_cfr, cfr_matrix, raw_weights
+from mace_core.cfr import MIN_RCOND, Preservation, apply_cfr, cfr_matrix, raw_weights
+from mace_core.closed_form_weights import Weights
 from mace_core.fusion import FusionSums, fuse
 from mace_core.lora import LoraFactors
-from mace_core.settings import ClosedFormSettings
 from mace_core.text_stats import MappingStats, SecondMoment
 
 D = 12
@@ -40,10 +40,12 @@ def test_cfr_normal_equations_and_brute_force(data):
     Ef, Eg, Ep, Ed, weights = data
     stats = MappingStats(Eg.T @ Ef, Ef.T @ Ef, Ef.shape[0])
     prior, domain = SecondMoment.of(Ep), SecondMoment.of(Ed)
-    s = ClosedFormSettings(prior_weight=0.7, domain_weight=2.0, ridge=0.05)
-    M, raw = cfr_matrix(stats, s, prior, domain)
-    assert raw == raw_weights(s, 40, prior, domain)
+    s = Weights(prior=0.7, domain=2.0, retain=0.0, ridge=0.05)
+    terms = Preservation(prior, domain)
+    M, raw = cfr_matrix(stats, s, terms)
+    assert raw == raw_weights(s, 40, terms) and raw.ridge_floor == 0
     assert raw.prior == pytest.approx(0.7 * 40 / 90) and raw.ridge == pytest.approx(0.05 * 40)
+    assert raw.domain == pytest.approx(2.0 * 40 / 30)
     eye = torch.eye(D, dtype=torch.float64)
     refined = apply_cfr(weights, M)
     for key, W in weights.items():
@@ -62,7 +64,7 @@ def test_cfr_normal_equations_and_brute_force(data):
 def test_cfr_without_prior_maps_concept_onto_anchor(data):
     Ef, Eg, _, _, weights = data
     stats = MappingStats(Eg.T @ Ef, Ef.T @ Ef, Ef.shape[0])
-    M, _ = cfr_matrix(stats, ClosedFormSettings(prior_weight=0.0, ridge=1e-12))
+    M, _ = cfr_matrix(stats, Weights(0.0, 0.0, 0.0, 1e-12), Preservation())
     # 40 pairs > d: the unregularised least squares solution, W' = W Eg^T Ef (Ef^T Ef)^-1
     W = weights["a.attn2.to_k.weight"].double()
     expected = W @ Eg.T @ Ef @ torch.linalg.inv(Ef.T @ Ef)
@@ -89,11 +91,11 @@ def test_fusion_normal_equations_and_brute_force(data):
     for E, lora in cs:
         sums = sums + FusionSums.of_concept(SecondMoment.of(E), lora)
     prior, domain = SecondMoment.of(Ep), SecondMoment.of(Ed)
-    s = ClosedFormSettings(prior_weight=0.5, domain_weight=3.0, ridge=0.02)
-    fused, raw = fuse(sums, original, refined, s, prior, domain)
+    s = Weights(prior=0.5, domain=3.0, retain=0.0, ridge=0.02)
+    fused, raw = fuse(sums, original, refined, s, Preservation(prior, domain))
     n_total = sum(E.shape[0] for E, _ in cs)
     assert raw.prior == pytest.approx(0.5 * n_total / 90)
-    assert raw.domain == pytest.approx(0.5 * 3.0 * n_total / 30)
+    assert raw.domain == pytest.approx(3.0 * n_total / 30)
     eye = torch.eye(D, dtype=torch.float64)
     for key in SHAPES:
         W, Wr, Ws = original[key].double(), refined[key].double(), fused[key].double()
@@ -116,7 +118,7 @@ def test_fusion_of_one_concept_without_prior_reproduces_its_lora(data):
     _, _, _, _, original = data
     ((E, lora),) = concepts(1)
     sums = FusionSums.of_concept(SecondMoment.of(E), lora)
-    fused, _ = fuse(sums, original, original, ClosedFormSettings(prior_weight=0.0, ridge=1e-12))
+    fused, _ = fuse(sums, original, original, Weights(0.0, 0.0, 0.0, 1e-12), Preservation())
     for key in SHAPES:
         target = (original[key].double() + lora.delta(key).double()) @ E.T
         assert torch.allclose(fused[key].double() @ E.T, target, rtol=1e-5, atol=1e-4)
@@ -126,8 +128,8 @@ def test_fusion_is_order_free_and_splits_into_halves(data):
     _, _, Ep, _, original = data
     cs = concepts(6, seed=3)
     terms = [FusionSums.of_concept(SecondMoment.of(E), lora) for E, lora in cs]
-    s = ClosedFormSettings()
-    prior = SecondMoment.of(Ep)
+    s = Weights(prior=1.0, domain=0.0, retain=0.0, ridge=1e-2)
+    prior = Preservation(SecondMoment.of(Ep))
 
     def total(ts):
         out = FusionSums.zeros(D)
@@ -151,3 +153,47 @@ def test_fusion_is_order_free_and_splits_into_halves(data):
         got, _ = fuse(other, original, original, s, prior)
         for k in SHAPES:
             assert torch.allclose(got[k], ref[k], rtol=0, atol=1e-6)
+
+
+def test_retained_set_enters_both_closed_forms(data):
+    Ef, Eg, Ep, Ed, weights = data
+    stats = MappingStats(Eg.T @ Ef, Ef.T @ Ef, Ef.shape[0])
+    retain = SecondMoment.of(Ed)
+    M, raw = cfr_matrix(stats, Weights(0.0, 0.0, retain=2.0, ridge=0.0), Preservation(retain=retain))
+    assert raw.retain == pytest.approx(2.0 * 40 / 30)
+    W = weights["a.attn2.to_k.weight"].double()
+    R = raw.retain * retain.C + raw.ridge_floor * torch.eye(D, dtype=torch.float64)
+    assert torch.allclose(W @ M @ (stats.C + R), W @ (stats.X + R), atol=1e-9)
+
+
+def test_ridge_of_zero_on_a_singular_system_is_raised_to_the_floor_and_reported(data):
+    _, _, _, _, weights = data
+    g = torch.Generator().manual_seed(7)
+    # Token states in a hyperplane (as the tiny model's LayerNorm makes them): C is singular.
+    basis = rand(D - 2, D, g=g)
+    Ef, Eg = rand(40, D - 2, g=g) @ basis, rand(40, D - 2, g=g) @ basis
+    stats = MappingStats(Eg.T @ Ef, Ef.T @ Ef, 40)
+    M, raw = cfr_matrix(stats, Weights(0.0, 0.0, 0.0, 0.0), Preservation())
+    assert torch.isfinite(M).all()
+    assert raw.ridge == 0 and raw.ridge_floor > 0
+    A = stats.C + raw.ridge_floor * torch.eye(D, dtype=torch.float64)
+    lam = torch.linalg.eigvalsh(A)
+    assert float(lam[0] / lam[-1]) >= MIN_RCOND * 0.99
+    # Inside the states' span the mapping still holds (the floor is tiny against C).
+    W = weights["a.attn2.to_k.weight"].double()
+    rel = ((W @ M @ Ef.T - W @ Eg.T).norm() / (W @ Eg.T).norm()).item()
+    lsq = W @ Eg.T @ torch.linalg.pinv(Ef.T)
+    best = ((lsq @ Ef.T - W @ Eg.T).norm() / (W @ Eg.T).norm()).item()
+    assert rel == pytest.approx(best, abs=1e-3)
+    # The fusion does the same on a singular denominator.
+    ((_, lora),) = concepts(1)
+    sums = FusionSums.of_concept(SecondMoment.of(Ef), lora)
+    fused, fraw = fuse(sums, weights, weights, Weights(0.0, 0.0, 0.0, 0.0), Preservation())
+    assert fraw.ridge_floor > 0 and all(torch.isfinite(v).all() for v in fused.values())
+    # A well-posed system gets no floor.
+    _, ok = cfr_matrix(
+        MappingStats(Eg.T @ Ef, Ef.T @ Ef + torch.eye(D, dtype=torch.float64), 40),
+        Weights(0, 0, 0, 0),
+        Preservation(),
+    )
+    assert ok.ridge_floor == 0

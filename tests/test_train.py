@@ -128,3 +128,43 @@ def test_loss_tokens(encoder):
     assert [ids[i] for i in m.nonzero().flatten().tolist()] == encoder.ids("Bill Clinton")[1:-1]
     m_eot = loss_token_mask(encoder, prompt, CLINTON, penalize_eot=True)
     assert int(m_eot.sum()) == 2 + 77 - (len(ids) - 1)
+
+
+def test_loss_tokens_mark_every_occurrence_of_the_concept(encoder):
+    prompt = "Bill Clinton next to a poster of Bill Clinton"
+    ids = encoder.ids(prompt)
+    sub = encoder.ids("Bill Clinton")[1:-1]
+    m = loss_token_mask(encoder, prompt, CLINTON, penalize_eot=False)
+    marked = m.nonzero().flatten().tolist()
+    assert len(marked) == 2 * len(sub)
+    starts = [1, ids.index(sub[0], 1 + len(sub))]
+    assert marked == [s + i for s in starts for i in range(len(sub))]
+    # "Clinton" alone is not the concept: only whole occurrences are marked.
+    lone = loss_token_mask(encoder, "Bill Clinton and Hillary Clinton", CLINTON, penalize_eot=False)
+    assert int(lone.sum()) == len(sub)
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_lora_init_statistics(rank):
+    from mace_core.lora import LoraBank
+
+    shapes = {"x.attn2.to_k": (320, 768), "x.attn2.to_v": (640, 1024)}
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    bank = LoraBank(shapes, 3, rank, gens, CPU)
+    for i, (d_out, d_in) in enumerate(shapes.values()):
+        A, B = bank.A[i].detach(), bank.B[i].detach()
+        assert A.shape == (3, rank, d_in) and B.shape == (3, d_out, rank)
+        assert torch.all(B == 0)  # dW = B A = 0 at the start
+        # A ~ N(0, 1/rank^2): mean 0, std 1/rank (768+ draws per adapter: within 10%).
+        assert float(A.std()) == pytest.approx(1 / rank, rel=0.1)
+        assert abs(float(A.mean())) < 0.1 / rank
+    kaiming = LoraBank(shapes, 3, rank, [torch.Generator().manual_seed(s) for s in (1, 2, 3)], CPU, "kaiming")
+    A = kaiming.A[0].detach()
+    assert float(A.abs().max()) <= 1 / 768**0.5 and float(A.std()) == pytest.approx(
+        (3 * 768) ** -0.5, rel=0.1
+    )
+    # Each adapter from its own generator: the same start alone or among others.
+    alone = LoraBank(shapes, 1, rank, [torch.Generator().manual_seed(2)], CPU)
+    assert torch.equal(alone.A[1][0], bank.A[1][1])
+    with pytest.raises(ValueError, match="init"):
+        LoraBank(shapes, 1, rank, [torch.Generator()], CPU, "xavier")

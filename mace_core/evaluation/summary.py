@@ -1,7 +1,7 @@
 """The Markdown summary of an evaluation report: one column per evaluated model.
 
 Reads only the report dictionary (written by ``mace_ray.evaluate``); the paper column
-quotes MACE's published numbers on SD v1.4 (MACE.md, "Evaluation protocol") for context.
+quotes MACE's published numbers on SD v1.4 (its evaluation tables) for context.
 """
 
 from __future__ import annotations
