@@ -81,7 +81,7 @@ def erase(
         Path | None, typer.Option(help="Caption file for the prior C_p (default: built-in captions).")
     ] = None,
     retain: Annotated[
-        Path | None, typer.Option(help="Concept file of concepts to keep (the domain set C_d).")
+        Path | None, typer.Option(help="Concept file of concepts to keep (the retained set C_r).")
     ] = None,
     executor: ExecutorOpt = "ray",
     address: AddressOpt = None,
