@@ -95,6 +95,7 @@ def run_one(
     return {
         "residual": erasure["residual"],
         "residual_cfr": erasure["residual_cfr"],
+        "residual_train": erasure["residual_train"],
         "prior_drift": erasure["prior_drift"],
         "bystander_drift": {"mean": sum(values) / len(values), "max": max(values)} if values else None,
         "lora_relative_norm": erasure["lora_relative_norm"],

@@ -14,7 +14,7 @@ from importlib import resources
 
 from mace_core.concepts import Concept, ConceptType
 
-# Stage 2 data generation prompts (MACE Sec. 4): one fixed prompt per type.
+# Stage 2 data generation prompts: one fixed prompt per type.
 GENERATION_PROMPTS: dict[ConceptType, str] = {
     ConceptType.OBJECT: "a photo of the {}",
     ConceptType.CELEBRITY: "a photo of {}",

@@ -135,3 +135,16 @@ def test_summary_pools_by_gap_and_names_concepts_above_the_limit():
     assert s["above_max_residual"] == ["a"] and s["prior_drift"] == 0.01
     assert s["retain_drift"] is None and "retain" in s["retain_drift_missing"]
     assert summarize(per, {}, None)["above_max_residual"] == []
+
+
+def test_heldout_prompts_are_disjoint_from_everything_trained_on():
+    from importlib import resources
+
+    from mace_core.prompts import heldout_templates, templates
+
+    for t in ConceptType:
+        held, train = set(heldout_templates(t)), set(templates(t))
+        assert len(held) >= 8 and not held & train, t
+    own = resources.files("mace_core").joinpath("data/captions.txt").read_text("utf-8").splitlines()
+    captions = set(heldout_captions())
+    assert len(captions) >= 50 and not captions & {c.strip() for c in own}
