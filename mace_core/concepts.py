@@ -23,7 +23,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mace_core.errors import ConceptError
+from mace_core.errors import ConceptError, quoted
 
 
 class ConceptType(str, enum.Enum):
@@ -38,7 +38,9 @@ class ConceptType(str, enum.Enum):
             return cls(value.strip().lower())
         except ValueError:
             valid = ", ".join(t.value for t in cls)
-            raise ConceptError(f"{where}: unknown concept type {value!r} (valid: {valid})") from None
+            raise ConceptError(
+                f"{where}: unknown concept type {quoted(value, 30)} (valid: {valid})"
+            ) from None
 
 
 # The generic phrases that replace a concept (the paper's "mapping concepts").
@@ -104,7 +106,7 @@ def make_concept(text: str, type_: ConceptType, anchor: str | None, where: str) 
         raise ConceptError(f"{where}: concept is empty")
     anchor = " ".join((anchor or "").split()) or DEFAULT_ANCHORS[type_]
     if anchor.lower() == text.lower():
-        raise ConceptError(f"{where}: concept {text!r} is mapped to itself")
+        raise ConceptError(f"{where}: concept {quoted(text)} is mapped to itself")
     return Concept(text=text, type=type_, anchor=anchor)
 
 

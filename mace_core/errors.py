@@ -15,3 +15,11 @@ class ModelLoadError(MaceError):
 
 class ArtefactError(MaceError):
     """A stored artefact (statistics, LoRA, erasure file) is missing or inconsistent."""
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """``repr(text)``, shortened past ``limit`` characters so that an error stays one readable
+    line whatever the input (a 10,000-character concept names itself by its start)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -41,10 +41,22 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """Explicit device, else CUDA when present, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Explicit device, else CUDA when present, else CPU. An explicit device that this
+    machine does not have is a ModelLoadError naming it, before any model is loaded."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ModelLoadError(f"device {device!r}: this machine has {have}")
+    elif dev.type not in ("cpu", "mps"):
+        raise ModelLoadError(f"device {device!r}: only cpu and cuda devices are supported")
+    return dev
 
 
 def attn2_projections(unet: nn.Module) -> dict[str, nn.Linear]:

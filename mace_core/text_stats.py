@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from mace_core.alignment import align_tokens
 from mace_core.concepts import Concept
-from mace_core.errors import ArtefactError, ConceptError
+from mace_core.errors import ArtefactError, ConceptError, quoted
 from mace_core.prompts import PromptPair, concept_prompts, prompt_pairs
 
 
@@ -44,7 +44,7 @@ class TextEncoder:
         n = len(self.ids(prompt))
         if n > self.max_length:
             raise ConceptError(
-                f"{what}: prompt {prompt!r} is {n} tokens, the text encoder takes {self.max_length}"
+                f"{what}: prompt {quoted(prompt)} is {n} tokens, the text encoder takes {self.max_length}"
             )
 
     @torch.no_grad()
@@ -161,8 +161,8 @@ def concept_text_stats(
     """CFR and fusion statistics of one concept."""
     pairs = prompt_pairs(concept, n_prompts)
     for p in pairs:
-        encoder.check_length(p.concept, f"concept {concept.text!r}")
-        encoder.check_length(p.anchor, f"anchor {concept.anchor!r} of concept {concept.text!r}")
+        encoder.check_length(p.concept, f"concept {quoted(concept.text)}")
+        encoder.check_length(p.anchor, f"anchor {quoted(concept.anchor)} of concept {quoted(concept.text)}")
     fusion = SecondMoment.of(encoder.encode(concept_prompts(concept)[: len(pairs)]))
     return ConceptTextStats(mapping_stats(encoder, pairs), fusion)
 

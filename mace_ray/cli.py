@@ -290,6 +290,8 @@ def apply(
     try:
         if not erasure.is_file():
             raise MaceError(f"erasure file {str(erasure)!r} does not exist")
+        if output.exists() and not output.is_dir():
+            raise MaceError(f"--output {str(output)!r} is a file; give a folder for the pipeline")
         data = erasure.read_bytes()
         _, meta = read_erasure(data, str(erasure))
         pipe = load_pipeline(resolve_model(model or meta["base_model"]))

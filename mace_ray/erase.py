@@ -30,9 +30,9 @@ from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
 from mace_core.erasure_report import headline, summary_line
 from mace_core.erasure_report import summarize as erasure_summary
-from mace_core.errors import ConceptError, MaceError
+from mace_core.errors import ConceptError, MaceError, quoted
 from mace_core.masking import check_masker_sources
-from mace_core.models import DEFAULT_MODEL, TINY_MODEL, load_text_components
+from mace_core.models import DEFAULT_MODEL, TINY_MODEL, load_text_components, pick_device
 from mace_core.prompts import domain_prompts, generation_prompt, heldout_pairs, heldout_prompts, prompt_pairs
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
@@ -160,9 +160,11 @@ def validate_prompts(
     """Every prompt of every concept must fit the text encoder; errors name the concept."""
     for c in concepts:
         for pair in prompt_pairs(c, n_prompts) + heldout_pairs(c):
-            encoder.check_length(pair.concept, f"{source}: concept {c.text!r}")
-            encoder.check_length(pair.anchor, f"{source}: anchor {c.anchor!r} of concept {c.text!r}")
-        encoder.check_length(generation_prompt(c), f"{source}: concept {c.text!r}")
+            encoder.check_length(pair.concept, f"{source}: concept {quoted(c.text)}")
+            encoder.check_length(
+                pair.anchor, f"{source}: anchor {quoted(c.anchor)} of concept {quoted(c.text)}"
+            )
+        encoder.check_length(generation_prompt(c), f"{source}: concept {quoted(c.text)}")
 
 
 def compute_run_id(
@@ -267,8 +269,10 @@ def backend_for(executor: str, address: str | None = None) -> Iterator[LocalBack
 def run_erase(req: EraseRequest) -> dict[str, Any]:
     """Run (or resume) an erase; returns the report. Raises MaceError on bad input."""
     timer = Timer()
-    # Storage first: a bad output location is reported before any model is loaded.
+    # Storage and device first: a bad output or device is reported before any model is loaded.
     storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
+    if req.device is not None:
+        pick_device(req.device)
     with timer.stage("prepare"):
         p = prepare(req)
     layout = RunLayout(p.run_id)
@@ -533,11 +537,17 @@ class Driver:
 
 def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:
     """A run's manifest status and progress, read from storage."""
-    storage = open_storage(output, s3_endpoint=s3_endpoint)
+    storage = open_storage(output, s3_endpoint=s3_endpoint, must_exist=True)
     layout = RunLayout(run)
     if not storage.exists(layout.manifest):
         raise MaceError(f"run {run!r}: no manifest under {storage.url}/{layout.root}")
     manifest = read_json(storage, layout.manifest)
+    missing = [
+        k for k in ("status", "model", "concepts") if not isinstance(manifest, dict) or k not in manifest
+    ]
+    if missing:
+        where = f"{storage.url}/{layout.manifest}"
+        raise MaceError(f"run {run!r}: {where} is not a mace-ray manifest (no {', '.join(missing)})")
     done = artefacts.done_slugs(storage, layout)
     out = {
         "run_id": run,

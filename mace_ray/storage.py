@@ -50,15 +50,24 @@ class Storage(Protocol):
 class LocalStorage:
     """A local folder. Atomic writes via a temporary sibling and ``os.replace``."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, must_exist: bool = False) -> None:
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(f"output {str(root)!r} cannot be created: {e.strerror}") from None
-        if not os.access(self.root, os.W_OK):
-            raise StorageError(f"output {str(root)!r} is not writable")
+        # Nothing is created here: the folder appears with the first write, so a command
+        # that fails on its inputs (or only reads, as `status`) leaves no empty folder.
+        if self.root.exists():
+            if not self.root.is_dir():
+                raise StorageError(f"output {str(root)!r} is a file, not a folder")
+            if not os.access(self.root, os.W_OK | os.X_OK) and not must_exist:
+                raise StorageError(f"output {str(root)!r} is not writable")
+            return
+        if must_exist:
+            raise StorageError(f"output {str(root)!r} does not exist")
+        parent = next(p for p in self.root.parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"output {str(root)!r} cannot be created: {str(parent)!r} is not a writable folder"
+            )
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -136,11 +145,12 @@ def read_json(storage: Storage, key: str) -> Any:
         raise StorageError(f"{storage.url}/{key} is not valid JSON: {e}") from None
 
 
-def open_storage(url: str, s3_endpoint: str | None = None) -> Storage:
+def open_storage(url: str, s3_endpoint: str | None = None, must_exist: bool = False) -> Storage:
     """The storage backend for ``url``: a local folder, or ``s3://bucket/prefix``.
 
     ``s3_endpoint`` (the ``--s3-endpoint`` flag) overrides AWS_ENDPOINT_URL for S3 URLs and
-    is ignored for local folders.
+    is ignored for local folders. ``must_exist``: a local folder that is only read (status)
+    must be there already.
     """
     if url[:5].lower() == "s3://":
         # boto3 is imported only by runs that write to S3.
@@ -149,4 +159,4 @@ def open_storage(url: str, s3_endpoint: str | None = None) -> Storage:
         return S3Storage(url, s3_endpoint=s3_endpoint)
     if "://" in url:
         raise StorageError(f"output {url!r}: unsupported scheme (use a local folder or s3://bucket/prefix)")
-    return LocalStorage(url)
+    return LocalStorage(url, must_exist=must_exist)

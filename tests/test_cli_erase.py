@@ -213,6 +213,9 @@ def no_complete_run(out: Path) -> bool:
         ("dog\n", ["--type", "animal"], "animal"),
         ("dog\n", ["--concepts-per-batch", "0"], "--concepts-per-batch: expected a positive integer or auto"),
         ("dog\n", ["--concepts-per-batch", "many"], "got 'many'"),
+        ("x" * 10_000 + "\n", [], "(10000 characters)"),
+        ("dog\n", ["--device", "cuda:99"], "device 'cuda:99': this machine has"),
+        ("dog\n", ["--device", "potato"], "device 'potato' is not a torch device"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, concepts, extra, needle):
@@ -222,7 +225,36 @@ def test_bad_input_one_line_error(tmp_path, concepts, extra, needle):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     if "--type" not in extra:  # typer formats its own usage errors
         assert len(lines) == 1 and lines[0].startswith("mace-ray: error:"), err
+        assert len(lines[0]) < 400  # a huge input is named by its start
     assert no_complete_run(out)
+    assert not out.exists()  # nothing left behind, not even an empty folder
+
+
+def test_status_and_apply_refuse_bad_input_in_one_line(tmp_path):
+    def one_line(args: list[str], needle: str) -> None:
+        r = CliRunner().invoke(app, args)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+    missing = tmp_path / "nowhere"
+    one_line(["status", "abc", "--output", str(missing)], "does not exist")
+    assert not missing.exists()  # status only reads: it creates nothing
+    run = tmp_path / "out" / "runs" / "abc"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"model": "tiny"}))
+    one_line(
+        ["status", "abc", "--output", str(tmp_path / "out")], "not a mace-ray manifest (no status, concepts)"
+    )
+    (run / "manifest.json").write_text("[1, 2]")
+    one_line(["status", "abc", "--output", str(tmp_path / "out")], "not a mace-ray manifest")
+    erasure = tmp_path / "e.safetensors"
+    erasure.write_bytes(b"not safetensors")
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    one_line(["apply", str(erasure), "--output", str(afile)], "is a file; give a folder")
+    concepts = tmp_path / "c.txt"
+    concepts.write_text("dog\n")
+    one_line(["erase", str(concepts), "--output", str(afile), "--executor", "local"], "is a file, not a")
 
 
 def test_model_folder_without_model_index(tmp_path):
