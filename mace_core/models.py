@@ -240,7 +240,10 @@ def _load_error(model: str, e: Exception) -> ModelLoadError:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32):  # -> StableDiffusionPipeline
-    """Load ``tiny``, a local diffusers folder, or a hub id (offline-aware); errors name ``model``."""
+    """Load ``tiny``, a local diffusers folder, or a hub id (offline-aware); errors name ``model``.
+
+    Only safetensors weights are read: a folder with pickled ``.bin`` weights is refused.
+    """
     if model == TINY_MODEL:
         pipe = build_tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
@@ -254,6 +257,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):  # -> StableD
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=is_local,
+            use_safetensors=True,  # never unpickle a .bin checkpoint
         )
     except Exception as e:  # diffusers raises many kinds (OSError, ValueError, HF errors)
         raise _load_error(model, e) from None
@@ -271,7 +275,9 @@ def load_text_components(model: str):  # -> (CLIPTokenizer, CLIPTextModel)
     source, is_local = _resolve_source(model)
     try:
         tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
-        te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=is_local)
+        te = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", local_files_only=is_local, use_safetensors=True
+        )
     except Exception as e:
         raise _load_error(model, e) from None
     return tok, te.eval()

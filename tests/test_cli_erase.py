@@ -263,6 +263,26 @@ def test_model_folder_without_model_index(tmp_path):
     assert code == 2 and "not a diffusers pipeline folder" in err and no_complete_run(out)
 
 
+def test_model_folder_with_pickled_weights_is_refused(tmp_path, tiny_pipe):
+    """Only safetensors weights are loaded: a .bin checkpoint could run code when unpickled."""
+    from mace_core.errors import ModelLoadError
+    from mace_core.models import load_pipeline, load_text_components
+
+    folder = tmp_path / "pickled"
+    tiny_pipe.save_pretrained(folder, safe_serialization=False)
+    # transformers writes safetensors whatever it is asked: pickle the text encoder here.
+    te = folder / "text_encoder"
+    for f in te.glob("*.safetensors"):
+        f.unlink()
+    torch.save(tiny_pipe.text_encoder.state_dict(), te / "pytorch_model.bin")
+    assert list(folder.glob("unet/*.bin")) and not list(folder.glob("**/*.safetensors"))
+    for load in (load_pipeline, load_text_components):
+        with pytest.raises(ModelLoadError, match="cannot be loaded"):
+            load(str(folder))
+    code, err, out = bad(tmp_path, "dog\n", "--model", str(folder))
+    assert code == 2 and "cannot be loaded" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
