@@ -37,6 +37,8 @@ app = typer.Typer(
 
 # Exit code of a complete run whose erasure report fails --max-residual.
 EXIT_WEAK_ERASURE = 3
+# A run stopped by SIGTERM (128 + 15, as a shell reports it): marked interrupted, resumable.
+EXIT_SIGTERM = 143
 
 
 def residuals_above(report: dict, limit: float | None) -> list[tuple[str, float]]:
@@ -171,7 +173,7 @@ def erase(
         MaskSettings,
         TrainSettings,
     )
-    from mace_ray.erase import EraseRequest, run_erase
+    from mace_ray.erase import EraseRequest, Interrupted, on_sigterm, run_erase
 
     setup_logging(verbose)
     try:
@@ -211,9 +213,12 @@ def erase(
             resume=resume,
             max_residual=max_residual,
         )
-        report = run_erase(req)
+        with on_sigterm():
+            report = run_erase(req)
     except (MaceError, ValueError) as e:
         fail(str(e))
+    except Interrupted as e:
+        fail(f"{e}: the run stopped and is marked interrupted; the same command resumes it", EXIT_SIGTERM)
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
     above = residuals_above(report, max_residual)
     if above:

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import platform
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -289,13 +291,43 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
         log.info("run %s is already complete; nothing to do", p.run_id)
         return read_json(storage, layout.report)
     try:
-        with backend_for(req.executor, req.address) as backend:
+        # SIGTERM handled again inside: ray.init installs its own failure handler for it.
+        with backend_for(req.executor, req.address) as backend, on_sigterm():
             return Driver(backend, p, storage, layout, timer, manifest).run()
     except BaseException as e:
-        manifest["status"] = "failed"
+        # Stopped from outside (SIGTERM on preemption, Ctrl-C): nothing went wrong and the
+        # rerun resumes, so say so rather than "failed".
+        stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
+        manifest["status"] = "interrupted" if stopped else "failed"
         manifest["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
         write_json(storage, layout.manifest, manifest)
         raise
+
+
+class Interrupted(BaseException):
+    """The driver received SIGTERM (``on_sigterm``): stop, mark the run, let the rerun resume.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+    """
+
+
+@contextmanager
+def on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (cluster preemption, ``ray job stop``, ``kill``) into ``Interrupted`` in
+    the main thread while the block runs, so the run stops cleanly: workers and a local Ray
+    are shut down by the context managers it unwinds through."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Driver:

@@ -310,3 +310,39 @@ def test_erase_with_the_default_masker_on_the_tiny_model(finished_run):
     assert by_type["object"]["mask_source"] == "grounded-sam"
     assert by_type["style"]["mask_source"] == "whole-image (style)"
     assert rep["whole_image_fallbacks"] == sum(c["whole_image_fallbacks"] for c in rep["concepts"])
+
+
+def test_sigterm_stops_the_run_cleanly_and_the_rerun_resumes(tmp_path):
+    """Preemption sends SIGTERM: the driver (on its own local Ray) stops, marks the run
+    interrupted, exits 143 in one line, and the same command finishes the run."""
+    import signal
+    import time
+
+    from helpers import env_with_venv
+
+    cfile = tmp_path / "concepts.txt"
+    cfile.write_text("Bill Clinton | celebrity\nVan Gogh | style\nairplane | object | sky\ncat\n")
+    out = tmp_path / "out"
+    flags = FAST[2:] + ["--concepts-per-batch", "1"]  # the default executor: a local Ray
+    args = [str(Path(sys.executable).parent / "mace-ray"), "erase", str(cfile), "--model", "tiny"]
+    args += ["--output", str(out), *flags]
+    driver = subprocess.Popen(
+        args, env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("runs/*/concepts/*/DONE")):
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mace-ray: error: signal SIGTERM") and "resumes" in last
+    (root,) = list(out.glob("runs/*"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and not (root / "final").exists()
+
+    again = erase_cli(str(cfile), "--model", "tiny", "--output", str(out), *FAST, "--concepts-per-batch", "1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "concepts done before" in again.stderr
+    assert json.loads((root / "manifest.json").read_text())["status"] == "complete"
