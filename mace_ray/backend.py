@@ -68,6 +68,10 @@ class LocalBackend:
         return float(torch.cuda.device_count())
 
 
+# Restarts of a restartable actor (and retries of each call on it) before the run fails.
+STATS_MAX_RESTARTS = 3
+
+
 class RayBackend:
     """Long-lived actors on a Ray cluster; infrastructure failures are reported as such."""
 
@@ -84,8 +88,10 @@ class RayBackend:
         opts = resources.to_ray_options()
         if restartable:
             # Only for actors whose every method is idempotent and whose state rebuilds
-            # from storage (the statistics actor): Ray restarts them and retries calls.
-            opts.update(max_restarts=-1, max_task_retries=-1)
+            # from storage (the statistics actor): Ray restarts them and retries calls, a
+            # bounded number of times, so that a crash that recurs ends the run (resumable)
+            # instead of looping.
+            opts.update(max_restarts=STATS_MAX_RESTARTS, max_task_retries=STATS_MAX_RESTARTS)
         return self.ray.remote(cls).options(name=name, **opts).remote(*args)
 
     def call(self, handle: Any, method: str, *args: Any, task_name: str | None = None) -> Any:

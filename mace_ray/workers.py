@@ -306,6 +306,12 @@ class StatsWorker:
         self.layout = spec.layout
         self.sums: FusionSums | None = None
         self.added: set[str] = set()
+        if spec.metrics == "ray":
+            import ray
+
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                # Ray restarted this actor after a crash (at most STATS_MAX_RESTARTS times).
+                log.warning("statistics actor restarted after a crash; its sums rebuild from storage")
 
     def _second_moment(self, key: str) -> SecondMoment | None:
         if not self.storage.exists(key):

@@ -68,3 +68,27 @@ def test_statistics_actor_restart_rebuilds_from_storage(local_ray, reference_era
     t.join(timeout=600)
     assert "error" not in result, result.get("error")
     assert_same_erasure(erasure(root), reference_erasure)
+
+
+class _Crasher:
+    """An actor whose one method kills its process: a crash that recurs on every retry."""
+
+    def crash(self) -> None:
+        import os
+
+        os._exit(1)
+
+
+def test_a_crash_that_recurs_ends_after_bounded_restarts(local_ray):
+    """The statistics actor is restartable, but not forever: a recurring crash surfaces as
+    an actor error after STATS_MAX_RESTARTS restarts instead of looping."""
+    from ray.exceptions import RayActorError
+
+    from mace_ray.backend import STATS_MAX_RESTARTS, RayBackend
+    from mace_ray.resources import Resources
+
+    assert 0 < STATS_MAX_RESTARTS < 10
+    backend = RayBackend()
+    handle = backend.spawn(_Crasher, (), Resources(cpus=0), "mace-test-crasher", restartable=True)
+    with pytest.raises(RayActorError):
+        ray.get(handle.crash.remote(), timeout=240)
