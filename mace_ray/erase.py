@@ -297,11 +297,26 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
     except BaseException as e:
         # Stopped from outside (SIGTERM on preemption, Ctrl-C): nothing went wrong and the
         # rerun resumes, so say so rather than "failed".
-        stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
-        manifest["status"] = "interrupted" if stopped else "failed"
+        stop = stopped_by(e)
+        manifest["status"] = "interrupted" if stop else "failed"
         manifest["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
         write_json(storage, layout.manifest, manifest)
+        if isinstance(stop, Interrupted) and stop is not e:
+            raise stop from None  # surfaced through C code (Ray's wait) as a SystemError
         raise
+
+
+def stopped_by(e: BaseException) -> BaseException | None:
+    """The Interrupted or KeyboardInterrupt behind ``e``, if any. A signal handler that
+    raises while Ray's Cython code runs comes back as a SystemError caused by it."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (Interrupted, KeyboardInterrupt)):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 class Interrupted(BaseException):

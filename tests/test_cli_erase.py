@@ -346,3 +346,18 @@ def test_sigterm_stops_the_run_cleanly_and_the_rerun_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "concepts done before" in again.stderr
     assert json.loads((root / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_an_interrupt_is_found_behind_the_error_that_carries_it():
+    from mace_ray.erase import Interrupted, stopped_by
+
+    stop = Interrupted("signal SIGTERM")
+    try:
+        try:
+            raise stop
+        except Interrupted as e:  # as Ray's Cython wait reports a handler's exception
+            raise SystemError("returned a result with an exception set") from e
+    except SystemError as wrapped:
+        assert stopped_by(wrapped) is stop
+    assert stopped_by(KeyboardInterrupt()) is not None
+    assert stopped_by(RuntimeError("a bug")) is None
