@@ -93,6 +93,20 @@ def ridge_floor(A: torch.Tensor) -> float:
     return max(0.0, need)
 
 
+def regularise(
+    C: torch.Tensor, weights: Weights, n_main: int, terms: Preservation
+) -> tuple[torch.Tensor, float, RawWeights]:
+    """The preservation sum R (``preservation_sum``) and the ridge r that both closed forms
+    add to their own second moment C: r is the requested ridge, raised to ``ridge_floor``
+    when C + R + r I is too close to singular. Returns (R, r, raw weights with the floor)."""
+    raw = raw_weights(weights, n_main, terms)
+    R = preservation_sum(C.shape[0], terms, raw)
+    floor = ridge_floor(C + R + raw.ridge * torch.eye(C.shape[0], dtype=torch.float64))
+    if floor:
+        raw = RawWeights(raw.prior, raw.domain, raw.retain, raw.ridge, floor)
+    return R, raw.ridge + floor, raw
+
+
 def solve_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """X with X A = B for a symmetric A (float64), by ``linalg.solve``, never an inverse."""
     return torch.linalg.solve(A, B.T).T
@@ -104,16 +118,9 @@ def cfr_matrix(stats: MappingStats, weights: Weights, terms: Preservation) -> tu
     A ridge too small to solve (r = 0 on a singular system) is raised to the floor of
     ``ridge_floor`` and reported in the returned ``RawWeights``; never NaN.
     """
-    d = stats.C.shape[0]
-    raw = raw_weights(weights, stats.n, terms)
-    R = preservation_sum(d, terms, raw)
-    eye = torch.eye(d, dtype=torch.float64)
-    A = stats.C + R + raw.ridge * eye  # symmetric positive (semi)definite
-    floor = ridge_floor(A)
-    if floor:
-        raw = RawWeights(raw.prior, raw.domain, raw.retain, raw.ridge, floor)
-    ridge = raw.ridge + floor
-    M = solve_right(stats.C + R + ridge * eye, stats.X + R + ridge * eye)
+    R, ridge, raw = regularise(stats.C, weights, stats.n, terms)
+    rI = ridge * torch.eye(stats.C.shape[0], dtype=torch.float64)
+    M = solve_right(stats.C + R + rI, stats.X + R + rI)  # left factor symmetric positive definite
     return M, raw
 
 

@@ -179,6 +179,13 @@ def _residual_stats(
     return {"pooled": sum(r * g for r, g in rows) / total, **out}
 
 
+def above_limit(residuals: dict[str, float | None], limit: float | None) -> dict[str, float]:
+    """The entries of ``residuals`` (name -> final residual) above ``limit`` (None: none)."""
+    if limit is None:
+        return {}
+    return {name: r for name, r in residuals.items() if r is not None and r > limit}
+
+
 def summarize(
     per_concept: dict[str, dict[str, Any]], drift: dict[str, Any], max_residual: float | None = None
 ) -> dict[str, Any]:
@@ -204,9 +211,7 @@ def summarize(
         "mass_timesteps": list(MASS_TIMESTEPS),
         "max_residual": max_residual,
         "above_max_residual": sorted(
-            slug
-            for slug, e in per_concept.items()
-            if max_residual is not None and e.get("residual") is not None and e["residual"] > max_residual
+            above_limit({slug: e.get("residual") for slug, e in per_concept.items()}, max_residual)
         ),
     }
     if "retain_drift" not in drift:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mace_core.cfr import Preservation, RawWeights, preservation_sum, raw_weights, ridge_floor, solve_right
+from mace_core.cfr import Preservation, RawWeights, regularise, solve_right
 from mace_core.closed_form_weights import Weights
 from mace_core.lora import LoraFactors
 from mace_core.text_stats import SecondMoment
@@ -95,17 +95,9 @@ def fuse(
     result, on which the LoRAs were trained and which the ridge pulls towards). A ridge
     too small to solve is raised to ``ridge_floor`` and reported, as in CFR.
     """
-    d = sums.C.C.shape[0]
-    raw = raw_weights(weights, sums.C.n, terms)
-    R = preservation_sum(d, terms, raw)
-    eye = torch.eye(d, dtype=torch.float64)
+    R, ridge, raw = regularise(sums.C.C, weights, sums.C.n, terms)
     # Denominator: sum_k C_k + R + r I (shared by all projections).
-    D = sums.C.C + R + raw.ridge * eye
-    floor = ridge_floor(D)
-    if floor:
-        raw = RawWeights(raw.prior, raw.domain, raw.retain, raw.ridge, floor)
-        D = D + floor * eye
-    ridge = raw.ridge + raw.ridge_floor
+    D = sums.C.C + R + ridge * torch.eye(sums.C.C.shape[0], dtype=torch.float64)
     out = {}
     for key, W in original.items():
         W = W.double()

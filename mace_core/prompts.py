@@ -23,9 +23,14 @@ GENERATION_PROMPTS: dict[ConceptType, str] = {
 }
 
 
-def _template_file(path: str) -> tuple[str, ...]:
+def _lines(path: str) -> tuple[str, ...]:
+    """The non-empty lines of a packaged data file, stripped."""
     text = resources.files("mace_core").joinpath(path).read_text("utf-8")
-    out = tuple(line.strip() for line in text.splitlines() if line.strip())
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _template_file(path: str) -> tuple[str, ...]:
+    out = _lines(path)
     bad = [t for t in out if t.count("{}") != 1]
     if bad:  # a packaging error, not a user error
         raise RuntimeError(f"template file {path} has lines without exactly one '{{}}': {bad[:3]}")
@@ -47,8 +52,7 @@ def heldout_templates(type_: ConceptType) -> tuple[str, ...]:
 @cache
 def heldout_captions() -> tuple[str, ...]:
     """Generic captions outside the built-in prior captions (the report's prior drift)."""
-    text = resources.files("mace_core").joinpath("data/heldout_captions.txt").read_text("utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+    return _lines("data/heldout_captions.txt")
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,15 @@ class PromptPair:
 def prompt_pairs(concept: Concept, n: int | None = None) -> list[PromptPair]:
     """Concept prompts and their anchor twins; the first ``n`` templates (all by default)."""
     ts = templates(concept.type)
-    ts = ts if n is None else ts[:n]
-    return [PromptPair(t.format(concept.text), t.format(concept.anchor)) for t in ts]
+    return _pairs(concept, ts if n is None else ts[:n])
 
 
 def heldout_pairs(concept: Concept) -> list[PromptPair]:
     """Concept/anchor pairs from the held-out templates (never trained on)."""
-    ts = heldout_templates(concept.type)
+    return _pairs(concept, heldout_templates(concept.type))
+
+
+def _pairs(concept: Concept, ts: tuple[str, ...]) -> list[PromptPair]:
     return [PromptPair(t.format(concept.text), t.format(concept.anchor)) for t in ts]
 
 

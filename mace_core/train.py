@@ -57,9 +57,12 @@ def find_subsequences(ids: list[int], sub: list[int]) -> list[int]:
     return out
 
 
-def concept_token_mask(encoder: TextEncoder, prompt: str, concept: Concept) -> torch.Tensor:
-    """(max_length,) bool: every position of every occurrence of the concept's tokens."""
-    ids = encoder.ids(prompt)
+def concept_token_mask(
+    encoder: TextEncoder, prompt: str, concept: Concept, ids: list[int] | None = None
+) -> torch.Tensor:
+    """(max_length,) bool: every position of every occurrence of the concept's tokens
+    (``ids``: the prompt's token ids, when the caller has them already)."""
+    ids = encoder.ids(prompt) if ids is None else ids
     sub = encoder.ids(concept.text)[1:-1]  # without start/end tokens
     starts = find_subsequences(ids, sub)
     if not starts:
@@ -73,9 +76,9 @@ def concept_token_mask(encoder: TextEncoder, prompt: str, concept: Concept) -> t
 def loss_token_mask(encoder: TextEncoder, prompt: str, concept: Concept, penalize_eot: bool) -> torch.Tensor:
     """Token positions whose attention Eq. 3 suppresses: every occurrence of the concept's
     tokens (and, with ``penalize_eot``, end-of-text and the padding after it)."""
-    mask = concept_token_mask(encoder, prompt, concept)
+    ids = encoder.ids(prompt)
+    mask = concept_token_mask(encoder, prompt, concept, ids)
     if penalize_eot:
-        ids = encoder.ids(prompt)
         mask[len(ids) - 1 :] = True  # end-of-text and all padding after it
     return mask
 

@@ -41,18 +41,6 @@ EXIT_WEAK_ERASURE = 3
 EXIT_SIGTERM = 143
 
 
-def residuals_above(report: dict, limit: float | None) -> list[tuple[str, float]]:
-    """(concept, residual) of every concept of a report whose final residual exceeds ``limit``."""
-    if limit is None:
-        return []
-    out = []
-    for c in report.get("concepts", []):
-        residual = (c.get("erasure") or {}).get("residual")
-        if residual is not None and residual > limit:
-            out.append((c["text"], residual))
-    return out
-
-
 def _batch_size(value: str) -> int | None:
     """``--concepts-per-batch``: a positive integer, or auto (None)."""
     if str(value).strip().lower() == "auto":
@@ -166,6 +154,7 @@ def erase(
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Progress lines on stderr.")] = True,
 ) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
+    from mace_core.erasure_report import above_limit
     from mace_core.settings import (
         ClosedFormSettings,
         DataSettings,
@@ -220,7 +209,10 @@ def erase(
     except Interrupted as e:
         fail(f"{e}: the run stopped and is marked interrupted; the same command resumes it", EXIT_SIGTERM)
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
-    above = residuals_above(report, max_residual)
+    # From the per-concept residuals, not the stored list: a complete run reused with a new
+    # --max-residual is judged by the new limit.
+    residuals = {c["text"]: (c.get("erasure") or {}).get("residual") for c in report.get("concepts", [])}
+    above = list(above_limit(residuals, max_residual).items())
     if above:
         shown = ", ".join(f"{name} ({value:.3f})" for name, value in above[:5])
         more = f" and {len(above) - 5} more" if len(above) > 5 else ""
