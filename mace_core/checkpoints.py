@@ -7,37 +7,27 @@ a pipeline of that base model and reproduces the erased weights exactly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from mace_core.errors import ArtefactError
 from mace_core.models import set_attn2_weights
+from mace_core.sealed import open_sealed, safetensors_metadata, sealed_bytes
+
+__all__ = ["apply_erasure", "erasure_bytes", "read_erasure", "safetensors_metadata", "save_pipeline"]
 
 FORMAT = "mace-erasure/1"
 
 
 def erasure_bytes(weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
-    return st_save({k: v.contiguous().float() for k, v in sorted(weights.items())}, metadata=meta)
-
-
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in memory."""
-    # safetensors layout: 8-byte little-endian header length, then the JSON header.
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+    return sealed_bytes({k: v.contiguous().float() for k, v in sorted(weights.items())}, meta)
 
 
 def read_erasure(data: bytes, what: str = "erasure file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        tensors = st_load(data)
-        meta = safetensors_metadata(data)
-    except Exception as e:
-        raise ArtefactError(f"{what} is not a readable safetensors file: {e}") from None
+    # Files of earlier versions carry no checksum; they are still read.
+    tensors, meta = open_sealed(data, what, required=False)
     if meta.get("format") != FORMAT:
         raise ArtefactError(f"{what} is not a mace-ray erasure file (format {meta.get('format')!r})")
     return tensors, meta

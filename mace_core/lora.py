@@ -14,11 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from mace_core.errors import ArtefactError
+from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.settings import LORA_INITS
 
 
@@ -37,14 +36,11 @@ class LoraFactors:
         for k, (A, B) in self.factors.items():
             t[f"{k}.lora_A"] = A.contiguous()
             t[f"{k}.lora_B"] = B.contiguous()
-        return st_save(t, metadata=metadata)
+        return sealed_bytes(t, metadata)
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "LoRA") -> LoraFactors:
-        try:
-            t = st_load(data)
-        except Exception as e:
-            raise ArtefactError(f"{what} is not a readable safetensors file: {e}") from None
+        t, _ = open_sealed(data, what)
         keys = sorted({k.rsplit(".lora_", 1)[0] for k in t})
         try:
             return cls({k: (t[f"{k}.lora_A"], t[f"{k}.lora_B"]) for k in keys})

@@ -220,7 +220,7 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
     return pipe
 
 
-def _resolve_source(model: str) -> tuple[str, bool]:
+def resolve_source(model: str) -> tuple[str, bool]:
     """(path or hub id, is_local). Local folders are checked here so errors name them."""
     if not looks_like_path(model):
         return model, False
@@ -249,7 +249,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):  # -> StableD
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from diffusers import StableDiffusionPipeline
 
-    source, is_local = _resolve_source(model)
+    source, is_local = resolve_source(model)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
@@ -272,7 +272,7 @@ def load_text_components(model: str):  # -> (CLIPTokenizer, CLIPTextModel)
         return pipe.tokenizer, pipe.text_encoder
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source, is_local = _resolve_source(model)
+    source, is_local = resolve_source(model)
     try:
         tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
         te = CLIPTextModel.from_pretrained(

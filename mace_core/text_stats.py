@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from mace_core.alignment import align_tokens
 from mace_core.concepts import Concept
 from mace_core.errors import ArtefactError, ConceptError, quoted
 from mace_core.prompts import PromptPair, concept_prompts, prompt_pairs
+from mace_core.sealed import open_sealed, sealed_bytes
 
 
 class TextEncoder:
@@ -199,34 +198,22 @@ def default_captions_path() -> Path:
     return Path(str(resources.files("mace_core").joinpath("data/captions.txt")))
 
 
-def prior_cache_key(model_identity: str, captions: Sequence[str]) -> str:
-    """Cache key: the text encoder's identity and the exact caption list."""
-    h = hashlib.sha256(model_identity.encode())
+def prior_cache_key(text_fingerprint: str, captions: Sequence[str]) -> str:
+    """Cache key: the text side's fingerprint (``ModelFingerprint.text``) and the exact caption list."""
+    h = hashlib.sha256(text_fingerprint.encode())
     for c in captions:
         h.update(b"\n" + c.encode())
     return h.hexdigest()[:16]
 
 
 def second_moment_bytes(stats: SecondMoment, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialise C and n as safetensors (the prior cache format)."""
-    return st_save(
-        {"C": stats.C.contiguous(), "n": torch.tensor(stats.n, dtype=torch.int64)}, metadata=metadata
-    )
+    """Serialise C and n as a sealed safetensors file (the prior cache format)."""
+    return sealed_bytes({"C": stats.C.contiguous(), "n": torch.tensor(stats.n, dtype=torch.int64)}, metadata)
 
 
 def second_moment_from_bytes(data: bytes, what: str) -> SecondMoment:
+    t, _ = open_sealed(data, what)
     try:
-        t = st_load(data)
         return SecondMoment(t["C"].double(), int(t["n"]))
-    except Exception as e:
-        raise ArtefactError(f"{what} is not a readable statistics file: {e}") from None
-
-
-def model_identity(text_encoder) -> str:
-    """A fingerprint of the text encoder: its config plus a checksum of a few weights."""
-    te = text_encoder
-    h = hashlib.sha256(te.config.to_json_string().encode())
-    for name, p in list(te.named_parameters())[:4]:
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
-    return h.hexdigest()[:16]
+    except KeyError as e:
+        raise ArtefactError(f"{what} lacks tensor {e}") from None

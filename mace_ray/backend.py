@@ -6,7 +6,11 @@ one driver loop serves both; Ray is imported inside RayBackend only.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +70,58 @@ class LocalBackend:
         import torch
 
         return float(torch.cuda.device_count())
+
+    def node_resources(self) -> list[dict[str, float]]:
+        """This machine as the one node of the local executor, in Ray's resource names."""
+        return [local_machine_resources()]
+
+    def autoscaler(self) -> str | None:
+        """Nothing adds machines to this process."""
+        return None
+
+
+def local_machine_resources() -> dict[str, float]:
+    """CPUs this process may use, CUDA devices and physical memory (bytes) of this machine."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count()), "memory": memory}
+
+
+# The read-only autoscaler that every Ray head runs when no autoscaling config was given
+# (`ray start --head`, a local ray.init, KubeRay without autoscaling) names each node's
+# type after the node: "node_<node id hex>" (ray.autoscaler._private.util.
+# format_readonly_node_type). A cluster launcher, KubeRay or Ray-on-Spark autoscaler uses
+# the node types of its config instead ("ray.head.default", "gpu-group"...).
+_READONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]{32,}$")
+
+
+def launcher_node_types(names: Iterable[str]) -> list[str]:
+    """The node type names that come from an autoscaling config (not read-only ones)."""
+    return sorted({n for n in names if n and not _READONLY_NODE_TYPE.match(n)})
+
+
+def autoscaler_from_v1_status(raw: bytes | str | None) -> str | None:
+    """The v1 monitor's status report (internal KV "__autoscaling_status", what `ray status`
+    prints) -> a description of an autoscaler that can add nodes, or None."""
+    if not raw:
+        return None  # no monitor at all (`ray start --no-monitor`), or it has not reported yet
+    report = json.loads(raw).get("autoscaler_report") or {}
+    if report.get("pending_launches") or report.get("pending_nodes"):
+        return "the Ray autoscaler (launching nodes now)"
+    names = [*(report.get("active_nodes") or {}), *(report.get("node_type_mapping") or {}).values()]
+    managed = launcher_node_types(names)
+    return f"the Ray autoscaler (node types: {', '.join(managed)})" if managed else None
+
+
+def autoscaler_from_v2_status(status: Any) -> str | None:
+    """The same decision from autoscaler v2's ``get_cluster_status`` (a ClusterStatus)."""
+    if status.pending_launches or status.pending_nodes:
+        return "the Ray autoscaler v2 (launching nodes now)"
+    nodes = [*status.active_nodes, *status.idle_nodes]
+    managed = launcher_node_types(n.ray_node_type_name for n in nodes)
+    return f"the Ray autoscaler v2 (node types: {', '.join(managed)})" if managed else None
 
 
 # Restarts of a restartable actor (and retries of each call on it) before the run fails.
@@ -145,3 +201,32 @@ class RayBackend:
 
     def gpus_available(self) -> float:
         return float(self.ray.cluster_resources().get("GPU", 0.0))
+
+    def node_resources(self) -> list[dict[str, float]]:
+        """Total resources of each alive node (a worker must fit on one node)."""
+        return [dict(n.get("Resources") or {}) for n in self.ray.nodes() if n.get("Alive")]
+
+    def autoscaler(self) -> str | None:
+        """A description of what may add nodes to this cluster, or None when nothing can.
+
+        Every head runs a monitor; without an autoscaling config it is read-only and its
+        node types are the nodes themselves (see ``launcher_node_types``). Autoscaler v2
+        (enabled in the cluster's GCS) is read through ``get_cluster_status``, v1 through
+        the status report its monitor leaves in the internal KV. When neither can be read
+        (Ray's internal API changed, Ray Client), assume an autoscaler: waiting for nodes
+        that never come fails later, refusing a cluster that would have grown fails wrongly.
+        """
+        try:
+            from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+            if is_autoscaler_v2(fetch_from_server=True):
+                from ray.autoscaler.v2.sdk import get_cluster_status
+
+                status = get_cluster_status(self.ray.get_runtime_context().gcs_address)
+                return autoscaler_from_v2_status(status)
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            return autoscaler_from_v1_status(_internal_kv_get("__autoscaling_status"))
+        except Exception as e:  # private Ray API: never let the check itself fail a run
+            log.warning("cannot tell whether the Ray cluster autoscales (%s); assuming it may", e)
+            return "an autoscaler (not verified)"

@@ -151,6 +151,16 @@ def erase(
             min=0.0, help="Exit 3 (after writing everything) if a concept's residual stays above this."
         ),
     ] = None,
+    lock_wait: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Seconds to wait for another driver running the same run before refusing."
+        ),
+    ] = 90.0,
+    placement_wait: Annotated[
+        float,
+        typer.Option(min=0.0, help="Seconds an autoscaler may take to add a node the workers fit on."),
+    ] = 600.0,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Progress lines on stderr.")] = True,
 ) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
@@ -201,6 +211,8 @@ def erase(
             gpus_per_worker=gpus_per_worker,
             resume=resume,
             max_residual=max_residual,
+            lock_wait_s=lock_wait,
+            placement_wait_s=placement_wait,
         )
         with on_sigterm():
             report = run_erase(req)
@@ -277,11 +289,19 @@ def apply(
     model: Annotated[
         str | None, typer.Option(help="Base model (default: the one named in the file).")
     ] = None,
+    other_model: Annotated[
+        bool,
+        typer.Option(
+            "--other-model",
+            help="Apply to a model other than the one the erasure was computed on (its fingerprint differs).",
+        ),
+    ] = False,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for an s3:// --model.")] = None,
 ) -> None:
     """Apply a compact erasure file to its base model and save the erased pipeline."""
     from mace_core.checkpoints import apply_erasure, read_erasure, save_pipeline
     from mace_core.models import load_pipeline
-    from mace_ray.models_remote import resolve_model
+    from mace_ray.models_remote import fingerprint_model, resolve_model
 
     setup_logging(False)
     try:
@@ -291,7 +311,18 @@ def apply(
             raise MaceError(f"--output {str(output)!r} is a file; give a folder for the pipeline")
         data = erasure.read_bytes()
         _, meta = read_erasure(data, str(erasure))
-        pipe = load_pipeline(resolve_model(model or meta["base_model"]))
+        base = model or meta["base_model"]
+        expected = meta.get("model_fingerprint")
+        if expected and not other_model:
+            # The erasure replaces attn2 matrices computed from one model's weights: on any
+            # other weights it would mix two models without a word.
+            now = fingerprint_model(base, s3_endpoint).full
+            if now != expected:
+                raise MaceError(
+                    f"{str(erasure)!r} was computed on a model with fingerprint {expected}; "
+                    f"{base!r} has {now} (pass --other-model to apply it anyway)"
+                )
+        pipe = load_pipeline(resolve_model(base, s3_endpoint))
         apply_erasure(pipe, data, str(erasure))
         save_pipeline(pipe, output)
     except MaceError as e:

@@ -1,7 +1,8 @@
 """The erase job: concept list in, erased pipeline out, in the run layout of ``mace_ray.layout``.
 
 Stages (each resumable from storage):
-  1. prepare: parse and validate the concept list, fingerprint the model, derive the run id
+  1. prepare: parse and validate the concept list, fingerprint the model (every file that
+     counts, ``mace_core.fingerprint``), derive the run id
   2. text statistics per concept, prior (cached) and retained-set statistics
   3. CFR: the statistics worker sums X_k, C_k and solves M; concept workers set W' = W M
   4. concept batches: images, masks, LoRA (DONE marker last), streamed into the fusion sums
@@ -32,7 +33,8 @@ from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
 from mace_core.erasure_report import headline, summary_line
 from mace_core.erasure_report import summarize as erasure_summary
-from mace_core.errors import ConceptError, MaceError, quoted
+from mace_core.errors import ArtefactError, ConceptError, MaceError, quoted
+from mace_core.fingerprint import ModelFingerprint, expect_fingerprint
 from mace_core.masking import check_masker_sources
 from mace_core.models import DEFAULT_MODEL, TINY_MODEL, load_text_components, pick_device
 from mace_core.prompts import domain_prompts, generation_prompt, heldout_pairs, heldout_prompts, prompt_pairs
@@ -40,18 +42,19 @@ from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
     TextEncoder,
     default_captions_path,
-    model_identity,
     prior_cache_key,
     read_captions,
+    second_moment_from_bytes,
 )
 from mace_ray import artefacts
 from mace_ray.backend import LocalBackend, RayBackend
-from mace_ray.layout import RunLayout
-from mace_ray.layout import prior_cache_key as prior_key_path
+from mace_ray.layout import RunLayout, prior_cache_path
 from mace_ray.metrics import make_metrics
-from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
+from mace_ray.models_remote import TEXT_COMPONENTS, fingerprint_model, resolve_model
 from mace_ray.pool import Job, WorkerPool, worker_shape
+from mace_ray.preflight import check_placeable, preflight_storage
 from mace_ray.resources import Resources
+from mace_ray.runlock import RunLock
 from mace_ray.storage import Storage, open_storage, read_json, write_json
 from mace_ray.workers import RunSpec, StatsWorker
 
@@ -80,6 +83,11 @@ class EraseRequest:
     # A concept whose residual (erasure report) stays above this fails the command after
     # everything is written; not part of the run id (it changes no result).
     max_residual: float | None = None
+    # A second driver on the same run waits this long for the first to finish (or for its
+    # lease to expire) before it refuses; not part of the run id.
+    lock_wait_s: float = 90.0
+    # How long a cluster with an autoscaler may take to add a node the workers fit on.
+    placement_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_residual is not None and not self.max_residual >= 0:
@@ -90,6 +98,8 @@ class EraseRequest:
             raise ValueError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not self.lock_wait_s >= 0:
+            raise ValueError(f"lock_wait_s must be >= 0, got {self.lock_wait_s}")
 
 
 @dataclass
@@ -100,10 +110,14 @@ class Prepared:
     concepts: ConceptList
     retain: list[Concept]
     captions: list[str]
-    model_fingerprint: str
+    fingerprint: ModelFingerprint
     prior_key: str
     run_id: str
     profile: ConceptType  # whose paper configuration sets the closed-form weights
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.fingerprint.full
 
     def domain_prompts(self) -> list[str]:
         """Prompts of the domain set C_d: the profile's domain phrase in its templates."""
@@ -123,9 +137,12 @@ class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.on_stage: Callable[[str, float], None] | None = None
+        self.on_start: Callable[[str], None] | None = None  # e.g. the run lock's check
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.on_start is not None:
+            self.on_start(name)
         t = time.perf_counter()
         log.info("stage %s: started", name)
         yield
@@ -210,19 +227,34 @@ def prepare(req: EraseRequest) -> Prepared:
     n = req.settings.prompts_per_concept
     validate_prompts(encoder, concepts.concepts, n, concepts.source)
     validate_prompts(encoder, retain, n, req.retain_file or "")
-    fingerprint = model_identity(text_encoder)
-    prior_key = prior_cache_key(fingerprint, captions)
-    run_id = compute_run_id(req.model, fingerprint, concepts.concepts, retain, prior_key, req.settings)
+    # Every file of the model that can change the result: a model changed in place is a new run.
+    fingerprint = fingerprint_model(req.model, req.s3_endpoint)
+    prior_key = prior_cache_key(fingerprint.text, captions)
+    run_id = compute_run_id(req.model, fingerprint.full, concepts.concepts, retain, prior_key, req.settings)
     profile = profile_type(c.type for c in concepts.concepts)
     return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id, profile)
 
 
-def open_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]:
-    """Create the manifest, or take up an existing one (resume)."""
-    if storage.exists(layout.manifest):
-        manifest = read_json(storage, layout.manifest)
-        if manifest["status"] == "complete":
-            return manifest
+def earlier_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any] | None:
+    """The manifest of an earlier driver of this run, if any (nothing is written). A complete
+    run whose outputs no longer match their checksums comes back as not complete."""
+    if not storage.exists(layout.manifest):
+        return None
+    manifest = read_json(storage, layout.manifest)
+    if manifest.get("status") == "complete":
+        problem = check_outputs(storage, layout, manifest)
+        if problem is not None:
+            log.warning("run %s was complete, but %s: its final stages run again", p.run_id, problem)
+            manifest["status"] = "damaged"
+    return manifest
+
+
+def open_run(
+    storage: Storage, layout: RunLayout, p: Prepared, earlier: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Write the manifest of a new run, or take up an earlier driver's (resume)."""
+    if earlier is not None:
+        manifest = earlier
         manifest["resumed"] = manifest.get("resumed", 0) + 1
     else:
         manifest = {
@@ -230,6 +262,7 @@ def open_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": p.request.model,
             "model_fingerprint": p.model_fingerprint,
+            "model_components": p.fingerprint.components,
             "concepts": [c.to_dict() for c in p.concepts.concepts],
             "retain": [c.to_dict() for c in p.retain],
             "duplicates": p.concepts.duplicates,
@@ -242,6 +275,24 @@ def open_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any]
     manifest.pop("error", None)
     write_json(storage, layout.manifest, manifest)
     return manifest
+
+
+def check_outputs(storage: Storage, layout: RunLayout, manifest: dict[str, Any]) -> str | None:
+    """Why a complete run's outputs cannot be returned as they are (a file missing or not
+    matching the checksum recorded when it was written), or None when they all hold."""
+    sums = manifest.get("outputs")
+    if not isinstance(sums, dict) or not sums:
+        return "it records no checksums of its outputs"
+    try:
+        read_json(storage, layout.report)
+    except MaceError as e:
+        return f"its report is unreadable ({str(e)[:120]})"
+    for key, digest in sorted(sums.items()):
+        if not storage.exists(key):
+            return f"{key} is missing"
+        if artefacts.stored_sha256(storage, key) != digest:
+            return f"{key} does not match its checksum"
+    return None
 
 
 @contextmanager
@@ -268,42 +319,82 @@ def backend_for(executor: str, address: str | None = None) -> Iterator[LocalBack
             ray.shutdown()
 
 
+# The run lock's lease: renewed every LOCK_HEARTBEAT_S, stale after LOCK_TTL_S without renewal
+# (a driver killed on another host blocks its run that long; on the same host, not at all).
+LOCK_TTL_S, LOCK_HEARTBEAT_S = 60.0, 15.0
+
+
 def run_erase(req: EraseRequest) -> dict[str, Any]:
     """Run (or resume) an erase; returns the report. Raises MaceError on bad input."""
     timer = Timer()
-    # Storage and device first: a bad output or device is reported before any model is loaded.
+    # Storage and device first, in seconds: a bad output (an unreachable or read-only S3
+    # bucket too) or device is reported before any model is loaded, and nothing is created.
+    preflight_storage(req.output, req.s3_endpoint)
     storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
     if req.device is not None:
         pick_device(req.device)
     with timer.stage("prepare"):
         p = prepare(req)
     layout = RunLayout(p.run_id)
-    if not req.resume and storage.exists(layout.root + "/manifest.json"):
+    # One driver per run: a second one waits for the first (then finds the run complete),
+    # or refuses in one line naming it. The lease lives outside the run's folder, which
+    # --no-resume deletes.
+    lock = RunLock(storage, layout.lock, ttl_s=LOCK_TTL_S, heartbeat_s=LOCK_HEARTBEAT_S)
+    lock.acquire(wait_s=req.lock_wait_s)
+    timer.on_start = lambda stage: lock.check()
+    try:
+        return _run_locked(req, p, storage, layout, timer, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    req: EraseRequest, p: Prepared, storage: Storage, layout: RunLayout, timer: Timer, lock: RunLock
+) -> dict[str, Any]:
+    if not req.resume and storage.exists(layout.manifest):
         log.info("--no-resume: deleting the earlier state of run %s", p.run_id)
         storage.delete_prefix(layout.root)
-    manifest = open_run(storage, layout, p)
-    log.info("run %s at %s/%s (%d concepts)", p.run_id, storage.url, layout.root, len(p.concepts.concepts))
-    for d in p.concepts.duplicates:
-        log.warning(
-            "%s:%s duplicate of line %s dropped: %s", p.concepts.source, d["line"], d["first_line"], d["text"]
-        )
-    if manifest["status"] == "complete":
-        log.info("run %s is already complete; nothing to do", p.run_id)
+    earlier = earlier_run(storage, layout, p)
+    if earlier is not None and earlier["status"] == "complete":
+        log.info("run %s is already complete (its outputs match their checksums); nothing to do", p.run_id)
         return read_json(storage, layout.report)
-    try:
-        # SIGTERM handled again inside: ray.init installs its own failure handler for it.
-        with backend_for(req.executor, req.address) as backend, on_sigterm():
-            return Driver(backend, p, storage, layout, timer, manifest).run()
-    except BaseException as e:
-        # Stopped from outside (SIGTERM on preemption, Ctrl-C): nothing went wrong and the
-        # rerun resumes, so say so rather than "failed".
-        stop = stopped_by(e)
-        manifest["status"] = "interrupted" if stop else "failed"
-        manifest["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
-        write_json(storage, layout.manifest, manifest)
-        if isinstance(stop, Interrupted) and stop is not e:
-            raise stop from None  # surfaced through C code (Ray's wait) as a SystemError
-        raise
+    # SIGTERM handled again inside: ray.init installs its own failure handler for it.
+    with backend_for(req.executor, req.address) as backend, on_sigterm():
+        # Before anything is written: a worker shape that no node can hold fails in one line
+        # (after a bounded wait when an autoscaler may add one) instead of pending forever.
+        _, resources = worker_shape(backend, req.workers, req.gpus_per_worker, 1)
+        what = f"--gpus-per-worker {req.gpus_per_worker:g}" if req.gpus_per_worker else None
+        check_placeable(backend, resources, 1, req.placement_wait_s, what=what)
+        manifest = open_run(storage, layout, p, earlier)
+        log.info(
+            "run %s at %s/%s (%d concepts, model fingerprint %s)",
+            p.run_id,
+            storage.url,
+            layout.root,
+            len(p.concepts.concepts),
+            p.model_fingerprint,
+        )
+        for d in p.concepts.duplicates:
+            log.warning(
+                "%s:%s duplicate of line %s dropped: %s",
+                p.concepts.source,
+                d["line"],
+                d["first_line"],
+                d["text"],
+            )
+        try:
+            return Driver(backend, p, storage, layout, timer, manifest, lock).run()
+        except BaseException as e:
+            # Stopped from outside (SIGTERM on preemption, Ctrl-C): nothing went wrong and
+            # the rerun resumes, so say so rather than "failed".
+            stop = stopped_by(e)
+            manifest["status"] = "interrupted" if stop else "failed"
+            manifest["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            if not lock.lost:  # a driver that lost its lease must not write over the new holder's run
+                write_json(storage, layout.manifest, manifest)
+            if isinstance(stop, Interrupted) and stop is not e:
+                raise stop from None  # surfaced through C code (Ray's wait) as a SystemError
+            raise
 
 
 def stopped_by(e: BaseException) -> BaseException | None:
@@ -356,8 +447,10 @@ class Driver:
         layout: RunLayout,
         timer: Timer,
         manifest: dict[str, Any],
+        lock: RunLock | None = None,
     ) -> None:
         self.backend = backend
+        self.lock = lock
         self.p = p
         self.storage = storage
         self.layout = layout
@@ -370,6 +463,7 @@ class Driver:
             output=req.output,
             settings=req.settings,
             prior_key=p.prior_key,
+            model_fingerprint=p.model_fingerprint,
             profile=p.profile,
             s3_endpoint=req.s3_endpoint,
             device=req.device,
@@ -400,7 +494,8 @@ class Driver:
         # With an automatic batch size, size the pool as if every concept were a batch: the
         # batch size is then capped so that every worker gets work (batch_size).
         bs = self.p.request.concepts_per_batch or 1
-        done_before = artefacts.done_slugs(storage, layout)
+        # A concept is reused only if its LoRA and notes match the checksums of its marker.
+        done_before = artefacts.verified_done(storage, layout)
         todo = [c for c in self.concepts if c.slug not in done_before]
         n_workers, resources = self.worker_shape(max(1, -(-len(todo) // bs)))
         log.info("workers: %d x %s (%s executor)", n_workers, resources, backend.name)
@@ -425,23 +520,19 @@ class Driver:
         slugs = [c.slug for c in self.concepts]
         with timer.stage("text_statistics"):
             jobs = []
-            prior_key = prior_key_path(p.prior_key)
-            prior_cached = storage.exists(prior_key)
+            prior_key = prior_cache_path(p.prior_key)
+            prior_cached = self._reusable_stats(prior_key)
             if not prior_cached:
                 jobs.append(Job("prior_stats", (p.captions,), "prior"))
             for key, prompts, label in (
                 (layout.domain_stats, p.domain_prompts(), "domain-set"),
                 (layout.retain_stats, p.retain_prompts(), "retained-set"),
             ):
-                if prompts and not storage.exists(key):
+                if prompts and not self._reusable_stats(key):
                     jobs.append(Job("prompt_stats", (key, prompts), label))
             have = artefacts.slugs_with(storage, layout, "stats.safetensors")
             missing = [c for c in self.concepts if c.slug not in have]
-            chunk = 64
-            for i in range(0, len(missing), chunk):
-                part = missing[i : i + chunk]
-                jobs.append(Job("text_stats", (part,), f"text-stats[{i}:{i + len(part)}]"))
-            pool.run(jobs)
+            pool.run(jobs + self._text_stats_jobs(missing))
             log.info(
                 "text_statistics: %d concepts computed, %d reused",
                 len(missing),
@@ -464,7 +555,19 @@ class Driver:
             )
 
         with timer.stage("cfr"):
-            M = backend.get(cfr)
+            M, damaged = backend.get(cfr)
+            if damaged:
+                # Checked where they are read (the statistics actor reads them all anyway):
+                # damaged statistics are computed again, never trusted and never fatal.
+                log.warning("statistics of %d concepts are damaged; computing them again", len(damaged))
+                for slug in damaged:
+                    storage.delete_prefix(layout.stats(slug))
+                pool.run(self._text_stats_jobs([c for c in self.concepts if c.slug in set(damaged)]))
+                M, damaged = backend.get(backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve"))
+                if damaged:
+                    raise ArtefactError(
+                        f"statistics of {damaged[:3]} are damaged again just after being written"
+                    )
             pool.broadcast("set_cfr", backend.put(M))
 
         with timer.stage("train"):
@@ -499,18 +602,42 @@ class Driver:
                 "run_id": p.run_id,
                 "model_fingerprint": p.model_fingerprint,
             }
-            pool.run([Job("write_final", (fused_ref, meta), "write-final")])
+            outputs: dict[str, str] = {}
+            pool.run([Job("write_final", (fused_ref, meta), "write-final", lambda j, r: outputs.update(r))])
 
         with timer.stage("erasure_report"):
             erasure = self._erasure_report(pool, fused_ref, bs)
 
+        # The workers loaded the model when the run started; if its files changed since, the
+        # result is not of the model the user now has: refuse it rather than call it complete.
+        expect_fingerprint(
+            p.request.model, p.model_fingerprint, fingerprint_model(p.request.model, p.request.s3_endpoint)
+        )
         notes = {c.slug: artefacts.read_notes(storage, layout, c.slug) for c in self.concepts}
         report = self._report(notes, info, prior_cached, pool, erasure)
+        if self.lock is not None:
+            self.lock.check()  # the commit point: only the lease's holder marks the run complete
         write_json(storage, layout.report, report)
+        self.manifest["outputs"] = outputs
         self.manifest["status"] = "complete"
         write_json(storage, layout.manifest, self.manifest)
         log.info("erasure report: %s", summary_line(erasure))
         return report
+
+    def _reusable_stats(self, key: str) -> bool:
+        what = f"{self.storage.url}/{key}"
+        return artefacts.reusable(self.storage, key, lambda b: second_moment_from_bytes(b, what))
+
+    @staticmethod
+    def _text_stats_jobs(concepts: list[Concept], chunk: int = 64) -> list[Job]:
+        return [
+            Job(
+                "text_stats",
+                (concepts[i : i + chunk],),
+                f"text-stats[{i}:{i + len(concepts[i : i + chunk])}]",
+            )
+            for i in range(0, len(concepts), chunk)
+        ]
 
     def _erasure_report(self, pool: WorkerPool, fused_ref: Any, bs: int) -> dict[str, Any]:
         """Per-concept residuals and attention mass, and the drift of other prompts, on the

@@ -8,6 +8,7 @@ runs/<run_id>/final/pipeline/            diffusers folder
 runs/<run_id>/final/erasure.safetensors  the replaced matrices only
 runs/<run_id>/report.json
 cache/prior/<key>.safetensors            prior statistics, shared by runs
+locks/<run_id>.json                      the lease of the driver running the run
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
-def prior_cache_key(key: str) -> str:
+def prior_cache_path(key: str) -> str:
     return f"cache/prior/{key}.safetensors"
 
 
@@ -30,6 +31,11 @@ class RunLayout:
     @property
     def root(self) -> str:
         return f"runs/{self.run_id}"
+
+    @property
+    def lock(self) -> str:
+        """Outside the run's folder: --no-resume deletes that folder under the lock."""
+        return f"locks/{self.run_id}.json"
 
     @property
     def manifest(self) -> str:

@@ -17,7 +17,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from mace_core.errors import ModelLoadError
-from mace_ray.s3storage import S3Storage, parse_s3_url
+from mace_core.fingerprint import ModelFingerprint, combine, is_fingerprinted, model_fingerprint
+from mace_ray.s3storage import S3Location, S3Storage, parse_s3_url
 
 
 def default_cache_dir() -> Path:
@@ -30,6 +31,45 @@ def default_cache_dir() -> Path:
 
 # What the driver needs to validate prompts and fingerprint a model (load_text_components).
 TEXT_COMPONENTS = ("tokenizer", "text_encoder")
+
+
+def is_remote(model: str) -> bool:
+    return model[:5].lower() == "s3://"
+
+
+def _open_remote(model: str, s3_endpoint: str | None) -> tuple[S3Storage, str, S3Location]:
+    loc = parse_s3_url(model)
+    if not loc.prefix:
+        raise ModelLoadError(f"model {model!r}: name a folder inside the bucket (s3://bucket/path/to/model)")
+    parent, _, name = loc.prefix.rpartition("/")
+    storage = S3Storage(f"s3://{loc.bucket}/{parent}" if parent else f"s3://{loc.bucket}", s3_endpoint)
+    if not storage.exists(name):
+        raise ModelLoadError(f"model {model!r}: no such folder (or its upload did not complete)")
+    return storage, name, loc
+
+
+def _listing(
+    model: str, storage: S3Storage, name: str, include: Collection[str] | None, components: Collection[str]
+) -> dict[str, list]:
+    """{path in the folder: [ETag, size]}; the folder must be a pipeline with ``components``."""
+    files = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
+    if "model_index.json" not in files:
+        raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
+    for part in components:
+        if not any(rel.startswith(part + "/") for rel in files):
+            raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
+    return files
+
+
+def fingerprint_model(model: str, s3_endpoint: str | None = None) -> ModelFingerprint:
+    """The model's fingerprint (``mace_core.fingerprint``). An s3:// folder is fingerprinted
+    from its listing (ETag and size of every file that counts), without downloading it: S3
+    gives every rewritten object a new ETag."""
+    if not is_remote(model):
+        return model_fingerprint(model)
+    storage, name, _ = _open_remote(model, s3_endpoint)
+    files = _listing(model, storage, name, None, ("unet", "text_encoder", "tokenizer"))
+    return combine({rel: f"s3:{etag}:{size}" for rel, (etag, size) in files.items() if is_fingerprinted(rel)})
 
 
 def resolve_model(
@@ -45,22 +85,11 @@ def resolve_model(
     ModelLoadError when the folder is missing or not a diffusers pipeline; StorageError
     for credentials, missing buckets and the like.
     """
-    if model[:5].lower() != "s3://":
+    if not is_remote(model):
         return model
-    loc = parse_s3_url(model)
-    if not loc.prefix:
-        raise ModelLoadError(f"model {model!r}: name a folder inside the bucket (s3://bucket/path/to/model)")
-    parent, _, name = loc.prefix.rpartition("/")
-    storage = S3Storage(f"s3://{loc.bucket}/{parent}" if parent else f"s3://{loc.bucket}", s3_endpoint)
-    if not storage.exists(name):
-        raise ModelLoadError(f"model {model!r}: no such folder (or its upload did not complete)")
+    storage, name, loc = _open_remote(model, s3_endpoint)
     include = None if components is None else {"model_index.json", *components}
-    files = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
-    if "model_index.json" not in files:
-        raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
-    for part in components or ():
-        if not any(rel.startswith(part + "/") for rel in files):
-            raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
+    files = _listing(model, storage, name, include, components or ())
 
     identity = hashlib.sha256(json.dumps({"uri": loc.url, "files": files}, sort_keys=True).encode())
     root = cache_dir or default_cache_dir()

@@ -9,14 +9,15 @@ import torch
 from mace_core.models import load_text_components, pick_device
 from mace_core.text_stats import (
     TextEncoder,
-    model_identity,
     prior_cache_key,
     prompt_second_moment,
     read_captions,
     second_moment_bytes,
     second_moment_from_bytes,
 )
-from mace_ray.layout import prior_cache_key as prior_key_path
+from mace_ray.artefacts import reusable
+from mace_ray.layout import prior_cache_path
+from mace_ray.models_remote import TEXT_COMPONENTS, fingerprint_model, resolve_model
 from mace_ray.storage import Storage, open_storage
 
 
@@ -24,9 +25,10 @@ def write_prior_cache(
     storage: Storage, encoder: TextEncoder, captions: list[str], key: str
 ) -> tuple[int, bool]:
     """Build C_p into ``cache/prior/<key>`` unless present; returns (token count, was cached)."""
-    path = prior_key_path(key)
-    if storage.exists(path):
-        return second_moment_from_bytes(storage.read_bytes(path), f"{storage.url}/{path}").n, True
+    path = prior_cache_path(key)
+    what = f"{storage.url}/{path}"
+    if reusable(storage, path, lambda b: second_moment_from_bytes(b, what)):
+        return second_moment_from_bytes(storage.read_bytes(path), what).n, True
     prior = prompt_second_moment(encoder, captions)
     storage.write_bytes(path, second_moment_bytes(prior, {"captions": str(len(captions))}))
     return prior.n, False
@@ -38,14 +40,17 @@ def cache_prior(
     """``mace-ray cache-prior``: the cache that every erase with this model and file reuses."""
     captions = read_captions(captions_file)
     storage = open_storage(output, s3_endpoint=s3_endpoint)
-    tokenizer, text_encoder = load_text_components(model)
+    fingerprint = fingerprint_model(model, s3_endpoint)
+    tokenizer, text_encoder = load_text_components(
+        resolve_model(model, s3_endpoint, components=TEXT_COMPONENTS)
+    )
     dev = pick_device(device)
     encoder = TextEncoder(tokenizer, text_encoder.to(dev), dev)
-    key = prior_cache_key(model_identity(text_encoder), captions)
+    key = prior_cache_key(fingerprint.text, captions)
     with torch.no_grad():
         n, cached = write_prior_cache(storage, encoder, captions, key)
     return {
-        "key": f"{storage.url}/{prior_key_path(key)}",
+        "key": f"{storage.url}/{prior_cache_path(key)}",
         "captions": len(captions),
         "tokens": n,
         "cached": cached,

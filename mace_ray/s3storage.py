@@ -152,14 +152,27 @@ def _retry_budget() -> float:
     return value
 
 
-def make_client(url: str, s3_endpoint: str | None, style: str | None, pool: int) -> Any:
-    """A boto3 S3 client from the standard AWS configuration; errors name ``url``."""
+def make_client(
+    url: str,
+    s3_endpoint: str | None,
+    style: str | None,
+    pool: int,
+    *,
+    connect_timeout: float = 5,
+    read_timeout: float = 60,
+    max_attempts: int = 3,
+) -> Any:
+    """A boto3 S3 client from the standard AWS configuration; errors name ``url``.
+
+    The timeouts and botocore's attempt count suit long runs; the preflight probe
+    (``mace_ray.preflight``) passes short ones so that a dead endpoint fails in seconds.
+    """
 
     def build(addressing: str) -> Any:
         config = Config(
-            retries={"mode": "standard", "max_attempts": 3},
-            connect_timeout=5,
-            read_timeout=60,
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=pool,
             s3={"addressing_style": addressing},
             user_agent_extra="mace-ray",
@@ -443,6 +456,107 @@ class S3Storage:
         self._delete_keys([f"{full}/{COMPLETE}"], what)
         keys = [o["Key"] for o in self._iter_objects(full + "/")]
         self._delete_keys([*keys, full], what)
+
+    # --- conditional operations (leases, see mace_ray.runlock) ------------------------
+    # S3 conditional writes: PutObject with If-None-Match: * (AWS since 08/2024) or If-Match:
+    # <etag> (AWS since 11/2024); the server decides atomically, so of two racing requests
+    # exactly one succeeds and the other gets 412 PreconditionFailed. Verified on SeaweedFS
+    # 4.48 (12 racing clients, one winner in each of 80 rounds) and required of the server:
+    # one that ignores these headers would make every conditional write unconditional.
+    # A request retried after a lost response (botocore or our retrier) can fail its
+    # precondition because its first attempt succeeded: False then means "not done by this
+    # attempt"; callers that must know re-read the object (RunLock compares the owner).
+
+    def _conditional(self, key: str, request: Callable[[], Any]) -> bool:
+        """``request()`` under a precondition: True when applied, False when the precondition
+        failed (412, or 404 for an object that is gone). 409 ConditionalRequestConflict (AWS:
+        a concurrent operation on the key won the race) is retried, as AWS advises."""
+
+        def attempt() -> bool | None:
+            try:
+                request()
+                return True
+            except ClientError as e:
+                code, status = error_code(e), http_status(e)
+                if status == 412 or code == "PreconditionFailed":
+                    return False
+                if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
+                    return False
+                if code == "ConditionalRequestConflict":
+                    return None
+                raise
+
+        for i in range(6):
+            done = self._call(self._uri(key), attempt)
+            if done is not None:
+                return done
+            time.sleep(0.05 * 2**i)
+        raise StorageError(
+            f"{self._uri(key)}: S3 conditional request kept conflicting (ConditionalRequestConflict)"
+        )
+
+    def _checked(self, key: str) -> str:
+        check_key(key)
+        if _basename(key) in RESERVED:
+            raise StorageError(
+                f"{self._uri(key)}: the name {_basename(key)!r} is reserved for folder markers"
+            )
+        return self.loc.key(key)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if no object has that name (If-None-Match: *); False if one does."""
+        full = self._checked(key)
+        return self._conditional(
+            key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+        )
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """``(data, ETag)`` of ``key``, or None if absent. Body and ETag come from one GET, so
+        they describe the same object version."""
+        full = self._checked(key)
+
+        def get() -> tuple[bytes, str] | None:
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=full)
+            except ClientError as e:
+                if error_code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            with resp["Body"] as body:
+                return body.read(), str(resp["ETag"])
+
+        return self._call(self._uri(key), get)
+
+    def replace_if(self, key: str, data: bytes, version: str) -> bool:
+        """Replace ``key`` only if its ETag is still ``version`` (If-Match)."""
+        full = self._checked(key)
+        return self._conditional(
+            key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfMatch=version)
+        )
+
+    def delete_if(self, key: str, version: str) -> bool:
+        """Delete ``key`` only if its ETag is still ``version``.
+
+        DeleteObject with If-Match is honoured by SeaweedFS 4.48 and by AWS, but older
+        S3-compatible servers ignore the header and delete unconditionally; so the ETag is
+        compared first (HEAD) as well: on such a server a replace that lands between the
+        HEAD and the DELETE is the only case in which another writer's object is removed.
+        """
+        full = self._checked(key)
+
+        def head() -> str | None:
+            try:
+                return str(self.client.head_object(Bucket=self.bucket, Key=full)["ETag"])
+            except ClientError as e:
+                if http_status(e) == 404 and error_code(e) != "NoSuchBucket":
+                    return None
+                raise
+
+        if self._call(self._uri(key), head) != version:
+            return False
+        return self._conditional(
+            key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=version)
+        )
 
     # --- folders ---------------------------------------------------------------------
 

@@ -7,11 +7,15 @@ object or none, so a DONE marker written last vouches for everything written bef
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -45,6 +49,12 @@ class Storage(Protocol):
     def put_dir(self, local_dir: Path, key: str) -> None: ...
     def get_dir(self, key: str, local_dir: Path) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
+
+    # Conditional operations (compare-and-swap on one object), for leases (mace_ray.runlock).
+    def create_exclusive(self, key: str, data: bytes) -> bool: ...
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
+    def replace_if(self, key: str, data: bytes, version: str) -> bool: ...
+    def delete_if(self, key: str, version: str) -> bool: ...
 
 
 class LocalStorage:
@@ -131,6 +141,97 @@ class LocalStorage:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+    # --- conditional operations (leases) ----------------------------------------------
+    # create_exclusive relies on link(2) failing when the name exists, so it needs no lock;
+    # replace_if and delete_if compare then act while holding an flock on a sibling
+    # ``.<name>.lock`` (hidden from list() like every dot-name). Nothing else removes or
+    # replaces a lease, so between the comparison and the action the file cannot change
+    # (an unconditional write_bytes to the same key would bypass this: leases use only these).
+    # flock works between processes and threads on one machine; on NFS it depends on the
+    # client (Linux emulates it with byte-range locks).
+
+    def _staged(self, dest: Path, data: bytes) -> str:
+        """A complete, synced temporary sibling of ``dest`` holding ``data``."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    @contextlib.contextmanager
+    def _key_lock(self, dest: Path) -> Iterator[None]:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(dest.parent / f".{dest.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _version(self, dest: Path) -> tuple[bytes, str] | None:
+        """Contents and version read from one open file (files are replaced, never edited
+        in place, so both describe the same object). The version is inode, mtime and a
+        content hash: a replace changes at least the hash unless the bytes are identical."""
+        try:
+            with open(dest, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        return data, f"{st.st_ino}-{st.st_mtime_ns}-{digest}"
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist; False if it does. Readers never see a
+        partial file: the data is written to a temporary first, then hard-linked into place
+        (link fails atomically when the name is taken)."""
+        dest = self.path(key)
+        tmp = self._staged(dest, data)
+        try:
+            os.link(tmp, dest)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """``(data, version)`` of ``key``, or None if absent; the version is what
+        replace_if/delete_if compare against."""
+        return self._version(self.path(key))
+
+    def replace_if(self, key: str, data: bytes, version: str) -> bool:
+        """Atomically replace ``key`` only if its version is still ``version``."""
+        dest = self.path(key)
+        tmp = self._staged(dest, data)
+        try:
+            with self._key_lock(dest):
+                current = self._version(dest)
+                if current is None or current[1] != version:
+                    return False
+                os.replace(tmp, dest)
+                return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def delete_if(self, key: str, version: str) -> bool:
+        """Delete ``key`` only if its version is still ``version``."""
+        dest = self.path(key)
+        if not dest.exists():
+            return False
+        with self._key_lock(dest):
+            current = self._version(dest)
+            if current is None or current[1] != version:
+                return False
+            dest.unlink()
+            return True
 
 
 def write_json(storage: Storage, key: str, obj: Any) -> None:

@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from mace_core.cfr import Preservation, apply_cfr, cfr_matrix
-from mace_core.checkpoints import erasure_bytes, safetensors_metadata, save_pipeline
+from mace_core.checkpoints import erasure_bytes, save_pipeline
 from mace_core.closed_form_weights import PAPER_WEIGHTS, resolve_weights
 from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
@@ -36,10 +34,12 @@ from mace_core.erasure_report import (
     lora_relative_norm,
 )
 from mace_core.errors import ArtefactError
+from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fingerprint
 from mace_core.fusion import FusionSums, fuse
 from mace_core.masking import load_masker
 from mace_core.models import TINY_MODEL, get_attn2_weights, load_pipeline, pick_device, set_attn2_weights
 from mace_core.prompts import heldout_captions, prompt_pairs
+from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
     MappingStats,
@@ -51,10 +51,10 @@ from mace_core.text_stats import (
     second_moment_from_bytes,
 )
 from mace_ray import artefacts
-from mace_ray.layout import RunLayout, prior_cache_key
+from mace_ray.layout import RunLayout, prior_cache_path
 from mace_ray.logs import quiet_libraries
 from mace_ray.metrics import make_metrics
-from mace_ray.models_remote import resolve_model
+from mace_ray.models_remote import fingerprint_model, resolve_model
 from mace_ray.prior import write_prior_cache
 from mace_ray.storage import open_storage
 
@@ -70,6 +70,8 @@ class RunSpec:
     output: str
     settings: EraseSettings
     prior_key: str  # cache key of the prior statistics (text encoder + captions)
+    # The model's fingerprint when the run started: a worker that finds other weights refuses.
+    model_fingerprint: str = ""
     # The concept type whose paper configuration sets the closed-form weights left at None.
     profile: ConceptType = ConceptType.OBJECT
     s3_endpoint: str | None = None
@@ -110,7 +112,7 @@ class ConceptWorker:
         self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
         self.layout = spec.layout
         self.device = pick_device(spec.device)
-        self.pipe = load_pipeline(resolve_model(spec.model, spec.s3_endpoint)).to(self.device)
+        self.pipe = self._load_checked()
         self.encoder = TextEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.device)
         self.original = get_attn2_weights(self.pipe.unet)
         self.masker = load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
@@ -123,6 +125,27 @@ class ConceptWorker:
         self.metrics = make_metrics(spec.metrics)
         self.where = where_am_i(self.name)
         return {**self.where, "batch_plan": self.plan.to_dict()}
+
+    def _load_checked(self) -> Any:
+        """The run's pipeline, refused if its files are not the ones the run fingerprinted:
+        checked before and after loading, so a model replaced while it loads is caught too
+        (a worker that starts late, or restarts, never mixes in other weights)."""
+        spec = self.spec
+        if spec.model == TINY_MODEL:  # built, not read: hash what was built
+            pipe = load_pipeline(TINY_MODEL)
+            if spec.model_fingerprint:
+                expect_fingerprint(spec.model, spec.model_fingerprint, pipeline_fingerprint(pipe))
+            return pipe.to(self.device)
+        if spec.model_fingerprint:
+            expect_fingerprint(
+                spec.model, spec.model_fingerprint, fingerprint_model(spec.model, spec.s3_endpoint)
+            )
+        pipe = load_pipeline(resolve_model(spec.model, spec.s3_endpoint))
+        if spec.model_fingerprint:
+            expect_fingerprint(
+                spec.model, spec.model_fingerprint, fingerprint_model(spec.model, spec.s3_endpoint)
+            )
+        return pipe.to(self.device)
 
     def batch_plan(self) -> dict[str, Any]:
         """Concepts per batch and images per diffusion batch this worker's memory holds."""
@@ -150,8 +173,9 @@ class ConceptWorker:
     def prompt_stats(self, key: str, prompts: list[str]) -> int:
         """The second moment of ``prompts`` (domain set C_d, retained set C_r) stored at ``key``
         of the run's folder unless there; returns its token count."""
-        if self.storage.exists(key):
-            return second_moment_from_bytes(self.storage.read_bytes(key), key).n
+        what = f"{self.storage.url}/{key}"
+        if artefacts.reusable(self.storage, key, lambda b: second_moment_from_bytes(b, what)):
+            return second_moment_from_bytes(self.storage.read_bytes(key), what).n
         stats = prompt_second_moment(self.encoder, prompts)
         self.storage.write_bytes(key, second_moment_bytes(stats))
         return stats.n
@@ -207,17 +231,28 @@ class ConceptWorker:
 
     # ------------------------------------------------------------ output
 
-    def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """The erased diffusers folder (visible at once) and the compact erasure file."""
+    def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+        """The erased diffusers folder (visible at once) and the compact erasure file.
+
+        Returns the SHA-256 of every file written, by storage key: the run records them, and
+        a rerun of a complete run checks them before it says "already complete".
+        """
         unet = self.pipe.unet
         set_attn2_weights(unet, fused)
+        sums: dict[str, str] = {}
         try:
             with tempfile.TemporaryDirectory(prefix="mace-final-") as tmp:
                 save_pipeline(self.pipe, Path(tmp))
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        sums[f"{self.layout.final_pipeline}/{f.relative_to(tmp).as_posix()}"] = file_sha256(f)
                 self.storage.put_dir(Path(tmp), self.layout.final_pipeline)
         finally:
             set_attn2_weights(unet, self.original)
-        self.storage.write_bytes(self.layout.erasure, erasure_bytes(fused, metadata))
+        data = erasure_bytes(fused, metadata)
+        self.storage.write_bytes(self.layout.erasure, data)
+        sums[self.layout.erasure] = artefacts.sha256(data)
+        return sums
 
     # ------------------------------------------------------------ erasure report
 
@@ -319,21 +354,33 @@ class StatsWorker:
         return second_moment_from_bytes(self.storage.read_bytes(key), f"{self.storage.url}/{key}")
 
     def _preservation(self) -> Preservation:
-        prior = self._second_moment(prior_cache_key(self.spec.prior_key))
+        prior = self._second_moment(prior_cache_path(self.spec.prior_key))
         if prior is None:
-            raise ArtefactError(f"prior statistics {prior_cache_key(self.spec.prior_key)} are missing")
+            raise ArtefactError(f"prior statistics {prior_cache_path(self.spec.prior_key)} are missing")
         return Preservation(
             prior=prior,
             domain=self._second_moment(self.layout.domain_stats),
             retain=self._second_moment(self.layout.retain_stats),
         )
 
-    def solve_cfr(self, slugs: list[str]) -> torch.Tensor:
-        """Sum every concept's X_k, C_k from storage and solve M (Eq. 2); writes cfr/M."""
+    def solve_cfr(self, slugs: list[str]) -> tuple[torch.Tensor | None, list[str]]:
+        """Sum every concept's X_k, C_k from storage and solve M (Eq. 2); writes cfr/M.
+
+        Returns (M, []) or, when some concepts' statistics are damaged (they do not match
+        their checksums), (None, those slugs) for the driver to compute them again.
+        """
         total: MappingStats | None = None
+        damaged = []
         for slug in slugs:
-            m = artefacts.read_text_stats(self.storage, self.layout, slug).mapping
+            try:
+                m = artefacts.read_text_stats(self.storage, self.layout, slug).mapping
+            except ArtefactError as e:
+                log.warning("%s", str(e)[:300])
+                damaged.append(slug)
+                continue
             total = m if total is None else total + m
+        if damaged:
+            return None, damaged
         if total is None:
             raise ArtefactError("CFR needs at least one concept")
         terms = self._preservation()
@@ -349,13 +396,14 @@ class StatsWorker:
         M, raw = cfr_matrix(total, weights, terms)
         info = {"tokens": total.n, "weights": weights.to_dict(), "raw_weights": raw.to_dict()}
         self.storage.write_bytes(
-            self.layout.cfr_matrix, st_save({"M": M.contiguous()}, metadata={"info": json.dumps(info)})
+            self.layout.cfr_matrix, sealed_bytes({"M": M.contiguous()}, {"info": json.dumps(info)})
         )
-        return M
+        return M, []
 
     def _load_M(self) -> tuple[torch.Tensor, dict[str, Any]]:
-        data = self.storage.read_bytes(self.layout.cfr_matrix)
-        return st_load(data)["M"].double(), json.loads(safetensors_metadata(data).get("info", "{}"))
+        key = self.layout.cfr_matrix
+        t, meta = open_sealed(self.storage.read_bytes(key), f"{self.storage.url}/{key}")
+        return t["M"].double(), json.loads(meta.get("info", "{}"))
 
     def add_concepts(self, slugs: list[str]) -> int:
         """Stream finished concepts into the fusion sums (idempotent per slug)."""

@@ -92,3 +92,21 @@ def test_a_crash_that_recurs_ends_after_bounded_restarts(local_ray):
     handle = backend.spawn(_Crasher, (), Resources(cpus=0), "mace-test-crasher", restartable=True)
     with pytest.raises(RayActorError):
         ray.get(handle.crash.remote(), timeout=240)
+
+
+def test_a_worker_shape_no_node_holds_fails_at_once_and_writes_nothing(local_ray, tmp_path):
+    """A local Ray has no autoscaler: 4 GPUs per worker on a 2-GPU cluster can never start.
+    Refused in one line before any run state is written (Ray would keep the actors pending)."""
+    import time
+
+    from mace_ray.preflight import PlacementError
+
+    cfile = tmp_path / "concepts.txt"
+    cfile.write_text(CONCEPTS)
+    t = time.monotonic()
+    with pytest.raises(PlacementError) as e:
+        run_erase(request(cfile, tmp_path / "out", gpus_per_worker=4))
+    assert time.monotonic() - t < 120  # prepare loads the text encoder; no waiting after it
+    msg = str(e.value)
+    assert "\n" not in msg and "--gpus-per-worker 4" in msg and "no autoscaler" in msg
+    assert not (tmp_path / "out" / "runs").exists()

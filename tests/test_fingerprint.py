@@ -1,0 +1,137 @@
+"""Model fingerprints and sealed artefacts: what keys a run, and what a reader can trust."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mace_core.fingerprint as fp
+from mace_core.errors import ArtefactError, ModelLoadError
+from mace_core.fingerprint import ModelChangedError, expect_fingerprint, folder_fingerprint, is_fingerprinted
+from mace_core.sealed import open_sealed, sealed_bytes
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tiny_pipe):
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def model(model_folder, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+    return copy
+
+
+def flip_last_byte(path) -> None:
+    """Change one byte in place, keeping the size and the mtime (a silent corruption)."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_which_files_count():
+    assert is_fingerprinted("model_index.json")
+    assert is_fingerprinted(UNET) and is_fingerprinted("unet/config.json")
+    assert is_fingerprinted("tokenizer/vocab.json") and is_fingerprinted("scheduler/scheduler_config.json")
+    assert is_fingerprinted("unet/diffusion_pytorch_model-00001-of-00002.safetensors")
+    # never read by a run: other weight formats, variants, components it does not load
+    assert not is_fingerprinted("unet/diffusion_pytorch_model.bin")
+    assert not is_fingerprinted("unet/diffusion_pytorch_model.fp16.safetensors")
+    assert not is_fingerprinted("safety_checker/model.safetensors")
+    assert not is_fingerprinted("README.md") and not is_fingerprinted("unet/.cache/x")
+
+
+def test_any_change_to_a_component_changes_its_fingerprint(model, tmp_path):
+    cache = tmp_path / "digests"
+    before = folder_fingerprint(model, cache)
+    assert set(before.components) == {"model_index", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+
+    flip_last_byte(model / UNET)  # same size, same mtime: the ctime still tells
+    after = folder_fingerprint(model, cache)
+    assert before.changed(after) == ["unet"]
+    assert after.full != before.full
+    assert after.text == before.text  # the prior statistics are still shared
+
+    cfg = model / "vae/config.json"
+    cfg.write_text(cfg.read_text().replace('"latent_channels": 4', '"latent_channels": 4 '))
+    assert folder_fingerprint(model, cache).changed(after) == ["vae"]
+
+    (model / "unet/diffusion_pytorch_model.bin").write_bytes(b"never loaded")
+    (model / "README.md").write_text("notes")
+    assert folder_fingerprint(model, cache).changed(after) == ["vae"]
+
+
+def test_digests_are_cached_so_a_large_model_is_read_once(model, tmp_path, monkeypatch):
+    cache = tmp_path / "digests"
+    first = folder_fingerprint(model, cache)
+    reads = []
+    real = fp.file_sha256
+    monkeypatch.setattr(fp, "file_sha256", lambda p: reads.append(p) or real(p))
+    assert folder_fingerprint(model, cache) == first
+    assert reads == []  # stat only
+    flip_last_byte(model / UNET)
+    folder_fingerprint(model, cache)
+    assert [p.name for p in reads] == ["diffusion_pytorch_model.safetensors"]  # only what changed
+    # An unwritable cache only costs reading again.
+    assert folder_fingerprint(model, tmp_path / "a-file-not-a-folder" / "x") != first
+
+
+def test_fingerprints_refuse_what_is_not_a_pipeline(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        folder_fingerprint(tmp_path / "empty")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half/model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="no unet/"):
+        folder_fingerprint(tmp_path / "half")
+
+
+def test_tiny_fingerprint_is_the_same_in_every_process():
+    code = "from mace_core.fingerprint import tiny_fingerprint as t; print(t().full)"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # set order differs from this process's
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert other.stdout.strip() == fp.tiny_fingerprint().full
+
+
+def test_expect_fingerprint_names_the_model_in_one_line(model, tmp_path):
+    now = folder_fingerprint(model, tmp_path / "d")
+    expect_fingerprint(str(model), now.full, now)
+    with pytest.raises(ModelChangedError) as e:
+        expect_fingerprint(str(model), "0123456789abcdef", now)
+    assert "\n" not in str(e.value) and str(model) in str(e.value) and now.full in str(e.value)
+
+
+def test_sealed_files_detect_truncation_and_alteration(tmp_path):
+    t = {"C": torch.randn(8, 8, dtype=torch.float64), "n": torch.tensor(3)}
+    data = sealed_bytes(t, {"captions": "5"})
+    back, meta = open_sealed(data, "x")
+    assert torch.equal(back["C"], t["C"]) and meta["captions"] == "5"
+    with pytest.raises(ArtefactError, match="x is not a readable safetensors file"):
+        open_sealed(data[: len(data) // 2], "x")
+    altered = bytearray(data)
+    altered[-3] ^= 1
+    with pytest.raises(ArtefactError, match="does not match its checksum"):
+        open_sealed(bytes(altered), "x")
+    path = tmp_path / "plain.safetensors"
+    save_file(t, path)  # no seal: refused where one is required, read where it is not
+    with pytest.raises(ArtefactError, match="carries no checksum"):
+        open_sealed(path.read_bytes(), "x")
+    assert torch.equal(open_sealed(path.read_bytes(), "x", required=False)[0]["C"], t["C"])
+    # A sealed file is still a plain safetensors file for every other reader.
+    (tmp_path / "s.safetensors").write_bytes(data)
+    assert torch.equal(load_file(tmp_path / "s.safetensors")["C"], t["C"])
