@@ -10,5 +10,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl \
     diffusers==0.42.1 transformers==5.24.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
-    truststore open_clip_torch==3.3.0 segment-anything==1.0 tokenizers==0.23.3 importlib_metadata
+    truststore segment-anything==1.0 tokenizers==0.23.3 importlib_metadata
 du -sh .whl

@@ -10,6 +10,7 @@ exactly the gradients of K separate runs (attention and GroupNorm act per sample
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -31,21 +32,56 @@ class LoraFactors:
         A, B = self.factors[key]
         return B @ A
 
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[0] if self.factors else 0
+
     def to_bytes(self, metadata: dict[str, str] | None = None) -> bytes:
+        """A sealed safetensors file in the diffusers/PEFT LoRA convention: tensors
+        ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and the adapter config under
+        ``lora_adapter_metadata``, so ``pipe.load_lora_weights(path)`` loads it as a UNet
+        adapter (diffusers reads it through PEFT)."""
         t = {}
         for k, (A, B) in self.factors.items():
-            t[f"{k}.lora_A"] = A.contiguous()
-            t[f"{k}.lora_B"] = B.contiguous()
-        return sealed_bytes(t, metadata)
+            t[peft_key(k, "lora_A")] = A.contiguous()
+            t[peft_key(k, "lora_B")] = B.contiguous()
+        meta = {"format": "pt", LORA_METADATA: adapter_config(self.rank, self.factors), **(metadata or {})}
+        return sealed_bytes(t, meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "LoRA") -> LoraFactors:
         t, _ = open_sealed(data, what)
-        keys = sorted({k.rsplit(".lora_", 1)[0] for k in t})
+        modules = sorted({k.rsplit(".lora_", 1)[0] for k in t})
         try:
-            return cls({k: (t[f"{k}.lora_A"], t[f"{k}.lora_B"]) for k in keys})
+            factors = {
+                f"{m.removeprefix(UNET_PREFIX)}.weight": (t[f"{m}.lora_A.weight"], t[f"{m}.lora_B.weight"])
+                for m in modules
+            }
         except KeyError as e:
             raise ArtefactError(f"{what} lacks tensor {e}") from None
+        return cls(factors)
+
+
+# The diffusers/PEFT naming of a UNet LoRA (what StableDiffusionPipeline.load_lora_weights reads).
+UNET_PREFIX = "unet."
+LORA_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata key for the adapter config
+
+
+def peft_key(weight_key: str, part: str) -> str:
+    """``down...attn2.to_k.weight`` -> ``unet.down...attn2.to_k.lora_A.weight``."""
+    return f"{UNET_PREFIX}{weight_key.removesuffix('.weight')}.{part}.weight"
+
+
+def adapter_config(rank: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """The PEFT LoraConfig of these factors, as diffusers stores it: scale alpha / r = 1 (dW =
+    B A), on exactly these modules. Built through PEFT so that every field is one it accepts."""
+    from peft import LoraConfig
+
+    modules = sorted(k.removesuffix(".weight") for k in factors)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights="gaussian")
+    kept = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": modules}
+    kept["init_lora_weights"] = config.init_lora_weights
+    return json.dumps({f"{UNET_PREFIX}{k}": v for k, v in kept.items()}, sort_keys=True)
 
 
 def init_lora_a(rank: int, d_in: int, g: torch.Generator, init: str = "gaussian") -> torch.Tensor:

@@ -8,7 +8,6 @@ for demos and tests: it runs every stage of the method, its images are noise.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import tempfile
@@ -113,12 +112,12 @@ def attn2_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator
 
 
 def _clip_vocab_path() -> Path:
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the tiny model needs the CLIP vocabulary of open-clip-torch; pip install it")
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    """CLIP's BPE vocabulary, shipped as package data (mace_core/data/clip/SOURCE.md)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("mace_core").joinpath("data/clip/bpe_simple_vocab_16e6.txt.gz")))
     if not path.is_file():
-        raise ModelLoadError(f"CLIP vocabulary not found at {path}")
+        raise ModelLoadError(f"CLIP vocabulary not found at {path} (a broken install of mace-ray)")
     return path
 
 
@@ -153,7 +152,7 @@ def write_clip_tokenizer_files(folder: Path) -> None:
 
 @lru_cache(maxsize=1)
 def clip_tokenizer():  # -> CLIPTokenizer
-    """The real CLIP tokenizer (SD 1.x), built offline from open-clip's vocabulary."""
+    """The real CLIP tokenizer (SD 1.x), built offline from CLIP's vocabulary."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,7 +66,8 @@ def load_model_and_processor(
         kind = AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
         if kind != model_type:
             raise ModelLoadError(f"{what} {spec!r} is a {kind!r} model, not {label}")
-        model = model_cls.from_pretrained(source, local_files_only=local_only)
+        # safetensors only: a pickled pytorch_model.bin is never loaded (no code runs on load)
+        model = model_cls.from_pretrained(source, local_files_only=local_only, use_safetensors=True)
         return model, processor_cls.from_pretrained(source, local_files_only=local_only)
 
     return load_pretrained(load, spec, what)

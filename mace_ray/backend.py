@@ -44,8 +44,10 @@ class LocalBackend:
         except MaceError as e:
             return LocalRef(error=e)
 
-    def wait(self, refs: list[LocalRef]) -> tuple[list[LocalRef], list[LocalRef]]:
-        return list(refs), []
+    def wait(
+        self, refs: list[LocalRef], timeout: float | None = None
+    ) -> tuple[list[LocalRef], list[LocalRef]]:
+        return list(refs), []  # calls ran when they were made
 
     def get(self, ref: LocalRef) -> Any:
         if ref.error is not None:
@@ -156,8 +158,9 @@ class RayBackend:
             m = m.options(name=task_name)
         return m.remote(*args)
 
-    def wait(self, refs: list[Any]) -> tuple[list[Any], list[Any]]:
-        return self.ray.wait(refs, num_returns=1)
+    def wait(self, refs: list[Any], timeout: float | None = None) -> tuple[list[Any], list[Any]]:
+        """At least one ready ref, or none after ``timeout`` seconds (None: no limit)."""
+        return self.ray.wait(refs, num_returns=1, timeout=timeout)
 
     def get(self, ref: Any) -> Any:
         from ray.exceptions import RayTaskError

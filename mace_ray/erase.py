@@ -472,7 +472,7 @@ class Driver:
         self.concepts = p.concepts.concepts
         # Actor names must be unique in the cluster: a killed driver's actors may linger a moment.
         self.session = f"{p.run_id[:8]}-{uuid.uuid4().hex[:6]}"
-        metrics = make_metrics(backend.name)
+        self.metrics = metrics = make_metrics(backend.name)
         timer.on_stage = lambda stage, seconds: metrics.stage_seconds(stage, seconds, p.run_id)
 
     def worker_shape(self, n_batches: int) -> tuple[int, Resources]:
@@ -504,8 +504,11 @@ class Driver:
         stats = backend.spawn(
             StatsWorker, (self.spec,), Resources(cpus=0), f"mace-stats-{self.session}", True
         )
+        self.metrics.run_started(self.p.run_id, len(self.concepts), len(done_before))
         pool = WorkerPool(backend, self.spec, resources, n_workers, storage, self.session)
         try:
+            with self.timer.stage("workers_start"):  # model loading, on every worker at once
+                pool.wait_started()
             report = self._stages(pool, stats, todo, done_before)
         finally:
             pool.shutdown()
@@ -577,6 +580,7 @@ class Driver:
 
             def finished(job: Job, result: list[str]) -> None:
                 progress["done"] += len(job.args[0])
+                self.metrics.concepts_done(progress["done"], self.p.run_id)
                 # Stream the finished concepts into the fusion sums while others train.
                 streamed.append(backend.call(stats, "add_concepts", [c.slug for c in job.args[0]]))
                 log.info("train: %d/%d concepts done (%s)", progress["done"], len(self.concepts), job.label)
@@ -692,6 +696,7 @@ class Driver:
                 "root": f"{storage.url}/{layout.root}",
                 "pipeline": layout.final_pipeline,
                 "erasure": layout.erasure,
+                "cfr": layout.cfr_erasure,
             },
             "model": p.request.model,
             "executor": self.backend.name,

@@ -123,6 +123,7 @@ def eval_command(
 ) -> None:
     """Evaluate MODEL with one of the paper's protocols; writes evals/<eval_id>/ under OUTPUT."""
     # Imported here: mace_ray.cli imports this module to register the command.
+    from mace_core.evaluation.errors import check_eval_extra
     from mace_core.evaluation.generation import GenerationSettings
     from mace_core.evaluation.summary import metrics_table
     from mace_ray.evaluate import EvalRequest, run_eval
@@ -131,6 +132,7 @@ def eval_command(
     setup_logging(verbose)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache line is noise here
     try:
+        check_eval_extra()
         req = EvalRequest(
             model=model,
             suite=suite.value,

@@ -6,6 +6,7 @@ runs/<run_id>/concepts/<slug>/           images/, masks/, lora.safetensors,
                                          stats.safetensors, notes.json, DONE
 runs/<run_id>/final/pipeline/            diffusers folder
 runs/<run_id>/final/erasure.safetensors  the replaced matrices only
+runs/<run_id>/final/cfr.safetensors      the CFR-refined matrices (where the LoRAs load)
 runs/<run_id>/report.json
 cache/prior/<key>.safetensors            prior statistics, shared by runs
 locks/<run_id>.json                      the lease of the driver running the run
@@ -97,3 +98,8 @@ class RunLayout:
     @property
     def erasure(self) -> str:
         return f"{self.root}/final/erasure.safetensors"
+
+    @property
+    def cfr_erasure(self) -> str:
+        """The CFR-refined matrices W' (Eq. 2) alone: the base the per-concept LoRAs train on."""
+        return f"{self.root}/final/cfr.safetensors"

@@ -10,6 +10,7 @@ the run at once.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from mace_ray.workers import ConceptWorker, RunSpec
 log = logging.getLogger("mace_ray")
 
 MAX_ATTEMPTS = 3
+# A stage that runs long says where it is at least this often (seconds).
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass
@@ -62,6 +65,7 @@ class WorkerPool:
         self.idle: list[tuple[int, Any]] = []
         self.starting: dict[Any, tuple[int, Any]] = {}  # ready() ref -> worker
         self.busy: dict[Any, tuple[int, Any, Job]] = {}  # job ref -> worker, job
+        self.dispatched: dict[Any, float] = {}  # job ref -> when it was sent (throughput)
         self.init_calls: list[tuple[str, tuple]] = []
         self.replaced = 0
         self.where: dict[str, dict] = {}
@@ -99,9 +103,31 @@ class WorkerPool:
         for ref in refs:
             self.backend.get(ref)
 
+    def _started(self, ref: Any) -> None:
+        """A worker's setup finished: idle, or replaced if its node or process was lost."""
+        i, h = self.starting.pop(ref)
+        try:
+            self.where[str(i)] = self.backend.get(ref)
+            self.idle.append((i, h))
+        except Exception as e:
+            if not self.backend.is_infrastructure_error(e):
+                raise
+            self._replace(i, h, e)
+
+    def wait_started(self) -> None:
+        """Until every worker has loaded its models (its own stage in the timings, so that
+        model loading is not billed to the first stage that needs a worker)."""
+        while self.starting:
+            ready, _ = self.backend.wait(list(self.starting))
+            for ref in ready:
+                self._started(ref)
+
     def run(self, jobs: list[Job]) -> None:
-        """Run every job on some worker; returns when all are done."""
+        """Run every job on some worker; returns when all are done. A progress line at least
+        every PROGRESS_EVERY_S seconds says how many jobs are done and running."""
         queue = deque(jobs)
+        total, finished = len(jobs), 0
+        last_line = time.monotonic()
         while queue or self.busy:
             while queue and self.idle:
                 job = queue.popleft()
@@ -109,22 +135,21 @@ class WorkerPool:
                 job.attempts += 1
                 ref = self.backend.call(h, job.method, *job.args, task_name=f"{job.label}@w{i}")
                 self.busy[ref] = (i, h, job)
+                self.dispatched[ref] = time.monotonic()
             waiting = list(self.busy) + list(self.starting)
             if not waiting:
                 raise RuntimeError("no concept worker is alive or starting")
-            ready, _ = self.backend.wait(waiting)
+            ready, _ = self.backend.wait(waiting, timeout=PROGRESS_EVERY_S)
+            if time.monotonic() - last_line >= PROGRESS_EVERY_S:
+                running = ", ".join(job.label for _, _, job in list(self.busy.values())[:3])
+                log.info("  %d/%d jobs done, %d running (%s)", finished, total, len(self.busy), running)
+                last_line = time.monotonic()
             for ref in ready:
                 if ref in self.starting:
-                    i, h = self.starting.pop(ref)
-                    try:
-                        self.where[str(i)] = self.backend.get(ref)
-                        self.idle.append((i, h))
-                    except Exception as e:
-                        if not self.backend.is_infrastructure_error(e):
-                            raise
-                        self._replace(i, h, e)
+                    self._started(ref)
                     continue
                 i, h, job = self.busy.pop(ref)
+                sent = self.dispatched.pop(ref, None)
                 try:
                     result = self.backend.get(ref)
                 except Exception as e:
@@ -134,6 +159,10 @@ class WorkerPool:
                     self._replace(i, h, e)
                     continue
                 self.idle.append((i, h))
+                finished += 1
+                if job.concepts and sent is not None:
+                    seconds = max(time.monotonic() - sent, 1e-6)
+                    self.metrics.worker_throughput(f"w{i}", len(job.concepts) / seconds, self.spec.run_id)
                 if job.on_done is not None:
                     job.on_done(job, result)
 

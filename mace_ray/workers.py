@@ -14,7 +14,6 @@ import json
 import logging
 import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,6 @@ from mace_core.text_stats import (
 from mace_ray import artefacts
 from mace_ray.layout import RunLayout, prior_cache_path
 from mace_ray.logs import quiet_libraries
-from mace_ray.metrics import make_metrics
 from mace_ray.models_remote import fingerprint_model, resolve_model
 from mace_ray.prior import write_prior_cache
 from mace_ray.storage import open_storage
@@ -122,7 +120,6 @@ class ConceptWorker:
         )
         # With the models loaded, what is left of the GPU's memory sets the batch sizes.
         self.plan = self.batch_worker.plan()
-        self.metrics = make_metrics(spec.metrics)
         self.where = where_am_i(self.name)
         return {**self.where, "batch_plan": self.plan.to_dict()}
 
@@ -155,7 +152,6 @@ class ConceptWorker:
 
     def text_stats(self, concepts: list[Concept]) -> int:
         """CFR and fusion statistics per concept, written per concept; returns how many were new."""
-        t = time.perf_counter()
         n = 0
         for c in concepts:
             if self.storage.exists(self.layout.stats(c.slug)):
@@ -163,7 +159,6 @@ class ConceptWorker:
             stats = concept_text_stats(self.encoder, c, self.spec.settings.prompts_per_concept)
             artefacts.write_text_stats(self.storage, self.layout, c.slug, stats)
             n += 1
-        self.metrics.stage_seconds("text_statistics", time.perf_counter() - t, self.spec.run_id)
         return n
 
     def prior_stats(self, captions: list[str]) -> int:
@@ -198,10 +193,8 @@ class ConceptWorker:
         todo = [c for c in self._pending(concepts) if not self.storage.exists(self.layout.data_notes(c.slug))]
         if not todo:
             return []
-        t = time.perf_counter()
         for d in self.batch_worker.data(todo):
             artefacts.write_data(self.storage, self.layout, d)
-        self.metrics.stage_seconds("data", time.perf_counter() - t, self.spec.run_id)
         return [c.slug for c in todo]
 
     def process(self, concepts: list[Concept]) -> list[str]:
@@ -215,7 +208,6 @@ class ConceptWorker:
         todo = self._pending(concepts)
         if not todo:
             return []
-        t = time.perf_counter()
         stored = {c.slug: artefacts.read_data(self.storage, self.layout, c) for c in todo}
         missing = [c for c in todo if stored[c.slug] is None]
         for d in self.batch_worker.data(missing) if missing else []:
@@ -225,14 +217,13 @@ class ConceptWorker:
         for art in arts:
             art.notes["where"] = self.where
             artefacts.write_result(self.storage, self.layout, art)
-        self.metrics.stage_seconds("train", time.perf_counter() - t, self.spec.run_id)
-        self.metrics.concepts_done(len(arts), self.spec.run_id)
         return [a.concept.slug for a in arts]
 
     # ------------------------------------------------------------ output
 
     def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
-        """The erased diffusers folder (visible at once) and the compact erasure file.
+        """The erased diffusers folder (visible at once), the compact erasure file, and the
+        compact file of the CFR-refined weights (what each concept's LoRA applies to).
 
         Returns the SHA-256 of every file written, by storage key: the run records them, and
         a rerun of a complete run checks them before it says "already complete".
@@ -252,6 +243,10 @@ class ConceptWorker:
         data = erasure_bytes(fused, metadata)
         self.storage.write_bytes(self.layout.erasure, data)
         sums[self.layout.erasure] = artefacts.sha256(data)
+        if self.batch_worker.refined is not None:  # a LoRA of the run loads onto these weights
+            cfr = erasure_bytes(self.batch_worker.refined, {**metadata, "weights": "cfr"})
+            self.storage.write_bytes(self.layout.cfr_erasure, cfr)
+            sums[self.layout.cfr_erasure] = artefacts.sha256(cfr)
         return sums
 
     # ------------------------------------------------------------ erasure report

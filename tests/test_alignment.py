@@ -1,4 +1,4 @@
-"""Token alignment on the real CLIP tokenizer (open-clip's vocabulary)."""
+"""Token alignment on the real CLIP tokenizer (CLIP's vocabulary, shipped as package data)."""
 
 from __future__ import annotations
 

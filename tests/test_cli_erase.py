@@ -109,6 +109,40 @@ def test_apply_command(finished_run, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_each_concepts_lora_loads_with_diffusers_onto_the_cfr_weights(finished_run, tmp_path):
+    """A concept's lora.safetensors is a diffusers/PEFT UNet LoRA: load_lora_weights takes it
+    onto the run's CFR-refined pipeline (final/cfr.safetensors), adding B A to attn2 only."""
+    from diffusers import StableDiffusionPipeline
+
+    from mace_core.lora import LoraFactors
+
+    _, _, result, _ = finished_run
+    root = Path(result["root"])
+    r = CliRunner().invoke(
+        app, ["apply", str(root / "final/cfr.safetensors"), "--output", str(tmp_path / "cfr")]
+    )
+    assert r.exit_code == 0, r.output
+    refined, _ = read_erasure((root / "final/cfr.safetensors").read_bytes())
+    folder = next(p for p in (root / "concepts").iterdir() if p.name.startswith("van-gogh"))
+    lora = LoraFactors.from_bytes((folder / "lora.safetensors").read_bytes())
+    # Trained, not the B = 0 start (on to_k: the attention-map loss gives to_v no gradient).
+    assert all(B.abs().max() > 0 for k, (_, B) in lora.factors.items() if ".to_k." in k)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "cfr", local_files_only=True)
+    assert all(torch.equal(m.weight, refined[k]) for k, m in attn2_projections(pipe.unet).items())
+    others = {
+        k: v for k, v in state(pipe.unet).items() if ".attn2.to_k." not in k and ".attn2.to_v." not in k
+    }
+    pipe.load_lora_weights(str(folder), weight_name="lora.safetensors", adapter_name="van-gogh")
+    assert pipe.get_list_adapters() == {"unet": ["van-gogh"]}
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    for k, m in attn2_projections(pipe.unet).items():
+        assert torch.allclose(m.weight, refined[k] + lora.delta(k), atol=1e-6), k
+    after = state(pipe.unet)
+    assert all(torch.equal(after[k], v) for k, v in others.items())
+
+
 def test_resume_reuses_done_concepts(finished_run, tmp_path):
     import shutil
 

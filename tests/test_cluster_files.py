@@ -536,6 +536,12 @@ def test_dockerfile_installs_this_package_and_the_tested_torch():
     runs = " ".join(args for ins, args in instructions if ins == "RUN")
     assert re.search(r"pip install [^&]*\s\.(\s|$)", runs), "the image must `pip install .` this repo"
     assert any(ins == "COPY" and args.split()[-2:] == [".", "."] for ins, args in instructions)
+    # Dependencies in a layer before the source, so that a code edit does not reinstall them.
+    source = next(i for i, (ins, args) in enumerate(instructions) if ins == "COPY" and args.endswith(". ."))
+    deps = next(
+        i for i, (ins, args) in enumerate(instructions) if ins == "RUN" and "requirements.txt" in args
+    )
+    assert deps < source and "--no-deps" in instructions[source + 1][1]
     setup = (REPO / "scripts" / "setup.sh").read_text()
     torch_pin = re.search(r"MACE_TORCH:-([^}]+)\}", setup).group(1)
     vision_pin = re.search(r"MACE_TORCHVISION:-([^}]+)\}", setup).group(1)

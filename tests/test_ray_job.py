@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -104,16 +105,34 @@ def test_job_submit_end_to_end(ray_head, reference_erasure, tmp_path):
     # The job's driver connected to this head (no second local Ray was started).
     assert "Started a local Ray instance" not in logs
     # Custom metrics reach the head's Prometheus endpoint (what the dashboard's metrics view reads).
+    report = json.loads((root / "report.json").read_text())
+
+    def series(text: str, name: str) -> dict[str, float]:
+        """{stage or worker or "": value} of a metric's samples (Ray's own labels ignored)."""
+        out: dict[str, float] = {}
+        for ln in text.splitlines():
+            if ln.startswith(name + "{"):
+                label = re.search(r'(?:stage|worker)="([^"]*)"', ln)
+                key = label.group(1) if label else ""
+                assert key not in out, f"{name} {key!r} recorded by more than one process"
+                out[key] = float(ln.rsplit(" ", 1)[1])
+        return out
+
     deadline, text = time.time() + 60, ""
-    while time.time() < deadline and "mace_concepts_done" not in text:
+    while time.time() < deadline and "ray_mace_stage_seconds" not in text:
         try:
             text = urllib.request.urlopen(ray_head["metrics"], timeout=5).read().decode()
         except OSError:
             text = ""
         time.sleep(2)
-    done = [ln for ln in text.splitlines() if ln.startswith("ray_mace_concepts_done")]
-    assert done and sum(float(ln.rsplit(" ", 1)[1]) for ln in done) >= 4, text[-2000:]
-    assert "ray_mace_stage_seconds" in text
+    # A done/total pair, failures present at 0, each stage's driver wall time exactly once.
+    assert series(text, "ray_mace_concepts_done") == series(text, "ray_mace_concepts_total") == {"": 4.0}
+    assert series(text, "ray_mace_concepts_failed") == {"": 0.0}
+    seconds = series(text, "ray_mace_stage_seconds")
+    assert {"workers_start", "text_statistics", "train", "fusion"} <= set(seconds), seconds
+    for stage, value in seconds.items():
+        assert abs(value - report["seconds"][stage]) < 0.01, (stage, value, report["seconds"])
+    assert series(text, "ray_mace_worker_concepts_per_second")
 
 
 def test_job_submit_bad_input(ray_head, tmp_path):

@@ -101,7 +101,7 @@ def load_clip(spec: str, device: torch.device) -> ClipModel:
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     def load(source: str, local_only: bool) -> ClipModel:
-        model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+        model = CLIPModel.from_pretrained(source, local_files_only=local_only, use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=local_only)
         return ClipModel(model.eval().to(device), tokenizer, processor, device, spec)

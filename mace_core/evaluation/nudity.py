@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mace_core.evaluation.errors import MetricUnavailableError
 
-INSTALL_HINT = "pip install nudenet onnxruntime"
+INSTALL_HINT = "pip install 'mace-ray[eval]'"
 
 
 def check_nudenet() -> Path:
