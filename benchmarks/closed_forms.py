@@ -4,9 +4,11 @@ Random data with SD v1.4 shapes: d = 768 text states, the 32 attn2 to_k / to_v
 projections of the UNet, rank-1 LoRAs. Measures, in one run:
   - per-concept statistics from token states (E^T E over 30 prompts x 77 tokens),
   - the CFR reduction over all concepts and the solve of M (Eq. 2), W' = W M,
-  - streaming every concept's fusion terms into the running sums (Eq. 7) and the solve.
+  - streaming every concept's fusion terms into the running sums (Eq. 7), in blocks (one
+    GEMM per projection and block, the default) and, on the first --plain-concepts concepts,
+    one at a time (block 1, the old stream), and the solve.
 
-Usage: python benchmarks/closed_forms.py [--concepts 1000] [--out benchmarks/results]
+Usage: python benchmarks/closed_forms.py [--concepts 1000] [--block 256] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concepts", type=int, default=1000)
     ap.add_argument("--stat-samples", type=int, default=10, help="concepts whose statistics are timed")
+    ap.add_argument("--block", type=int, default=FusionSums.block, help="concepts per fusion GEMM")
+    ap.add_argument("--plain-concepts", type=int, default=200, help="concepts streamed one at a time too")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -94,12 +98,33 @@ def main() -> None:
         )
         for _ in range(4)
     ]
+    # The old stream (one concept at a time) on a prefix, for the ratio; then the blocked one.
+    m = min(k, args.plain_concepts)
     t = time.perf_counter()
-    sums = FusionSums.zeros(D)
+    plain = FusionSums(SecondMoment.zeros(D), block=1)
+    for i in range(m):
+        plain.add_concept(pool[i % 4], loras[i % 4])
+    plain_ms = 1e3 * (time.perf_counter() - t) / m
+    t = time.perf_counter()
+    sums = FusionSums(SecondMoment.zeros(D), block=args.block)
     for i in range(k):
         sums.add_concept(pool[i % 4], loras[i % 4])
+        if i + 1 == m:  # same concepts as the plain stream: the sums must agree
+            err = max(
+                float(
+                    (sums.to_tensors()[f"dWC.{key}"] - plain.dWC[key]).abs().max()
+                    / plain.dWC[key].abs().max()
+                )
+                for key in keys
+            )
+    sums.flush()
+    res["fusion_block"] = args.block
     res["fusion_stream_s"] = round(time.perf_counter() - t, 3)
     res["fusion_stream_per_concept_ms"] = round(1e3 * float(res["fusion_stream_s"]) / k, 2)
+    res["fusion_stream_one_at_a_time_per_concept_ms"] = round(plain_ms, 2)
+    res["fusion_stream_speedup"] = round(plain_ms / float(res["fusion_stream_per_concept_ms"]), 1)
+    res["fusion_blocked_vs_plain_max_rel_err"] = err
+    del plain
     t = time.perf_counter()
     fusion_w = resolve_weights(ClosedFormSettings(ridge=1e-2), ConceptType.CELEBRITY, k, sums.C.n, 0)
     fuse(sums, W, refined, fusion_w, terms)

@@ -22,6 +22,7 @@ from mace_core.lora import LoraFactors
 from mace_core.masking import Masker
 from mace_core.masks import whole_image_masks
 from mace_core.models import attn2_weights
+from mace_core.progress import Progress, no_progress
 from mace_core.prompts import concept_prompts
 from mace_core.settings import TYPE_DEFAULTS, EraseSettings, ResolvedTrain
 from mace_core.text_stats import TextEncoder
@@ -75,8 +76,10 @@ class ConceptBatchWorker:
         masker: Masker | None = None,
         max_batch_images: int | None = None,
         concepts_per_batch: int | None = None,
+        progress: Progress = no_progress,
     ) -> None:
         self.pipe = pipe
+        self.progress = progress
         self.settings = settings
         self.device = device
         self.original = original
@@ -111,7 +114,7 @@ class ConceptBatchWorker:
                 attn2_weights(self.pipe.unet, self.original),
                 torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
             ):
-                return generate_images(self.pipe, concepts, self.settings.data, max_images)
+                return generate_images(self.pipe, concepts, self.settings.data, max_images, self.progress)
 
         def shrink(size: int) -> None:
             self.max_batch_images = size
@@ -174,6 +177,7 @@ class ConceptBatchWorker:
                 resolved,
                 self.device,
                 autocast=torch.bfloat16 if self.mixed_precision else None,
+                progress=self.progress,
             )
             return [(r.lora, r.losses, len(idx)) for r in results]
 
@@ -195,9 +199,10 @@ class ConceptBatchWorker:
             images = self.generate(concepts)
         t1 = time.perf_counter()
         out = []
-        for c, im in zip(concepts, images, strict=True):
+        for k, (c, im) in enumerate(zip(concepts, images, strict=True)):
             t = time.perf_counter()
             m, note = self.masks(c, im)
+            self.progress("masks", k + 1, len(concepts))
             note["seconds"] = {
                 "generate": round((t1 - t0) / len(concepts), 3),
                 "mask": round(time.perf_counter() - t, 3),

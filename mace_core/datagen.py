@@ -15,6 +15,7 @@ import torch
 
 from mace_core.concepts import Concept
 from mace_core.errors import MaceError
+from mace_core.progress import Progress, no_progress
 from mace_core.prompts import generation_prompt
 from mace_core.settings import DataSettings
 from mace_core.train import concept_seed
@@ -51,7 +52,11 @@ def initial_noise(
 
 @torch.no_grad()
 def generate_images(
-    pipe, concepts: list[Concept], settings: DataSettings, max_batch_images: int | None = None
+    pipe,
+    concepts: list[Concept],
+    settings: DataSettings,
+    max_batch_images: int | None = None,
+    progress: Progress = no_progress,
 ) -> list[np.ndarray]:
     """``images_per_concept`` images per concept, uint8 (N, H, W, 3); DPM-Solver + CFG.
 
@@ -80,8 +85,15 @@ def generate_images(
     )
     step = max_batch_images or len(prompts)
     parts = []
+    total = -(-len(prompts) // step) * settings.inference_steps  # denoising steps of all chunks
     for start in range(0, len(prompts), step):
         chunk = gens[start : start + step]
+        done_before = start // step * settings.inference_steps
+
+        def on_step(pipe, i: int, t, kwargs: dict, before: int = done_before) -> dict:
+            progress("image steps", before + i + 1, total)
+            return kwargs
+
         out = pipe(
             prompt=prompts[start : start + step],
             num_inference_steps=settings.inference_steps,
@@ -92,6 +104,7 @@ def generate_images(
             height=size,
             width=size,
             output_type="np",
+            callback_on_step_end=on_step,
         ).images
         if not np.isfinite(out).all():
             dtype = pipe.unet.dtype

@@ -19,6 +19,7 @@ from mace_core.concepts import Concept
 from mace_core.errors import ConceptError
 from mace_core.lora import LoraBank, LoraFactors
 from mace_core.models import attn2_projections
+from mace_core.progress import Progress, no_progress
 from mace_core.settings import ResolvedTrain, TrainSettings
 from mace_core.text_stats import TextEncoder
 
@@ -140,6 +141,7 @@ def train_loras(
     resolved: ResolvedTrain,
     device: torch.device,
     autocast: torch.dtype | None = None,
+    progress: Progress = no_progress,
 ) -> list[TrainResult]:
     """Train one LoRA per job, all jobs in one UNet batch (per-sample LoRA, exact gradients).
 
@@ -213,6 +215,7 @@ def train_loras(
             losses = attention_loss(store, m, tm, latent_hw, settings.squared_loss)
             losses.sum().backward()
             bank.clip_grad_per_adapter(settings.grad_clip)
+            progress("train steps", step + 1, resolved.steps)
             opt.step()
             opt.zero_grad(set_to_none=True)
             history.append(losses.detach().float())

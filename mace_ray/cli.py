@@ -213,6 +213,7 @@ def erase(
             max_residual=max_residual,
             lock_wait_s=lock_wait,
             placement_wait_s=placement_wait,
+            progress=verbose,
         )
         with on_sigterm():
             report = run_erase(req)

@@ -49,13 +49,21 @@ def load_config(ctx: typer.Context, param: click.Parameter, value: Path | None) 
         fail(f"config {str(value)!r} cannot be read: {e}")
     if not isinstance(data, dict):
         fail(f"config {str(value)!r} must be a mapping of option names to values")
-    names = {p.name for p in ctx.command.params if p.name != "config"}
+    params = {p.name: p for p in ctx.command.params if p.name != "config"}
     defaults: dict[str, Any] = {}
     for key, v in data.items():
         name = _CONFIG_ALIASES.get(str(key), str(key).replace("-", "_"))
-        if name not in names:
-            valid = ", ".join(sorted(n.rstrip("_") for n in names))
+        if name not in params:
+            valid = ", ".join(sorted(str(n).rstrip("_") for n in params))
             fail(f"config {str(value)!r}: unknown option {key!r} (valid: {valid})")
+        # Checked here, so that a bad value is named with its file and key in one line
+        # (click would report it later as a usage box about the option, not the file).
+        try:
+            if v is not None and params[name].callback is None:  # converts and range-checks only
+                params[name].process_value(ctx, v)
+        except Exception as e:  # typer's BadParameter (its own click), or a type's own error
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            fail(f"config {str(value)!r}: {key}: {message}")
         defaults[name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value

@@ -88,6 +88,7 @@ class EraseRequest:
     lock_wait_s: float = 90.0
     # How long a cluster with an autoscaler may take to add a node the workers fit on.
     placement_wait_s: float = 600.0
+    progress: bool = True  # progress bars and lines inside the stages (the CLI's --quiet: off)
 
     def __post_init__(self) -> None:
         if self.max_residual is not None and not self.max_residual >= 0:
@@ -468,6 +469,7 @@ class Driver:
             s3_endpoint=req.s3_endpoint,
             device=req.device,
             metrics=backend.name,
+            progress=req.progress,
         )
         self.concepts = p.concepts.concepts
         # Actor names must be unique in the cluster: a killed driver's actors may linger a moment.
@@ -626,6 +628,7 @@ class Driver:
         self.manifest["status"] = "complete"
         write_json(storage, layout.manifest, self.manifest)
         log.info("erasure report: %s", summary_line(erasure))
+        log.info("%s", closing_summary(self.timer.seconds, len(todo), len(done_before), pool, report))
         return report
 
     def _reusable_stats(self, key: str) -> bool:
@@ -693,10 +696,11 @@ class Driver:
             "run_id": p.run_id,
             "status": "complete",
             "output": {
+                # Full locations (folder or s3:// URL), all alike.
                 "root": f"{storage.url}/{layout.root}",
-                "pipeline": layout.final_pipeline,
-                "erasure": layout.erasure,
-                "cfr": layout.cfr_erasure,
+                "pipeline": f"{storage.url}/{layout.final_pipeline}",
+                "erasure": f"{storage.url}/{layout.erasure}",
+                "cfr": f"{storage.url}/{layout.cfr_erasure}",
             },
             "model": p.request.model,
             "executor": self.backend.name,
@@ -712,6 +716,18 @@ class Driver:
             "seconds": self.timer.seconds,
             "resumed": self.manifest.get("resumed", 0),
         }
+
+
+def closing_summary(
+    seconds: dict[str, float], trained: int, reused: int, pool: WorkerPool, report: dict[str, Any]
+) -> str:
+    """The run's last progress line: time per stage, concepts trained/reused/re-queued, outputs."""
+    stages = ", ".join(f"{name} {s:.1f}s" for name, s in seconds.items())
+    return (
+        f"run {report['run_id']} complete in {sum(seconds.values()):.1f}s ({stages}); concepts: "
+        f"{trained} trained, {reused} reused, {pool.requeued_concepts} re-queued after a lost worker; "
+        f"outputs: {report['output']['root']}"
+    )
 
 
 def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:

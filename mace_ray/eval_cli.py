@@ -164,6 +164,7 @@ def eval_command(
             shard_size=shard_size,
             s3_endpoint=s3_endpoint,
             resume=resume,
+            progress=verbose,
         )
         report = run_eval(req)
     except (MaceError, ValueError) as e:

@@ -24,6 +24,7 @@ from mace_core.imageio import png_bytes, read_png
 from mace_core.models import load_pipeline, pick_device
 from mace_ray.eval_layout import image_key
 from mace_ray.logs import quiet_libraries
+from mace_ray.progress import StageProgress
 from mace_ray.storage import open_storage
 from mace_ray.workers import where_am_i
 
@@ -46,6 +47,8 @@ class EvalSpec:
     device: str | None = None
     resume: bool = True  # reuse stored images
     metrics: str = "none"  # WorkerPool's metrics kind (evaluations count no concepts)
+    progress: bool = True  # progress bars and lines while a shard's images are made
+    under_ray: bool = False  # bars through Ray's tqdm_ray (drawn by the driver)
 
     @property
     def run_id(self) -> str:  # WorkerPool labels its metrics with it
@@ -87,7 +90,13 @@ class EvalWorker:
         todo = [i for i, b in enumerate(pngs) if b is None]
         if todo:
             # Per-image seeds: rendering only the missing images gives the same images.
-            new = generate_images(self._pipe(tag), [prompts[i] for i in todo], self.spec.generation)
+            label = f"eval {tag}[{prompts[0].id}+{len(prompts) - 1}]"
+            shown = StageProgress(label, self.spec.progress, under_ray=self.spec.under_ray)
+            try:
+                pipe, subset = self._pipe(tag), [prompts[i] for i in todo]
+                new = generate_images(pipe, subset, self.spec.generation, shown.update)
+            finally:
+                shown.close()
             for i, im in zip(todo, new, strict=True):
                 pngs[i] = png_bytes(im)
                 self.storage.write_bytes(keys[i], pngs[i])

@@ -94,6 +94,7 @@ class EvalRequest:
     shard_size: int = 32  # images per worker job
     s3_endpoint: str | None = None
     resume: bool = True
+    progress: bool = True  # progress bars and lines while images are made (--quiet: off)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -335,6 +336,8 @@ class EvalDriver:
             s3_endpoint=req.s3_endpoint,
             device=req.device,
             resume=req.resume,
+            under_ray=backend.name == "ray",
+            progress=req.progress,
         )
         self.session = f"{p.eval_id[:8]}-{uuid.uuid4().hex[:6]}"
 

@@ -68,6 +68,7 @@ class WorkerPool:
         self.dispatched: dict[Any, float] = {}  # job ref -> when it was sent (throughput)
         self.init_calls: list[tuple[str, tuple]] = []
         self.replaced = 0
+        self.requeued_concepts = 0  # concepts of batches lost with their worker
         self.where: dict[str, dict] = {}
         self.metrics = make_metrics(spec.metrics)
         for _ in range(size):
@@ -115,9 +116,11 @@ class WorkerPool:
             self._replace(i, h, e)
 
     def wait_started(self) -> None:
-        """Until every worker has loaded its models (its own stage in the timings, so that
-        model loading is not billed to the first stage that needs a worker)."""
-        while self.starting:
+        """Until a first worker has loaded its models (its own stage in the timings, so that
+        model loading is not billed to the first stage that needs a worker). Not all of
+        them: a worker the cluster cannot place yet waits for the autoscaler, and the work
+        starts without it."""
+        while self.starting and not self.idle:
             ready, _ = self.backend.wait(list(self.starting))
             for ref in ready:
                 self._started(ref)
@@ -167,6 +170,7 @@ class WorkerPool:
                     job.on_done(job, result)
 
     def _requeue(self, queue: deque, job: Job, why: BaseException) -> None:
+        self.requeued_concepts += len(job.concepts)
         self.metrics.concepts_failed(len(job.concepts), self.spec.run_id)
         if job.attempts >= MAX_ATTEMPTS:
             raise RuntimeError(f"{job.label} failed {job.attempts} times; last: {why}") from why

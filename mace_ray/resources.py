@@ -18,6 +18,15 @@ class Resources:
         if self.gpus > 1 and self.gpus != int(self.gpus):
             raise ValueError(f"more than one GPU must be a whole number, got {self.gpus}")
 
+    def __str__(self) -> str:
+        """For log lines: '1 CPU, 1 GPU' (and memory when set)."""
+
+        def num(x: float) -> str:
+            return f"{x:g}"
+
+        out = f"{num(self.cpus)} CPU, {num(self.gpus)} GPU"
+        return out + (f", {num(self.memory_gb)} GB memory" if self.memory_gb else "")
+
     def to_ray_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus}
         if self.memory_gb:

@@ -14,6 +14,8 @@ import json
 import logging
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fing
 from mace_core.fusion import FusionSums, fuse
 from mace_core.masking import load_masker
 from mace_core.models import TINY_MODEL, get_attn2_weights, load_pipeline, pick_device, set_attn2_weights
+from mace_core.progress import no_progress
 from mace_core.prompts import heldout_captions, prompt_pairs
 from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.settings import EraseSettings
@@ -54,6 +57,7 @@ from mace_ray.layout import RunLayout, prior_cache_path
 from mace_ray.logs import quiet_libraries
 from mace_ray.models_remote import fingerprint_model, resolve_model
 from mace_ray.prior import write_prior_cache
+from mace_ray.progress import StageProgress
 from mace_ray.storage import open_storage
 
 log = logging.getLogger("mace_ray")
@@ -75,6 +79,7 @@ class RunSpec:
     s3_endpoint: str | None = None
     device: str | None = None
     metrics: str = "none"  # "ray" inside Ray actors
+    progress: bool = True  # bars and progress lines inside a job (--quiet: none)
 
     @property
     def layout(self) -> RunLayout:
@@ -188,13 +193,26 @@ class ConceptWorker:
         done = artefacts.done_slugs(self.storage, self.layout)
         return [c for c in concepts if c.slug not in done]
 
+    @contextmanager
+    def _progress(self, stage: str, concepts: list[Concept]) -> Iterator[None]:
+        """Progress bars for one job (image steps, masks, training steps), closed after it."""
+        label = f"{stage}[{concepts[0].slug}+{len(concepts) - 1}]" if concepts else stage
+        shown = StageProgress(label, self.spec.progress, under_ray=self.spec.metrics == "ray")
+        self.batch_worker.progress = shown.update
+        try:
+            yield
+        finally:
+            shown.close()
+            self.batch_worker.progress = no_progress
+
     def prepare_data(self, concepts: list[Concept]) -> list[str]:
         """Images and masks of a batch, stored; runs before CFR is solved. Returns new slugs."""
         todo = [c for c in self._pending(concepts) if not self.storage.exists(self.layout.data_notes(c.slug))]
         if not todo:
             return []
-        for d in self.batch_worker.data(todo):
-            artefacts.write_data(self.storage, self.layout, d)
+        with self._progress("data", todo):
+            for d in self.batch_worker.data(todo):
+                artefacts.write_data(self.storage, self.layout, d)
         return [c.slug for c in todo]
 
     def process(self, concepts: list[Concept]) -> list[str]:
@@ -210,10 +228,11 @@ class ConceptWorker:
             return []
         stored = {c.slug: artefacts.read_data(self.storage, self.layout, c) for c in todo}
         missing = [c for c in todo if stored[c.slug] is None]
-        for d in self.batch_worker.data(missing) if missing else []:
-            artefacts.write_data(self.storage, self.layout, d)
-            stored[d.concept.slug] = d
-        arts = self.batch_worker.finish([stored[c.slug] for c in todo])
+        with self._progress("train", todo):
+            for d in self.batch_worker.data(missing) if missing else []:
+                artefacts.write_data(self.storage, self.layout, d)
+                stored[d.concept.slug] = d
+            arts = self.batch_worker.finish([stored[c.slug] for c in todo])
         for art in arts:
             art.notes["where"] = self.where
             artefacts.write_result(self.storage, self.layout, art)

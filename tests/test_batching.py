@@ -135,11 +135,11 @@ def test_generation_that_runs_out_of_memory_retries_smaller_batches(tiny_pipe, m
     real_generate = concept_job.generate_images
     seen: list[int | None] = []
 
-    def small_gpu(pipe, concepts, settings, max_batch_images=None):
+    def small_gpu(pipe, concepts, settings, max_batch_images=None, *args):
         seen.append(max_batch_images)
         if max_batch_images is None or max_batch_images > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real_generate(pipe, concepts, settings, max_batch_images)
+        return real_generate(pipe, concepts, settings, max_batch_images, *args)
 
     monkeypatch.setattr(concept_job, "generate_images", small_gpu)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

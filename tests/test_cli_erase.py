@@ -58,6 +58,13 @@ def test_erase_writes_a_loadable_pipeline_that_differs_only_in_attn2(finished_ru
     _, out, result, proc = finished_run
     assert result["status"] == "complete"
     assert "stage train: done" in proc.stderr  # progress lines in the job log
+    # ... and progress bars inside the stages: denoising steps, masks, LoRA steps.
+    for unit in ("image steps", "masks", "train steps"):
+        assert unit in proc.stderr, unit
+    assert result["pipeline"] == result["root"] + "/final/pipeline"  # one kind of path
+    summary = [ln for ln in proc.stderr.splitlines() if f"run {result['run_id']} complete in" in ln]
+    assert len(summary) == 1 and "3 trained, 0 reused, 0 re-queued" in summary[0]
+    assert "train " in summary[0] and result["root"] in summary[0]
     root = Path(result["root"])
     erased = StableDiffusionPipeline.from_pretrained(root / "final" / "pipeline", local_files_only=True)
     original = build_tiny_pipeline()

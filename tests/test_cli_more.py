@@ -68,6 +68,17 @@ def test_config_file_supplies_options_and_cli_overrides(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "unknown option 'learning_rate'" in bad.stderr
     gone = CliRunner().invoke(app, ["erase", "--config", str(tmp_path / "none.yaml")])
     assert gone.exit_code == 2 and "does not exist" in gone.stderr
+    # A bad value: one line naming the file and the key, not a usage box about an option.
+    for text, needle in (
+        ("images: many\n", "valid integer"),
+        ("images: 0\n", "greater than or equal to 1"),
+    ):
+        cfg.write_text(f"concepts: c.txt\n{text}")
+        bad = CliRunner().invoke(app, ["erase", "--config", str(cfg)])
+        lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+        assert bad.exit_code == 2 and len(lines) == 1, bad.stderr
+        assert lines[0].startswith(f"mace-ray: error: config {str(cfg)!r}: images: "), lines[0]
+        assert needle in lines[0] and "--images" in lines[0], lines[0]
 
 
 def test_unknown_executor_is_bad_input(tmp_path):

@@ -98,6 +98,7 @@ def test_job_submit_end_to_end(ray_head, reference_erasure, tmp_path):
     status, logs = job_status(ray_head, "mace-e2e")
     assert status == "SUCCEEDED", (proc.stdout[-3000:], proc.stderr[-3000:], logs[-3000:])
     assert "stage train: done" in logs and '"status": "complete"' in logs
+    assert "train steps" in logs and "image steps" in logs  # tqdm_ray bars from the workers
     (root,) = list(out.glob("runs/*"))
     assert json.loads((root / "manifest.json").read_text())["status"] == "complete"
     StableDiffusionPipeline.from_pretrained(root / "final" / "pipeline", local_files_only=True)

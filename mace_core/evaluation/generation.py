@@ -16,6 +16,7 @@ import torch
 from mace_core.datagen import GenerationError, initial_noise
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.suites import EvalPrompt
+from mace_core.progress import Progress, no_progress
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ def image_shape(pipe, p: EvalPrompt, settings: GenerationSettings) -> tuple[int,
 
 
 @torch.no_grad()
-def generate_images(pipe, prompts: list[EvalPrompt], settings: GenerationSettings) -> list[np.ndarray]:
-    """One uint8 (H, W, 3) image per prompt, in the order given."""
+def generate_images(
+    pipe, prompts: list[EvalPrompt], settings: GenerationSettings, progress: Progress = no_progress
+) -> list[np.ndarray]:
+    """One uint8 (H, W, 3) image per prompt, in the order given; ``progress`` per image."""
     from diffusers import DPMSolverMultistepScheduler
 
     if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
@@ -88,4 +91,5 @@ def generate_images(pipe, prompts: list[EvalPrompt], settings: GenerationSetting
                 )
             for i, im in zip(chunk, images, strict=True):
                 out[i] = (np.clip(im, 0.0, 1.0) * 255).round().astype(np.uint8)
+            progress("images", sum(im is not None for im in out), len(prompts))
     return [im for im in out if im is not None]
