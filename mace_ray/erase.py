@@ -509,7 +509,7 @@ class Driver:
         self.metrics.run_started(self.p.run_id, len(self.concepts), len(done_before))
         pool = WorkerPool(backend, self.spec, resources, n_workers, storage, self.session)
         try:
-            with self.timer.stage("workers_start"):  # model loading, on every worker at once
+            with self.timer.stage("workers_start"):  # model loading, until a first worker is ready
                 pool.wait_started()
             report = self._stages(pool, stats, todo, done_before)
         finally:
