@@ -13,9 +13,7 @@ import torch
 
 from mace_core.errors import ArtefactError
 from mace_core.models import set_attn2_weights
-from mace_core.sealed import open_sealed, safetensors_metadata, sealed_bytes
-
-__all__ = ["apply_erasure", "erasure_bytes", "read_erasure", "safetensors_metadata", "save_pipeline"]
+from mace_core.sealed import open_sealed, sealed_bytes
 
 FORMAT = "mace-erasure/1"
 

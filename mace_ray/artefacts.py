@@ -8,8 +8,8 @@ checksums, as data.json does for the images and masks: nothing reused is trusted
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,7 +23,7 @@ from mace_core.lora import LoraFactors
 from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.text_stats import ConceptTextStats
 from mace_ray.layout import RunLayout
-from mace_ray.storage import Storage, StorageError, read_json, write_json
+from mace_ray.storage import Storage, StorageError, json_bytes, read_json, write_json
 
 log = logging.getLogger("mace_ray")
 
@@ -43,10 +43,6 @@ def stored_sha256(storage: Storage, key: str) -> str:
 def _rel(key: str) -> str:
     """``images/000.png`` of a concept's image key: how data.json names its files."""
     return "/".join(key.rsplit("/", 2)[-2:])
-
-
-def _json_bytes(obj: object) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def slugs_with(storage: Storage, layout: RunLayout, name: str) -> set[str]:
@@ -110,7 +106,7 @@ def write_result(storage: Storage, layout: RunLayout, art: ConceptArtefacts) -> 
     already be stored."""
     slug = art.concept.slug
     lora = art.lora.to_bytes({"concept": art.concept.text})
-    notes = _json_bytes({"concept": art.concept.to_dict(), "losses": art.losses, **art.notes})
+    notes = json_bytes({"concept": art.concept.to_dict(), "losses": art.losses, **art.notes})
     storage.write_bytes(layout.lora(slug), lora)
     storage.write_bytes(layout.notes(slug), notes)
     done = {
@@ -154,8 +150,9 @@ def verified_done(storage: Storage, layout: RunLayout, threads: int = 8) -> set[
     return good
 
 
-def reusable(storage: Storage, key: str, check) -> bool:  # check: bytes -> Any, raises ArtefactError
-    """Whether a stored artefact exists and passes ``check``; a damaged one gets a warning
+def reusable(storage: Storage, key: str, check: Callable[[bytes], object]) -> bool:
+    """Whether a stored artefact exists and passes ``check`` (which raises ArtefactError on a
+    damaged file); a damaged one gets a warning
     line and is deleted, so that it is computed again."""
     if not storage.exists(key):
         return False

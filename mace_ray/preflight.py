@@ -246,14 +246,6 @@ class _S3Probe:
 # --- placement -------------------------------------------------------------------------
 
 
-def worker_bundle(resources: Resources) -> dict[str, float]:
-    """One worker in Ray's resource names; zero amounts are left out (they always fit)."""
-    need = {"CPU": resources.cpus, "GPU": resources.gpus}
-    if resources.memory_gb:
-        need["memory"] = resources.memory_gb * 2**30
-    return {k: float(v) for k, v in need.items() if v}
-
-
 def fits_on(node: Mapping[str, float], need: Mapping[str, float], cap: int) -> int:
     """How many workers needing ``need`` a node with ``node`` total resources holds (<= cap)."""
     return min([cap, *(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in need.items())])
@@ -317,7 +309,7 @@ def check_placeable(
     Returns the number of workers (1..count) the cluster holds at once now.
     """
     count = max(1, count)
-    need = worker_bundle(resources)
+    need = resources.bundle()
     nodes = backend.node_resources()
     fit = capacity(nodes, need, count)
     if fit:

@@ -34,8 +34,9 @@ class Resources:
         return opts
 
     def bundle(self) -> dict[str, float]:
-        """The autoscaler's view: a resource bundle for ``request_resources``."""
-        b = {"CPU": self.cpus}
-        if self.gpus:
-            b["GPU"] = self.gpus
-        return b
+        """One worker in Ray's resource names (memory in bytes), for ``request_resources`` and
+        the placement check; amounts of 0 are left out (they always fit)."""
+        b = {"CPU": float(self.cpus), "GPU": float(self.gpus)}
+        if self.memory_gb:
+            b["memory"] = float(self.memory_gb * 2**30)
+        return {k: v for k, v in b.items() if v}

@@ -349,10 +349,11 @@ class S3Storage:
             )
         self._put(self.loc.key(key), data)
 
-    def read_bytes(self, key: str) -> bytes:
-        full = self.loc.key(check_key(key))
+    def _get(self, key: str, full: str) -> tuple[bytes, str] | None:
+        """(body, ETag) of one GET, or None if there is no such object. Body and ETag come
+        from the same response, so they describe the same object version."""
 
-        def get() -> bytes | None:
+        def get() -> tuple[bytes, str] | None:
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=full)
             except ClientError as e:
@@ -360,12 +361,15 @@ class S3Storage:
                     return None
                 raise
             with resp["Body"] as body:  # read inside the retry: a reset mid-body retries the GET
-                return body.read()
+                return body.read(), str(resp["ETag"])
 
-        data = self._call(self._uri(key), get)
-        if data is None:
+        return self._call(self._uri(key), get)
+
+    def read_bytes(self, key: str) -> bytes:
+        got = self._get(key, self.loc.key(check_key(key)))
+        if got is None:
             raise StorageError(f"{self._uri(key)} does not exist")
-        return data
+        return got[0]
 
     def exists(self, key: str) -> bool:
         """An object, a folder committed by put_dir, or a plain folder of objects; a folder
@@ -511,21 +515,8 @@ class S3Storage:
         )
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
-        """``(data, ETag)`` of ``key``, or None if absent. Body and ETag come from one GET, so
-        they describe the same object version."""
-        full = self._checked(key)
-
-        def get() -> tuple[bytes, str] | None:
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
-                if error_code(e) in ("NoSuchKey", "404"):
-                    return None
-                raise
-            with resp["Body"] as body:
-                return body.read(), str(resp["ETag"])
-
-        return self._call(self._uri(key), get)
+        """``(data, ETag)`` of ``key``, or None if absent."""
+        return self._get(key, self._checked(key))
 
     def replace_if(self, key: str, data: bytes, version: str) -> bool:
         """Replace ``key`` only if its ETag is still ``version`` (If-Match)."""

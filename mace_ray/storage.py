@@ -84,13 +84,8 @@ class LocalStorage:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        tmp = self._staged(dest, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -234,8 +229,13 @@ class LocalStorage:
             return True
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON file of a run is written (the bytes a checksum covers)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(storage: Storage, key: str, obj: Any) -> None:
-    storage.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    storage.write_bytes(key, json_bytes(obj))
 
 
 def read_json(storage: Storage, key: str) -> Any:

@@ -3,7 +3,9 @@ S3 server (SeaweedFS, see s3server.py)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,18 +61,34 @@ def s3_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture
+def aws_env(s3_server, monkeypatch):
+    """The server's credentials only: none of the caller's AWS or MACE_S3 settings."""
+    for k in list(os.environ):
+        if k.startswith(("AWS_", "MACE_S3_")):
+            monkeypatch.delenv(k)
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    return s3_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray with 2 CPUs and 2 fake GPUs (tasks get GPU ids, torch still sees the CPU)."""
-    import ray
+    """A local Ray with 2 CPUs and 2 fake GPUs."""
+    from helpers import small_local_ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    yield
-    ray.shutdown()
+    with small_local_ray(num_gpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory, tiny_pipe) -> Path:
+    """The tiny pipeline saved as a diffusers folder (safetensors); copy it before changing it."""
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 def copy_run(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
+
+
+@contextmanager
+def small_local_ray(num_gpus: int) -> Iterator[None]:
+    """A local Ray with 2 CPUs and ``num_gpus`` fake GPUs (tasks get GPU ids, torch still
+    sees the CPU)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=num_gpus,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()

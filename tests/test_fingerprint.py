@@ -19,17 +19,10 @@ from mace_core.sealed import open_sealed, sealed_bytes
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tiny_pipe):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 @pytest.fixture
-def model(model_folder, tmp_path):
+def model(tiny_model_folder, tmp_path):
     copy = tmp_path / "model"
-    shutil.copytree(model_folder, copy)
+    shutil.copytree(tiny_model_folder, copy)
     return copy
 
 

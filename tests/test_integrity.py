@@ -36,17 +36,10 @@ def digest_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MACE_DIGEST_CACHE", str(tmp_path / "digests"))
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tiny_pipe):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 @pytest.fixture
-def model(model_folder, tmp_path) -> Path:
+def model(tiny_model_folder, tmp_path) -> Path:
     copy = tmp_path / "model"
-    shutil.copytree(model_folder, copy)
+    shutil.copytree(tiny_model_folder, copy)
     return copy
 
 

@@ -7,17 +7,16 @@ ports; placement against a real local Ray without GPUs, and this machine.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import small_local_ray
 from s3server import READER_ACCESS_KEY, READER_SECRET_KEY, S3Server, free_ports
 
 from mace_core.errors import MaceError
@@ -33,22 +32,6 @@ from mace_ray.resources import Resources
 from mace_ray.storage import StorageError
 
 BUDGET = 3.0
-
-
-@pytest.fixture
-def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The server's credentials only: none of the caller's AWS or MACE_S3 settings."""
-    for k in list(os.environ):
-        if k.startswith(("AWS_", "MACE_S3_")):
-            monkeypatch.delenv(k)
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
-@pytest.fixture
-def bucket(s3_server: S3Server) -> str:
-    return s3_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
 
 
 def everything_in(server: S3Server, bucket: str) -> list[str]:
@@ -248,18 +231,8 @@ def test_waits_for_the_autoscaler_to_add_a_node():
 @pytest.fixture(scope="module")
 def cpu_ray():
     """A local Ray with 2 CPUs and no GPU, as `ray.init()` gives on a CPU machine."""
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    yield RayBackend()
-    ray.shutdown()
+    with small_local_ray(num_gpus=0):
+        yield RayBackend()
 
 
 def test_gpu_worker_on_a_cpu_ray_fails_at_once(cpu_ray):

@@ -51,21 +51,6 @@ def clean_env(server: S3Server) -> dict[str, str]:
     return {**env, **server.env(), "RAY_AUTH_MODE": "disabled"}
 
 
-@pytest.fixture
-def aws_env(s3_server, monkeypatch):
-    for k in list(os.environ):
-        if k.startswith(("AWS_", "MACE_S3_")):
-            monkeypatch.delenv(k)
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
-@pytest.fixture
-def bucket(s3_server) -> str:
-    return s3_server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
-
-
 def raw_keys(server: S3Server, bucket: str, prefix: str = "") -> list[str]:
     """Every object physically in the bucket under ``prefix``, markers included."""
     pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
