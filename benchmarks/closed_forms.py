@@ -111,10 +111,7 @@ def main() -> None:
         sums.add_concept(pool[i % 4], loras[i % 4])
         if i + 1 == m:  # same concepts as the plain stream: the sums must agree
             err = max(
-                float(
-                    (sums.to_tensors()[f"dWC.{key}"] - plain.dWC[key]).abs().max()
-                    / plain.dWC[key].abs().max()
-                )
+                float((sums.flush().dWC[key] - plain.dWC[key]).abs().max() / plain.dWC[key].abs().max())
                 for key in keys
             )
     sums.flush()
@@ -129,7 +126,7 @@ def main() -> None:
     fusion_w = resolve_weights(ClosedFormSettings(ridge=1e-2), ConceptType.CELEBRITY, k, sums.C.n, 0)
     fuse(sums, W, refined, fusion_w, terms)
     res["fusion_solve_s"] = round(time.perf_counter() - t, 3)
-    state_bytes = sum(v.numel() * 8 for v in sums.to_tensors().values())
+    state_bytes = 8 * (sums.C.C.numel() + sum(v.numel() for v in sums.dWC.values()))
     res["fusion_state_MB"] = round(state_bytes / 2**20, 1)
     res["closed_forms_total_s"] = round(
         float(res["cfr_reduce_s"])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mace_core.attn2 import set_attn2_weights
 from mace_core.errors import ArtefactError
-from mace_core.models import set_attn2_weights
 from mace_core.sealed import open_sealed, sealed_bytes
 
 FORMAT = "mace-erasure/1"

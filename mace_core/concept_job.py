@@ -15,17 +15,17 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from mace_core.attn2 import attn2_weights
 from mace_core.batching import BatchPlan, halve_on_oom, plan_batches, shrink_on_oom
 from mace_core.concepts import Concept
 from mace_core.datagen import generate_images, image_size, images_to_tensor
 from mace_core.lora import LoraFactors
 from mace_core.masking import Masker
 from mace_core.masks import whole_image_masks
-from mace_core.models import attn2_weights
+from mace_core.models import pipeline_prompt_encoder
 from mace_core.progress import Progress, no_progress
 from mace_core.prompts import concept_prompts
 from mace_core.settings import TYPE_DEFAULTS, EraseSettings, ResolvedTrain
-from mace_core.text_stats import TextEncoder
 from mace_core.train import TrainJob, train_loras
 
 
@@ -87,7 +87,7 @@ class ConceptBatchWorker:
         self.masker = masker
         self.max_batch_images = max_batch_images
         self.concepts_per_batch = concepts_per_batch
-        self.encoder = TextEncoder(pipe.tokenizer, pipe.text_encoder, device)
+        self.encoder = pipeline_prompt_encoder(pipe, device)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     @property
@@ -231,9 +231,3 @@ class ConceptBatchWorker:
             }
             out.append(ConceptArtefacts(d.concept, d.images, d.masks, lora, losses, note))
         return out
-
-    def process(
-        self, concepts: list[Concept], images: list[np.ndarray] | None = None
-    ) -> list[ConceptArtefacts]:
-        """Full Stage 2 for a batch; ``images`` reuses already generated ones."""
-        return self.finish(self.data(concepts, images))

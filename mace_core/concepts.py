@@ -74,10 +74,6 @@ class Concept:
     def to_dict(self) -> dict[str, str]:
         return {"text": self.text, "type": self.type.value, "anchor": self.anchor}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, str]) -> Concept:
-        return cls(text=d["text"], type=ConceptType(d["type"]), anchor=d["anchor"])
-
 
 def concept_slug(text: str) -> str:
     """A filesystem- and S3-safe folder name: readable part plus a hash of the exact text.

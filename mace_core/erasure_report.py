@@ -29,12 +29,12 @@ import torch
 from mace_core.alignment import align_tokens
 from mace_core.attention import cross_attention_probes
 from mace_core.attention_loss import masked_attention_share
+from mace_core.attn2 import attn2_weights
 from mace_core.concepts import Concept
 from mace_core.datagen import images_to_tensor
+from mace_core.families.base import PromptEncoder, conditioning_to
 from mace_core.lora import LoraFactors
-from mace_core.models import attn2_weights
 from mace_core.prompts import PromptPair, heldout_pairs, heldout_prompts, heldout_templates
-from mace_core.text_stats import TextEncoder
 from mace_core.train import concept_seed, concept_token_mask, encode_latents, noised
 
 # Fixed timesteps of the attention-mass probe: across the trajectory, CFIS's focus included.
@@ -58,7 +58,7 @@ def _sq(x: torch.Tensor) -> float:
 
 
 def kv_gaps(
-    encoder: TextEncoder,
+    encoder: PromptEncoder,
     concept: Concept,
     original: KVProjection,
     models: dict[str, KVProjection],
@@ -83,14 +83,14 @@ def kv_gaps(
 
 
 def kv_residual(
-    encoder: TextEncoder, concept: Concept, original: KVProjection, new: KVProjection
+    encoder: PromptEncoder, concept: Concept, original: KVProjection, new: KVProjection
 ) -> float | None:
     """Residual of ``concept`` under ``new`` on its held-out pairs (module doc)."""
     return kv_gaps(encoder, concept, original, {"new": new})[1]["new"]
 
 
 def kv_drift(
-    encoder: TextEncoder, prompts: Sequence[str], original: KVProjection, new: KVProjection
+    encoder: PromptEncoder, prompts: Sequence[str], original: KVProjection, new: KVProjection
 ) -> float | None:
     """Relative squared change of the keys/values of ``prompts`` (all positions); None if empty."""
     if not prompts:
@@ -105,7 +105,7 @@ def kv_drift(
 
 
 def concept_drifts(
-    encoder: TextEncoder, concepts: Sequence[Concept], original: KVProjection, new: KVProjection
+    encoder: PromptEncoder, concepts: Sequence[Concept], original: KVProjection, new: KVProjection
 ) -> dict[str, float | None]:
     """Drift of each concept's held-out prompts, by slug: how much concepts that should be
     kept (retained or bystanders never named in the run) moved."""
@@ -117,7 +117,7 @@ def attention_mass(
     unet,
     vae,
     noise_scheduler,
-    encoder: TextEncoder,
+    encoder: PromptEncoder,
     concept: Concept,
     images: np.ndarray,
     masks: np.ndarray,
@@ -137,7 +137,7 @@ def attention_mass(
     lat = encode_latents(vae, images_to_tensor(images[:n]), device)
     temps = heldout_templates(concept.type)
     prompts = [temps[i % len(temps)].format(concept.text) for i in range(n)]
-    emb = encoder.encode(prompts).to(device)
+    cond = conditioning_to(encoder.conditioning(prompts), device)
     tok = torch.stack([concept_token_mask(encoder, p, concept) for p in prompts]).to(device)
     g = torch.Generator().manual_seed(concept_seed(seed, concept, "report"))
     noise = torch.randn((n * len(timesteps), *lat.shape[1:]), generator=g).to(device)
@@ -146,10 +146,11 @@ def attention_mass(
     x = noised(lat[idx], t, noise, noise_scheduler.alphas_cumprod.to(device))
     m = torch.from_numpy(np.asarray(masks[:n])).to(device)[idx]
     dtype = next(unet.parameters()).dtype
+    batch = {key: v[idx].to(dtype) for key, v in cond.items()}
     out = {}
     for name, weights in models.items():
         with attn2_weights(unet, weights), cross_attention_probes(unet) as store:
-            unet(x.to(dtype), t, encoder_hidden_states=emb[idx].to(dtype))
+            encoder.unet_forward(unet, x.to(dtype), t, batch)
             out[name] = float(masked_attention_share(store, m, tok[idx], tuple(lat.shape[-2:])).mean())
     return out
 

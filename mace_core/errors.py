@@ -17,6 +17,10 @@ class ArtefactError(MaceError):
     """A stored artefact (statistics, LoRA, erasure file) is missing or inconsistent."""
 
 
+class GenerationError(MaceError):
+    """The diffusion model produced unusable images (NaN / inf, e.g. fp16 overflow)."""
+
+
 def quoted(text: str, limit: int = 60) -> str:
     """``repr(text)``, shortened past ``limit`` characters so that an error stays one readable
     line whatever the input (a 10,000-character concept names itself by its start)."""

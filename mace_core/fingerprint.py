@@ -6,9 +6,9 @@ configs) changed in place makes a new run instead of resuming, or returning, one
 the old weights.
 
 A fingerprint is per component (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
-``scheduler``, and the pipeline's ``model_index.json``): the prior statistics depend only on
-the text side, so they are keyed by ``text_encoder`` + ``tokenizer`` and shared by models
-that share a text encoder (SD 1.4 and 1.5 do).
+``scheduler``, SDXL's ``text_encoder_2`` and ``tokenizer_2``, and the pipeline's
+``model_index.json``): the prior statistics depend only on the text side, so they are keyed
+by the text encoders and tokenizers and shared by models that share them (SD 1.4 and 1.5 do).
 
 Files are hashed in full (SHA-256, streamed) once: the digest is cached under the user's
 cache folder, keyed by the file's path, size, mtime, ctime and inode, so a 5 GB model is read
@@ -31,9 +31,13 @@ import torch
 
 from mace_core.errors import ModelLoadError
 
-# The components a run loads (safety_checker and feature_extractor are never loaded).
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-TEXT_SIDE = ("text_encoder", "tokenizer")
+# The components a run loads (safety_checker and feature_extractor are never loaded); the
+# ``*_2`` pair is SDXL's second text encoder, absent from SD 1.x/2.x folders.
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+TEXT_SIDE = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+# Always part of the text side's key, present or not (the *_2 pair counts only where present,
+# so a one-encoder model's prior-cache key is what it was before SDXL was supported).
+_TEXT_REQUIRED = ("text_encoder", "tokenizer")
 # Weight formats the loaders never read (safetensors only): changing them changes no result.
 _UNREAD_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
 
@@ -72,7 +76,7 @@ class ModelFingerprint:
 
     @property
     def text(self) -> str:
-        return self.of(TEXT_SIDE)
+        return self.of(tuple(n for n in TEXT_SIDE if n in _TEXT_REQUIRED or n in self.components))
 
     def changed(self, other: ModelFingerprint) -> list[str]:
         """Components whose digest differs (for a message saying what changed)."""
@@ -189,7 +193,7 @@ def pipeline_fingerprint(pipe) -> ModelFingerprint:  # pipe: StableDiffusionPipe
             for key, t in sorted(comp.state_dict().items()):
                 h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             h.update(json.dumps(comp.get_vocab(), sort_keys=True).encode())
         out[name] = h.hexdigest()[:16]
     return ModelFingerprint(out)
@@ -198,7 +202,7 @@ def pipeline_fingerprint(pipe) -> ModelFingerprint:  # pipe: StableDiffusionPipe
 @lru_cache(maxsize=1)
 def tiny_fingerprint() -> ModelFingerprint:
     """The built-in tiny pipeline's fingerprint (built and hashed once per process)."""
-    from mace_core.models import build_tiny_pipeline
+    from mace_core.families.sd1 import build_tiny_pipeline
 
     return pipeline_fingerprint(build_tiny_pipeline())
 
@@ -209,7 +213,7 @@ def model_fingerprint(model: str, cache: Path | None = None) -> ModelFingerprint
     A hub id is fetched into the Hugging Face cache first (what its load would fetch anyway;
     offline, the cached snapshot), then hashed as a folder.
     """
-    from mace_core.models import TINY_MODEL, resolve_source
+    from mace_core.families.model_index import TINY_MODEL, resolve_source
 
     if model == TINY_MODEL:
         return tiny_fingerprint()

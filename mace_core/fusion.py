@@ -30,8 +30,8 @@ class FusionSums:
     """Running sums of Eq. 7: S_C = sum_k C_k, S_dW[proj] = sum_k dW_k C_k (float64).
 
     ``block``: concepts whose low-rank terms wait before one GEMM per projection adds them
-    (1: the plain one-at-a-time sum). Reading ``dWC`` through ``flush()`` (as ``fuse``,
-    ``to_tensors`` and the additions do) includes every concept added.
+    (1: the plain one-at-a-time sum). Reading ``dWC`` through ``flush()`` (as ``fuse``
+    does) includes every concept added.
     """
 
     C: SecondMoment
@@ -46,13 +46,6 @@ class FusionSums:
     @classmethod
     def zeros(cls, d: int) -> FusionSums:
         return cls(SecondMoment.zeros(d))
-
-    @classmethod
-    def of_concept(cls, C_k: SecondMoment, lora: LoraFactors) -> FusionSums:
-        """One concept's terms: C_k and dW_k C_k = B_k (A_k C_k) per projection."""
-        out = cls.zeros(C_k.C.shape[0])
-        out.add_concept(C_k, lora)
-        return out
 
     def add_concept(self, C_k: SecondMoment, lora: LoraFactors) -> None:
         """Stream one concept in: C_k now, its dW_k C_k = B_k (A_k C_k) with its block."""
@@ -89,40 +82,6 @@ class FusionSums:
                 self.dWC[key] = B @ AC
         self._pending.clear()
         return self
-
-    def __iadd__(self, other: FusionSums) -> FusionSums:
-        """Merge another partial sum in place (the statistics actor's reduction)."""
-        self.flush()
-        other.flush()
-        self.C.C += other.C.C
-        self.C.n += other.C.n
-        for k, v in other.dWC.items():
-            if k in self.dWC:
-                self.dWC[k] += v
-            else:
-                self.dWC[k] = v.clone()
-        self.concepts += other.concepts
-        return self
-
-    def __add__(self, other: FusionSums) -> FusionSums:
-        self.flush()
-        out = FusionSums(
-            SecondMoment(self.C.C.clone(), self.C.n), {k: v.clone() for k, v in self.dWC.items()}
-        )
-        out.concepts = self.concepts
-        out += other
-        return out
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        self.flush()
-        t = {"C": self.C.C, "n": torch.tensor(self.C.n), "concepts": torch.tensor(self.concepts)}
-        t.update({f"dWC.{k}": v for k, v in self.dWC.items()})
-        return t
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> FusionSums:
-        dWC = {k[4:]: v.double() for k, v in t.items() if k.startswith("dWC.")}
-        return cls(SecondMoment(t["C"].double(), int(t["n"])), dWC, int(t["concepts"]))
 
 
 def fuse(

@@ -19,11 +19,11 @@ Every run's report records the token counts and both scales of every weight.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from mace_core.concepts import ConceptType
+from mace_core.options import Choice, Panel, coerce_choices, group, internal, plain, setting
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,24 @@ class ClosedFormSettings:
     concepts; the paper's configurations have no such term.
     """
 
-    prior_weight: float | None = None
-    domain_weight: float | None = None
-    ridge: float | None = None
-    retain_weight: float = 1.0
+    prior_weight: float | None = setting(
+        None, "{group}: prior weight, per-token mean (default: the paper's for the run).", min=0.0
+    )
+    domain_weight: float | None = setting(
+        None,
+        "Weight w of the domain set ('a person' prompts) in both closed forms (default: the paper's).",
+        name="domain-weight",
+        shared=True,
+        min=0.0,
+    )
+    ridge: float | None = setting(None, "{group}: ridge r, per-token mean (default: the paper's).", min=0.0)
+    retain_weight: float = setting(
+        1.0,
+        "Weight of the --retain set against the erased concepts, in both closed forms.",
+        name="retain-weight",
+        shared=True,
+        min=0.0,
+    )
 
     def __post_init__(self) -> None:
         for name in ("prior_weight", "domain_weight", "ridge", "retain_weight"):
@@ -64,35 +78,42 @@ TYPE_DEFAULTS: dict[ConceptType, TrainDefaults] = {
 }
 
 
-LORA_INITS = ("gaussian", "kaiming")
+class LoraInit(Choice):
+    # A ~ N(0, 1/rank^2), B = 0, as diffusers' LoRALinearLayer and the paper's experiments.
+    GAUSSIAN = "gaussian"
+    # PEFT's default (A uniform in +-1/sqrt(d_in)): ~sqrt(d_in) times smaller, which at the
+    # paper's learning rates leaves the LoRA stage near a no-op.
+    KAIMING = "kaiming"
+
+
+LORA_INITS = LoraInit.values()
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """LoRA training (paper Sec. 3.2). ``None`` fields take the concept type's default."""
 
-    rank: int = 1
-    lr: float | None = None
-    steps: int | None = None
-    cfis: bool | None = None
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
+    rank: int = setting(1, "LoRA rank.", min=1)
+    lr: float | None = setting(None, "LoRA learning rate (default: per type).", min=0.0)
+    steps: int | None = setting(None, "LoRA steps (default: per type).", name="train-steps", min=0)
+    cfis: bool | None = field(default=None, metadata=internal("the paper's per-type setting (TYPE_DEFAULTS)"))
+    weight_decay: float = field(default=1e-2, metadata=internal("the authors' optimizer setting"))
+    grad_clip: float = field(default=1.0, metadata=internal("the authors' optimizer setting"))
     # Eq. 3 squares the Frobenius norm; the authors' experiments used the plain norm.
-    squared_loss: bool = False
+    squared_loss: bool = setting(False, "Square the Frobenius norm of Eq. 3.")
     # The experiments also penalise attention to end-of-text/padding positions.
-    penalize_eot: bool = True
-    cfis_t1: int = 200
-    cfis_t2: int = 400
-    cfis_gamma: float = 0.05
-    seed: int = 0
-    # "gaussian": A ~ N(0, 1/rank^2), B = 0, as diffusers' LoRALinearLayer and the paper's
-    # experiments; "kaiming": PEFT's default (A uniform in +-1/sqrt(d_in)), ~sqrt(d_in)
-    # times smaller, which at the paper's learning rates leaves the LoRA stage near a no-op.
-    lora_init: str = "gaussian"
+    penalize_eot: bool = setting(True, "Also suppress attention to end-of-text/padding positions.")
+    cfis_t1: int = field(default=200, metadata=internal("the paper's CFIS schedule"))
+    cfis_t2: int = field(default=400, metadata=internal("the paper's CFIS schedule"))
+    cfis_gamma: float = field(default=0.05, metadata=internal("the paper's CFIS schedule"))
+    seed: int = setting(0, "Seed of training images, LoRA init and training draws.", shared=True)
+    lora_init: LoraInit = setting(
+        LoraInit.GAUSSIAN,
+        "LoRA start: gaussian (A ~ N(0, 1/rank^2), the paper's) or kaiming (PEFT's default).",
+    )
 
     def __post_init__(self) -> None:
-        if self.lora_init not in LORA_INITS:
-            raise ValueError(f"unknown lora_init {self.lora_init!r} (valid: {', '.join(LORA_INITS)})")
+        coerce_choices(self, {"lora_init": (LoraInit, "lora_init")})
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.steps is not None and self.steps < 0:
@@ -120,19 +141,32 @@ class ResolvedTrain:
 class DataSettings:
     """Training images (MACE Stage 2): DPM-Solver, 30 steps, CFG 7.5, fixed seeds."""
 
-    images_per_concept: int = 8
-    inference_steps: int = 30
-    guidance_scale: float = 7.5
-    resolution: int | None = None  # None: the model's native size (512 px for SD 1.x)
-    seed: int = 0
+    images_per_concept: int = setting(8, "Training images per concept.", name="images", min=1)
+    inference_steps: int = setting(30, "DPM-Solver steps per training image.", min=1)
+    guidance_scale: float = field(default=7.5, metadata=internal("the paper's CFG scale for training images"))
+    # None: the model's native size (512 px for SD 1.x)
+    resolution: int | None = field(default=None, metadata=internal("the model's native size, as the paper"))
+    seed: int = setting(0, shared=True)  # help: TrainSettings.seed
 
     def __post_init__(self) -> None:
         if self.images_per_concept < 1:
             raise ValueError(f"images_per_concept must be >= 1, got {self.images_per_concept}")
 
 
-PRECISIONS = ("auto", "fp32")
-MASKERS = ("grounded-sam", "segment-anything", "whole-image")
+class Precision(Choice):
+    # On CUDA: fp16 for generation, bf16 autocast for training (LoRA weights and optimizer
+    # state stay fp32); on CPU everything fp32.
+    AUTO = "auto"
+    FP32 = "fp32"
+
+
+class Masker(Choice):
+    GROUNDED_SAM = "grounded-sam"
+    SEGMENT_ANYTHING = "segment-anything"
+    WHOLE_IMAGE = "whole-image"
+
+
+MASKERS = Masker.values()
 
 
 @dataclass(frozen=True)
@@ -145,15 +179,20 @@ class MaskSettings:
     or ``tiny`` for built-in random models; None picks the default for the model.
     """
 
-    masker: str = "grounded-sam"
-    detector: str | None = None
-    segmenter: str | None = None
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
+    masker: Masker = setting(
+        Masker.GROUNDED_SAM,
+        "Concept masks: grounded-sam (Grounding DINO boxes, SAM masks), segment-anything "
+        "(the same with an original SAM .pth as --segmenter) or whole-image.",
+    )
+    detector: str | None = setting(
+        None, "Grounding DINO: hub id, local folder or 'tiny' (default: for the model)."
+    )
+    segmenter: str | None = setting(None, "SAM: hub id, local folder, 'tiny', or a .pth (segment-anything).")
+    box_threshold: float = setting(0.3, "Grounding DINO box threshold.", min=0.0, max=1.0)
+    text_threshold: float = setting(0.25, "Grounding DINO text threshold.", min=0.0, max=1.0)
 
     def __post_init__(self) -> None:
-        if self.masker not in MASKERS:
-            raise ValueError(f"unknown masker {self.masker!r} (valid: {', '.join(MASKERS)})")
+        coerce_choices(self, {"masker": (Masker, "masker")})
         for name in ("box_threshold", "text_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -161,43 +200,46 @@ class MaskSettings:
 
 @dataclass(frozen=True)
 class EraseSettings:
-    cfr: ClosedFormSettings = field(default_factory=ClosedFormSettings)
-    fusion: ClosedFormSettings = field(default_factory=ClosedFormSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    masks: MaskSettings = field(default_factory=MaskSettings)
+    cfr: ClosedFormSettings = field(
+        default_factory=ClosedFormSettings,
+        metadata=group(prefix="cfr", title="CFR (Eq. 2)", panel=Panel.CLOSED_FORMS),
+    )
+    fusion: ClosedFormSettings = field(
+        default_factory=ClosedFormSettings,
+        metadata=group(prefix="fusion", title="Fusion (Eq. 7)", panel=Panel.CLOSED_FORMS),
+    )
+    train: TrainSettings = field(default_factory=TrainSettings, metadata=group(panel=Panel.TRAIN))
+    data: DataSettings = field(default_factory=DataSettings, metadata=group(panel=Panel.DATA))
+    masks: MaskSettings = field(default_factory=MaskSettings, metadata=group(panel=Panel.DATA))
     # Templates per concept for the statistics and training prompts (the paper: 30);
     # None: all of the type's templates.
-    prompts_per_concept: int | None = 30
+    prompts_per_concept: int | None = setting(
+        30,
+        "Templates per concept for statistics and training prompts, or all (the paper: 30).",
+        none_as="all",
+        min=1,
+        panel=Panel.DATA,
+    )
     # The reference experiments apply the prior and domain scales twice in CFR (s^2) and
     # once in the fusion; their reported numbers come from that. False: once in both, as
     # Eq. 2 reads. Only used for weights left at None.
-    cfr_scale_squared: bool = True
-    # "auto": on CUDA, fp16 autocast for generation and bf16 autocast for training (LoRA
-    # weights and optimizer state stay fp32); on CPU everything fp32. "fp32": fp32 everywhere.
-    precision: str = "auto"
+    cfr_scale_squared: bool = setting(
+        True,
+        "Paper defaults: apply the prior/domain scale squared in CFR, as the reference "
+        "experiments did (--no-cfr-scale-squared: once, as Eq. 2 reads).",
+        panel=Panel.CLOSED_FORMS,
+    )
+    precision: Precision = setting(
+        Precision.AUTO,
+        "auto: fp16 generation and bf16 training autocast on CUDA, fp32 on CPU; fp32: fp32 everywhere.",
+        panel=Panel.CLUSTER,
+    )
 
     def __post_init__(self) -> None:
         if self.prompts_per_concept is not None and self.prompts_per_concept < 1:
             raise ValueError(f"prompts_per_concept must be >= 1, got {self.prompts_per_concept}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r} (valid: {', '.join(PRECISIONS)})")
+        coerce_choices(self, {"precision": (Precision, "precision")})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EraseSettings:
-        return cls(
-            cfr=ClosedFormSettings(**d["cfr"]),
-            fusion=ClosedFormSettings(**d["fusion"]),
-            train=TrainSettings(**d["train"]),
-            data=DataSettings(**d["data"]),
-            masks=MaskSettings(**d.get("masks", {})),
-            prompts_per_concept=d.get("prompts_per_concept"),
-            cfr_scale_squared=d.get("cfr_scale_squared", True),
-            precision=d.get("precision", "auto"),
-        )
+        """Plain JSON values (choices as strings): report.json's settings, hashed into run ids."""
+        return plain(dataclasses.asdict(self))

@@ -1,8 +1,9 @@
 """Text-encoder statistics: CFR sums X, C (Eq. 1-2), fusion sums C_k (Eq. 7), prior C_p.
 
-Every statistic is a sum of outer products of final text-encoder token states,
-accumulated in float64, together with its token count. They are additive: the
-statistics of many concepts are the sum of the statistics of each.
+Every statistic is a sum of outer products of the token states of the UNet's
+cross-attention context (a family's ``PromptEncoder.encode``: the final text-encoder
+states for SD 1.x / 2.x), accumulated in float64, together with its token count. They
+are additive: the statistics of many concepts are the sum of the statistics of each.
 """
 
 from __future__ import annotations
@@ -17,50 +18,13 @@ import torch
 from mace_core.alignment import align_tokens
 from mace_core.concepts import Concept
 from mace_core.errors import ArtefactError, ConceptError, quoted
+from mace_core.families.base import PromptEncoder
+
+# SD 1.x / 2.x's PromptEncoder, still importable from here for mace_ray (new code gets a
+# model's encoder from its family: mace_core.families).
+from mace_core.families.stable_diffusion import TextEncoder as TextEncoder
 from mace_core.prompts import PromptPair, concept_prompts, prompt_pairs
 from mace_core.sealed import open_sealed, sealed_bytes
-
-
-class TextEncoder:
-    """Tokenizer + text encoder of a pipeline, used in no-grad batches."""
-
-    def __init__(self, tokenizer, text_encoder, device: torch.device, batch_size: int = 64) -> None:
-        self.tokenizer = tokenizer
-        self.model = text_encoder
-        self.device = device
-        self.batch_size = batch_size
-        self.max_length = int(tokenizer.model_max_length)
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    def ids(self, prompt: str) -> list[int]:
-        """Unpadded token ids with start/end tokens."""
-        return list(self.tokenizer(prompt, truncation=False).input_ids)
-
-    def check_length(self, prompt: str, what: str) -> None:
-        n = len(self.ids(prompt))
-        if n > self.max_length:
-            raise ConceptError(
-                f"{what}: prompt {quoted(prompt)} is {n} tokens, the text encoder takes {self.max_length}"
-            )
-
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Final token states, (len(prompts), max_length, d), float32 on the CPU."""
-        out = []
-        for i in range(0, len(prompts), self.batch_size):
-            tok = self.tokenizer(
-                list(prompts[i : i + self.batch_size]),
-                padding="max_length",
-                max_length=self.max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            h = self.model(tok.input_ids.to(self.device))[0]
-            out.append(h.float().cpu())
-        return torch.cat(out)
 
 
 @dataclass
@@ -114,7 +78,7 @@ class MappingStats:
         return self
 
 
-def mapping_stats(encoder: TextEncoder, pairs: list[PromptPair]) -> MappingStats:
+def mapping_stats(encoder: PromptEncoder, pairs: list[PromptPair]) -> MappingStats:
     """X_k, C_k of one concept from its aligned (e_f, e_g) pairs (Eq. 1 sufficient statistics)."""
     ef_all = encoder.encode([p.concept for p in pairs])
     eg_all = encoder.encode([p.anchor for p in pairs])
@@ -155,7 +119,7 @@ class ConceptTextStats:
 
 
 def concept_text_stats(
-    encoder: TextEncoder, concept: Concept, n_prompts: int | None = None
+    encoder: PromptEncoder, concept: Concept, n_prompts: int | None = None
 ) -> ConceptTextStats:
     """CFR and fusion statistics of one concept."""
     pairs = prompt_pairs(concept, n_prompts)
@@ -166,7 +130,7 @@ def concept_text_stats(
     return ConceptTextStats(mapping_stats(encoder, pairs), fusion)
 
 
-def prompt_second_moment(encoder: TextEncoder, prompts: Sequence[str], chunk: int = 512) -> SecondMoment:
+def prompt_second_moment(encoder: PromptEncoder, prompts: Sequence[str], chunk: int = 512) -> SecondMoment:
     """C_p (or C_d): all max_length token states of every prompt, summed in chunks."""
     total = SecondMoment.zeros(encoder.dim)
     for i in range(0, len(prompts), chunk):

@@ -14,14 +14,14 @@ import torch
 
 from mace_core.attention import cross_attention_probes
 from mace_core.attention_loss import attention_loss
+from mace_core.attn2 import attn2_projections
 from mace_core.cfis import sample_timesteps
 from mace_core.concepts import Concept
 from mace_core.errors import ConceptError
+from mace_core.families.base import PromptEncoder, conditioning_to, stack_rows
 from mace_core.lora import LoraBank, LoraFactors
-from mace_core.models import attn2_projections
 from mace_core.progress import Progress, no_progress
 from mace_core.settings import ResolvedTrain, TrainSettings
-from mace_core.text_stats import TextEncoder
 
 
 @dataclass
@@ -59,7 +59,7 @@ def find_subsequences(ids: list[int], sub: list[int]) -> list[int]:
 
 
 def concept_token_mask(
-    encoder: TextEncoder, prompt: str, concept: Concept, ids: list[int] | None = None
+    encoder: PromptEncoder, prompt: str, concept: Concept, ids: list[int] | None = None
 ) -> torch.Tensor:
     """(max_length,) bool: every position of every occurrence of the concept's tokens
     (``ids``: the prompt's token ids, when the caller has them already)."""
@@ -74,13 +74,17 @@ def concept_token_mask(
     return mask
 
 
-def loss_token_mask(encoder: TextEncoder, prompt: str, concept: Concept, penalize_eot: bool) -> torch.Tensor:
+def loss_token_mask(
+    encoder: PromptEncoder, prompt: str, concept: Concept, penalize_eot: bool
+) -> torch.Tensor:
     """Token positions whose attention Eq. 3 suppresses: every occurrence of the concept's
     tokens (and, with ``penalize_eot``, end-of-text and the padding after it)."""
     ids = encoder.ids(prompt)
     mask = concept_token_mask(encoder, prompt, concept, ids)
     if penalize_eot:
-        mask[len(ids) - 1 :] = True  # end-of-text and all padding after it
+        # End-of-text and all padding after it, by position: the pad token may be anything
+        # (SD 2.x pads with '!', id 0, which a prompt can contain too).
+        mask[len(ids) - 1 :] = True
     return mask
 
 
@@ -135,7 +139,7 @@ def train_loras(
     unet,
     vae,
     noise_scheduler,
-    encoder: TextEncoder,
+    encoder: PromptEncoder,
     jobs: list[TrainJob],
     settings: TrainSettings,
     resolved: ResolvedTrain,
@@ -162,7 +166,7 @@ def train_loras(
 
     latents = [encode_latents(vae, j.images, device) for j in jobs]
     latent_hw = tuple(latents[0].shape[-2:])
-    embeds = [encoder.encode(j.prompts).to(device) for j in jobs]
+    conds = [conditioning_to(encoder.conditioning(j.prompts), device) for j in jobs]
     tok_masks = [
         torch.stack([loss_token_mask(encoder, p, j.concept, settings.penalize_eot) for p in j.prompts]).to(
             device
@@ -180,7 +184,7 @@ def train_loras(
             draw(
                 gens[j],
                 len(latents[j]),
-                len(embeds[j]),
+                len(jobs[j].prompts),
                 latents[j].shape[1:],
                 len(alphas),
                 resolved.cfis,
@@ -206,12 +210,12 @@ def train_loras(
             t = all_t[step]
             x0 = torch.stack([latents[j][i[j]] for j in range(k)])
             x = noised(x0, t, all_noise[step], alphas)
-            c = torch.stack([embeds[j][p[j]] for j in range(k)])
+            c = conditioning_to(stack_rows(conds, p), unet_dtype)
             m = torch.stack([masks[j][i[j]] for j in range(k)])
             tm = torch.stack([tok_masks[j][p[j]] for j in range(k)])
             store.clear()
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                unet(x.to(unet_dtype), t, encoder_hidden_states=c.to(unet_dtype))
+                encoder.unet_forward(unet, x.to(unet_dtype), t, c)
             losses = attention_loss(store, m, tm, latent_hw, settings.squared_loss)
             losses.sum().backward()
             bank.clip_grad_per_adapter(settings.grad_clip)
@@ -234,7 +238,7 @@ def evaluate_attention_loss(
     unet,
     vae,
     noise_scheduler,
-    encoder: TextEncoder,
+    encoder: PromptEncoder,
     job: TrainJob,
     settings: TrainSettings,
     lora: LoraFactors | None,
@@ -252,14 +256,14 @@ def evaluate_attention_loss(
     bank.slot = torch.zeros(1, dtype=torch.long, device=device)
     g = torch.Generator().manual_seed(concept_seed(settings.seed, job.concept, "eval"))
     lat = encode_latents(vae, job.images, device)
-    emb = encoder.encode(job.prompts).to(device)
+    cond = conditioning_to(encoder.conditioning(job.prompts), device)
     alphas = noise_scheduler.alphas_cumprod.to(device)
     total = 0.0
     with cross_attention_probes(unet, bank) as store:
         for _ in range(n):
-            i, p, t, x = draw_sample(g, lat, len(emb), alphas, True, settings)
+            i, p, t, x = draw_sample(g, lat, len(job.prompts), alphas, True, settings)
             store.clear()
-            unet(x[None], t, encoder_hidden_states=emb[p][None])
+            encoder.unet_forward(unet, x[None], t, {key: v[p][None] for key, v in cond.items()})
             tm = loss_token_mask(encoder, job.prompts[p], job.concept, settings.penalize_eot)[None].to(device)
             total += float(attention_loss(store, job.masks[i][None].to(device), tm, tuple(lat.shape[-2:]))[0])
     return total / n

@@ -1,7 +1,8 @@
 """Where calls run: in this process (LocalBackend) or on a Ray cluster (RayBackend).
 
-The driver talks to workers only through ``spawn`` / ``call`` / ``wait`` / ``get``, so
-one driver loop serves both; Ray is imported inside RayBackend only.
+The driver talks to workers only through the ``Backend`` protocol (``spawn`` / ``call`` /
+``wait`` / ``get`` ...), so one driver loop serves both; Ray is imported inside
+RayBackend and ``backend_for`` only.
 """
 
 from __future__ import annotations
@@ -10,14 +11,61 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mace_core.errors import MaceError
 from mace_ray.resources import Resources
 
 log = logging.getLogger("mace_ray")
+
+
+class Backend(Protocol):
+    """What the runtime needs of an executor."""
+
+    name: str  # "local" or "ray"
+
+    def spawn(
+        self, cls: type, args: tuple, resources: Resources, name: str, restartable: bool = False
+    ) -> Any: ...
+    def call(self, handle: Any, method: str, *args: Any, task_name: str | None = None) -> Any: ...
+    def wait(self, refs: list[Any], timeout: float | None = None) -> tuple[list[Any], list[Any]]: ...
+    def get(self, ref: Any) -> Any: ...
+    def put(self, value: Any) -> Any: ...
+    def is_infrastructure_error(self, exc: BaseException) -> bool: ...
+    def kill(self, handle: Any) -> None: ...
+    def request_resources(self, bundles: list[dict[str, float]]) -> None: ...
+    def gpus_available(self) -> float: ...
+    def cpus_available(self) -> float: ...
+    def node_resources(self) -> list[dict[str, float]]: ...
+    def autoscaler(self) -> str | None: ...
+
+
+@contextmanager
+def backend_for(executor: str, address: str | None = None) -> Iterator[Backend]:
+    """The executor's backend ("local" or "ray", mace_ray.run_settings.Executor); a local
+    Ray is started (and stopped) when no cluster is named."""
+    if executor == "local":
+        yield LocalBackend()
+        return
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # address="local" ignores stale cluster files of earlier `ray start`s.
+            ray.init(address="local", log_to_driver=True)
+        started = True
+    try:
+        yield RayBackend()
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @dataclass(eq=False)  # hashed by identity, like Ray object refs
@@ -72,6 +120,9 @@ class LocalBackend:
         import torch
 
         return float(torch.cuda.device_count())
+
+    def cpus_available(self) -> float:
+        return local_machine_resources()["CPU"]
 
     def node_resources(self) -> list[dict[str, float]]:
         """This machine as the one node of the local executor, in Ray's resource names."""
@@ -204,6 +255,9 @@ class RayBackend:
 
     def gpus_available(self) -> float:
         return float(self.ray.cluster_resources().get("GPU", 0.0))
+
+    def cpus_available(self) -> float:
+        return float(self.ray.cluster_resources().get("CPU", 0.0))
 
     def node_resources(self) -> list[dict[str, float]]:
         """Total resources of each alive node (a worker must fit on one node)."""

@@ -1,12 +1,8 @@
 """The erase job: concept list in, erased pipeline out, in the run layout of ``mace_ray.layout``.
 
-Stages (each resumable from storage):
-  1. prepare: parse and validate the concept list, fingerprint the model (every file that
-     counts, ``mace_core.fingerprint``), derive the run id
-  2. text statistics per concept, prior (cached) and retained-set statistics
-  3. CFR: the statistics worker sums X_k, C_k and solves M; concept workers set W' = W M
-  4. concept batches: images, masks, LoRA (DONE marker last), streamed into the fusion sums
-  5. fusion: the statistics worker solves W*; a concept worker writes the model
+``prepare`` (on the driver) parses and validates the concept list, fingerprints the model
+(every file that counts, ``mace_core.fingerprint``) and derives the run id; then, under
+the run's lock, the stages of ``mace_ray.erase_stages`` run, each resumable from storage.
 The same driver runs in this process (LocalBackend) or on a Ray cluster (RayBackend).
 """
 
@@ -15,92 +11,45 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-import mace_core
 from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
 from mace_core.erasure_report import headline, summary_line
-from mace_core.erasure_report import summarize as erasure_summary
-from mace_core.errors import ArtefactError, ConceptError, MaceError, quoted
-from mace_core.fingerprint import ModelFingerprint, expect_fingerprint
+from mace_core.errors import ConceptError, MaceError, quoted
+from mace_core.families.base import PromptEncoder
+from mace_core.fingerprint import ModelFingerprint
 from mace_core.masking import check_masker_sources
-from mace_core.models import DEFAULT_MODEL, TINY_MODEL, load_text_components, pick_device
-from mace_core.prompts import domain_prompts, generation_prompt, heldout_pairs, heldout_prompts, prompt_pairs
+from mace_core.models import TINY_MODEL, load_prompt_encoder, pick_device
+from mace_core.prompts import domain_prompts, generation_prompt, heldout_pairs, prompt_pairs
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
-    TextEncoder,
     default_captions_path,
     prior_cache_key,
     read_captions,
-    second_moment_from_bytes,
 )
 from mace_ray import artefacts
-from mace_ray.backend import LocalBackend, RayBackend
-from mace_ray.layout import RunLayout, prior_cache_path
-from mace_ray.metrics import make_metrics
+from mace_ray.backend import backend_for
+from mace_ray.erase_stages import EraseRun, closing_summary, plan_stages
+from mace_ray.layout import RunLayout
 from mace_ray.models_remote import TEXT_COMPONENTS, fingerprint_model, resolve_model
-from mace_ray.pool import Job, WorkerPool, worker_shape
+from mace_ray.pool import worker_shape
 from mace_ray.preflight import check_placeable, preflight_storage
-from mace_ray.resources import Resources
+from mace_ray.run_settings import EraseRequest
 from mace_ray.runlock import RunLock
-from mace_ray.storage import Storage, open_storage, read_json, write_json
-from mace_ray.workers import RunSpec, StatsWorker
+from mace_ray.runtime import Stage, Timer, versions
+from mace_ray.storage import Storage, read_json, write_json
+from mace_ray.stores import open_storage
 
 log = logging.getLogger("mace_ray")
-
-EXECUTORS = ("ray", "local")
-
-
-@dataclass(frozen=True)
-class EraseRequest:
-    concept_file: str
-    model: str = DEFAULT_MODEL
-    output: str = "mace-runs"
-    default_type: ConceptType = ConceptType.OBJECT
-    settings: EraseSettings = field(default_factory=EraseSettings)
-    prior_captions: str | None = None
-    retain_file: str | None = None
-    device: str | None = None
-    concepts_per_batch: int | None = None  # None: from the workers' free GPU memory
-    s3_endpoint: str | None = None
-    executor: str = "ray"
-    address: str | None = None  # Ray cluster; None: RAY_ADDRESS, else a local Ray
-    workers: int | None = None  # None: one per GPU (gpus_per_worker each), else 1
-    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    resume: bool = True
-    # A concept whose residual (erasure report) stays above this fails the command after
-    # everything is written; not part of the run id (it changes no result).
-    max_residual: float | None = None
-    # A second driver on the same run waits this long for the first to finish (or for its
-    # lease to expire) before it refuses; not part of the run id.
-    lock_wait_s: float = 90.0
-    # How long a cluster with an autoscaler may take to add a node the workers fit on.
-    placement_wait_s: float = 600.0
-    progress: bool = True  # progress bars and lines inside the stages (the CLI's --quiet: off)
-
-    def __post_init__(self) -> None:
-        if self.max_residual is not None and not self.max_residual >= 0:
-            raise ValueError(f"max_residual must be >= 0, got {self.max_residual}")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.executor!r} (valid: {', '.join(EXECUTORS)})")
-        if self.concepts_per_batch is not None and self.concepts_per_batch < 1:
-            raise ValueError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if not self.lock_wait_s >= 0:
-            raise ValueError(f"lock_wait_s must be >= 0, got {self.lock_wait_s}")
 
 
 @dataclass
@@ -115,6 +64,8 @@ class Prepared:
     prior_key: str
     run_id: str
     profile: ConceptType  # whose paper configuration sets the closed-form weights
+    method: str = "mace"  # "cfr": closed-form refinement only (--stages cfr)
+    stages: tuple[Stage[Any], ...] = ()  # what this driver runs (--stages)
 
     @property
     def model_fingerprint(self) -> str:
@@ -132,50 +83,8 @@ class Prepared:
         return [p for c in self.retain for p in domain_prompts([c.text], c.type, n)]
 
 
-class Timer:
-    """Seconds per stage, logged as progress lines of the job log (and sent to metrics)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.on_stage: Callable[[str, float], None] | None = None
-        self.on_start: Callable[[str], None] | None = None  # e.g. the run lock's check
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self.on_start is not None:
-            self.on_start(name)
-        t = time.perf_counter()
-        log.info("stage %s: started", name)
-        yield
-        dt = time.perf_counter() - t
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + dt, 3)
-        log.info("stage %s: done in %.1fs", name, dt)
-        if self.on_stage is not None:
-            self.on_stage(name, dt)
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    out = {
-        "mace-ray": mace_core.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import ray
-
-        out["ray"] = ray.__version__
-    except ImportError:
-        pass
-    return out
-
-
 def validate_prompts(
-    encoder: TextEncoder, concepts: list[Concept], n_prompts: int | None, source: str
+    encoder: PromptEncoder, concepts: list[Concept], n_prompts: int | None, source: str
 ) -> None:
     """Every prompt of every concept must fit the text encoder; errors name the concept."""
     for c in concepts:
@@ -194,12 +103,14 @@ def compute_run_id(
     retain: list[Concept],
     prior_key: str,
     settings: EraseSettings,
+    method: str = "mace",
 ) -> str:
     """Same model, concepts and settings -> same run id -> resume instead of redo.
 
-    Batching, executor and worker counts are not part of it: they do not change the result.
+    Batching, executor, worker counts and the stages of a partial run are not part of it:
+    they do not change the result. A closed-form-only run (method "cfr") is another result.
     """
-    spec = {
+    spec: dict[str, Any] = {
         "model": model,
         "fingerprint": fingerprint,
         "concepts": [c.to_dict() for c in concepts],
@@ -207,12 +118,15 @@ def compute_run_id(
         "prior": prior_key,
         "settings": settings.to_dict(),
     }
+    if method != "mace":  # the method's own run ids stay as they were
+        spec["method"] = method
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare(req: EraseRequest) -> Prepared:
     """Stage 1, on the driver. Everything that can be wrong with the inputs fails here,
     before anything is written; only the tokenizer and text encoder are loaded."""
+    method, stages = plan_stages(req.stages)
     concepts = read_concept_file(req.concept_file, req.default_type)
     retain: list[Concept] = []
     if req.retain_file:
@@ -223,17 +137,20 @@ def prepare(req: EraseRequest) -> Prepared:
     captions = read_captions(req.prior_captions or default_captions_path())
     check_masker_sources(req.settings.masks, tiny=req.model == TINY_MODEL)
     # An s3:// model is fetched (text components only) into the local model cache.
-    tokenizer, text_encoder = load_text_components(resolve_model(req.model, req.s3_endpoint, TEXT_COMPONENTS))
-    encoder = TextEncoder(tokenizer, text_encoder, torch.device("cpu"))
+    encoder = load_prompt_encoder(
+        resolve_model(req.model, req.s3_endpoint, components=TEXT_COMPONENTS), torch.device("cpu")
+    )
     n = req.settings.prompts_per_concept
     validate_prompts(encoder, concepts.concepts, n, concepts.source)
     validate_prompts(encoder, retain, n, req.retain_file or "")
     # Every file of the model that can change the result: a model changed in place is a new run.
     fingerprint = fingerprint_model(req.model, req.s3_endpoint)
     prior_key = prior_cache_key(fingerprint.text, captions)
-    run_id = compute_run_id(req.model, fingerprint.full, concepts.concepts, retain, prior_key, req.settings)
+    run_id = compute_run_id(
+        req.model, fingerprint.full, concepts.concepts, retain, prior_key, req.settings, method
+    )
     profile = profile_type(c.type for c in concepts.concepts)
-    return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id, profile)
+    return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id, profile, method, stages)
 
 
 def earlier_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any] | None:
@@ -269,6 +186,7 @@ def open_run(
             "duplicates": p.concepts.duplicates,
             "prior_captions": p.request.prior_captions or "builtin",
             "settings": p.request.settings.to_dict(),
+            "method": p.method,
             "versions": versions(),
             "resumed": 0,
         }
@@ -294,30 +212,6 @@ def check_outputs(storage: Storage, layout: RunLayout, manifest: dict[str, Any])
         if artefacts.stored_sha256(storage, key) != digest:
             return f"{key} does not match its checksum"
     return None
-
-
-@contextmanager
-def backend_for(executor: str, address: str | None = None) -> Iterator[LocalBackend | RayBackend]:
-    """The executor's backend; a local Ray is started (and stopped) when no cluster is named."""
-    if executor == "local":
-        yield LocalBackend()
-        return
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # address="local" ignores stale cluster files of earlier `ray start`s.
-            ray.init(address="local", log_to_driver=True)
-        started = True
-    try:
-        yield RayBackend()
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # The run lock's lease: renewed every LOCK_HEARTBEAT_S, stale after LOCK_TTL_S without renewal
@@ -383,8 +277,9 @@ def _run_locked(
                 d["first_line"],
                 d["text"],
             )
+        run = EraseRun(backend, p, storage, layout, timer, manifest, lock)
         try:
-            return Driver(backend, p, storage, layout, timer, manifest, lock).run()
+            report = run.run()
         except BaseException as e:
             # Stopped from outside (SIGTERM on preemption, Ctrl-C): nothing went wrong and
             # the rerun resumes, so say so rather than "failed".
@@ -396,6 +291,19 @@ def _run_locked(
             if isinstance(stop, Interrupted) and stop is not e:
                 raise stop from None  # surfaced through C code (Ray's wait) as a SystemError
             raise
+        if run.stages[-1].name != "finish":  # a partial run: the full run takes it up
+            manifest["status"] = "partial"
+            manifest["stages_done"] = [st.name for st in run.stages]
+            write_json(storage, layout.manifest, manifest)
+            report = {
+                "run_id": p.run_id,
+                "status": "partial",
+                "stages": manifest["stages_done"],
+                "output": {"root": f"{storage.url}/{layout.root}"},
+            }
+            run.report = report
+        log.info("%s", closing_summary(run))
+        return report
 
 
 def stopped_by(e: BaseException) -> BaseException | None:
@@ -435,299 +343,6 @@ def on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class Driver:
-    """Stages 2-5 over a pool of concept workers and one statistics worker."""
-
-    def __init__(
-        self,
-        backend: LocalBackend | RayBackend,
-        p: Prepared,
-        storage: Storage,
-        layout: RunLayout,
-        timer: Timer,
-        manifest: dict[str, Any],
-        lock: RunLock | None = None,
-    ) -> None:
-        self.backend = backend
-        self.lock = lock
-        self.p = p
-        self.storage = storage
-        self.layout = layout
-        self.timer = timer
-        self.manifest = manifest
-        req = p.request
-        self.spec = RunSpec(
-            run_id=p.run_id,
-            model=req.model,
-            output=req.output,
-            settings=req.settings,
-            prior_key=p.prior_key,
-            model_fingerprint=p.model_fingerprint,
-            profile=p.profile,
-            s3_endpoint=req.s3_endpoint,
-            device=req.device,
-            metrics=backend.name,
-            progress=req.progress,
-        )
-        self.concepts = p.concepts.concepts
-        # Actor names must be unique in the cluster: a killed driver's actors may linger a moment.
-        self.session = f"{p.run_id[:8]}-{uuid.uuid4().hex[:6]}"
-        self.metrics = metrics = make_metrics(backend.name)
-        timer.on_stage = lambda stage, seconds: metrics.stage_seconds(stage, seconds, p.run_id)
-
-    def worker_shape(self, n_batches: int) -> tuple[int, Resources]:
-        req = self.p.request
-        return worker_shape(self.backend, req.workers, req.gpus_per_worker, n_batches)
-
-    def batch_size(self, pool: WorkerPool, n_concepts: int) -> int:
-        """Concepts per worker batch: as requested, else what a worker's free memory holds,
-        capped so that ``n_concepts`` spread over every worker of the pool."""
-        if self.p.request.concepts_per_batch is not None:
-            return self.p.request.concepts_per_batch
-        plan = pool.ask_one("batch_plan")
-        k = max(1, min(plan["concepts_per_batch"], -(-n_concepts // pool.size)))
-        log.info("concepts per batch: %d (auto; one worker's memory holds %d)", k, plan["concepts_per_batch"])
-        return k
-
-    def run(self) -> dict[str, Any]:
-        backend, storage, layout = self.backend, self.storage, self.layout
-        # With an automatic batch size, size the pool as if every concept were a batch: the
-        # batch size is then capped so that every worker gets work (batch_size).
-        bs = self.p.request.concepts_per_batch or 1
-        # A concept is reused only if its LoRA and notes match the checksums of its marker.
-        done_before = artefacts.verified_done(storage, layout)
-        todo = [c for c in self.concepts if c.slug not in done_before]
-        n_workers, resources = self.worker_shape(max(1, -(-len(todo) // bs)))
-        log.info("workers: %d x %s (%s executor)", n_workers, resources, backend.name)
-        # Autoscaling clusters grow to what the GPU stages can use, and shrink after.
-        backend.request_resources([resources.bundle()] * n_workers)
-        stats = backend.spawn(
-            StatsWorker, (self.spec,), Resources(cpus=0), f"mace-stats-{self.session}", True
-        )
-        self.metrics.run_started(self.p.run_id, len(self.concepts), len(done_before))
-        pool = WorkerPool(backend, self.spec, resources, n_workers, storage, self.session)
-        try:
-            with self.timer.stage("workers_start"):  # model loading, until a first worker is ready
-                pool.wait_started()
-            report = self._stages(pool, stats, todo, done_before)
-        finally:
-            pool.shutdown()
-            backend.kill(stats)
-            backend.request_resources([])
-        return report
-
-    def _stages(
-        self, pool: WorkerPool, stats: Any, todo: list[Concept], done_before: set[str]
-    ) -> dict[str, Any]:
-        backend, storage, layout, timer, p = self.backend, self.storage, self.layout, self.timer, self.p
-        slugs = [c.slug for c in self.concepts]
-        with timer.stage("text_statistics"):
-            jobs = []
-            prior_key = prior_cache_path(p.prior_key)
-            prior_cached = self._reusable_stats(prior_key)
-            if not prior_cached:
-                jobs.append(Job("prior_stats", (p.captions,), "prior"))
-            for key, prompts, label in (
-                (layout.domain_stats, p.domain_prompts(), "domain-set"),
-                (layout.retain_stats, p.retain_prompts(), "retained-set"),
-            ):
-                if prompts and not self._reusable_stats(key):
-                    jobs.append(Job("prompt_stats", (key, prompts), label))
-            have = artefacts.slugs_with(storage, layout, "stats.safetensors")
-            missing = [c for c in self.concepts if c.slug not in have]
-            pool.run(jobs + self._text_stats_jobs(missing))
-            log.info(
-                "text_statistics: %d concepts computed, %d reused",
-                len(missing),
-                len(self.concepts) - len(missing),
-            )
-
-        # The statistics actor solves CFR while the workers make images and masks, which
-        # need only the original model: data generation never waits for the closed form.
-        cfr = backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve")
-        bs = self.batch_size(pool, len(todo)) if todo else 1
-        with timer.stage("data"):
-            ready = artefacts.slugs_with(storage, layout, "data.json")
-            need = [c for c in todo if c.slug not in ready]
-            batches = [need[i : i + bs] for i in range(0, len(need), bs)]
-            pool.run(
-                [Job("prepare_data", (b,), f"data[{b[0].slug}+{len(b) - 1}]", concepts=b) for b in batches]
-            )
-            log.info(
-                "data: images and masks of %d concepts made, %d reused", len(need), len(todo) - len(need)
-            )
-
-        with timer.stage("cfr"):
-            M, damaged = backend.get(cfr)
-            if damaged:
-                # Checked where they are read (the statistics actor reads them all anyway):
-                # damaged statistics are computed again, never trusted and never fatal.
-                log.warning("statistics of %d concepts are damaged; computing them again", len(damaged))
-                for slug in damaged:
-                    storage.delete_prefix(layout.stats(slug))
-                pool.run(self._text_stats_jobs([c for c in self.concepts if c.slug in set(damaged)]))
-                M, damaged = backend.get(backend.call(stats, "solve_cfr", slugs, task_name="cfr-solve"))
-                if damaged:
-                    raise ArtefactError(
-                        f"statistics of {damaged[:3]} are damaged again just after being written"
-                    )
-            pool.broadcast("set_cfr", backend.put(M))
-
-        with timer.stage("train"):
-            log.info("train: %d concepts done before, %d to do", len(done_before), len(todo))
-            streamed: list[Any] = []
-            progress = {"done": len(done_before)}
-
-            def finished(job: Job, result: list[str]) -> None:
-                progress["done"] += len(job.args[0])
-                self.metrics.concepts_done(progress["done"], self.p.run_id)
-                # Stream the finished concepts into the fusion sums while others train.
-                streamed.append(backend.call(stats, "add_concepts", [c.slug for c in job.args[0]]))
-                log.info("train: %d/%d concepts done (%s)", progress["done"], len(self.concepts), job.label)
-
-            batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-            pool.run(
-                [
-                    Job("process", (b,), f"concepts[{b[0].slug}+{len(b) - 1}]", finished, concepts=b)
-                    for b in batches
-                ]
-            )
-            for ref in streamed:
-                backend.get(ref)
-
-        with timer.stage("fusion"):
-            original = pool.call_one("original_weights")
-            fused, info = backend.get(backend.call(stats, "fuse", slugs, original, task_name="fusion-solve"))
-
-        fused_ref = backend.put(fused)
-        with timer.stage("write"):
-            meta = {
-                "base_model": p.request.model,
-                "run_id": p.run_id,
-                "model_fingerprint": p.model_fingerprint,
-            }
-            outputs: dict[str, str] = {}
-            pool.run([Job("write_final", (fused_ref, meta), "write-final", lambda j, r: outputs.update(r))])
-
-        with timer.stage("erasure_report"):
-            erasure = self._erasure_report(pool, fused_ref, bs)
-
-        # The workers loaded the model when the run started; if its files changed since, the
-        # result is not of the model the user now has: refuse it rather than call it complete.
-        expect_fingerprint(
-            p.request.model, p.model_fingerprint, fingerprint_model(p.request.model, p.request.s3_endpoint)
-        )
-        notes = {c.slug: artefacts.read_notes(storage, layout, c.slug) for c in self.concepts}
-        report = self._report(notes, info, prior_cached, pool, erasure)
-        if self.lock is not None:
-            self.lock.check()  # the commit point: only the lease's holder marks the run complete
-        write_json(storage, layout.report, report)
-        self.manifest["outputs"] = outputs
-        self.manifest["status"] = "complete"
-        write_json(storage, layout.manifest, self.manifest)
-        log.info("erasure report: %s", summary_line(erasure))
-        log.info("%s", closing_summary(self.timer.seconds, len(todo), len(done_before), pool, report))
-        return report
-
-    def _reusable_stats(self, key: str) -> bool:
-        what = f"{self.storage.url}/{key}"
-        return artefacts.reusable(self.storage, key, lambda b: second_moment_from_bytes(b, what))
-
-    @staticmethod
-    def _text_stats_jobs(concepts: list[Concept], chunk: int = 64) -> list[Job]:
-        return [
-            Job(
-                "text_stats",
-                (concepts[i : i + chunk],),
-                f"text-stats[{i}:{i + len(concepts[i : i + chunk])}]",
-            )
-            for i in range(0, len(concepts), chunk)
-        ]
-
-    def _erasure_report(self, pool: WorkerPool, fused_ref: Any, bs: int) -> dict[str, Any]:
-        """Per-concept residuals and attention mass, and the drift of other prompts, on the
-        workers (text encoder, projections, one UNet batch per concept and model)."""
-        per_concept: dict[str, dict[str, Any]] = {}
-        drift: dict[str, Any] = {}
-        batches = [self.concepts[i : i + bs] for i in range(0, len(self.concepts), bs)]
-        jobs = [
-            Job(
-                "erasure_report",
-                (b, fused_ref),
-                f"report[{b[0].slug}+{len(b) - 1}]",
-                lambda job, result: per_concept.update(result),
-            )
-            for b in batches
-        ]
-        retain = heldout_prompts(self.p.retain)
-        jobs.append(
-            Job("drift_report", (fused_ref, retain), "drift-report", lambda job, result: drift.update(result))
-        )
-        pool.run(jobs)
-        return erasure_summary(per_concept, drift, self.p.request.max_residual)
-
-    def _report(
-        self,
-        notes: dict[str, dict],
-        info: dict[str, Any],
-        prior_cached: bool,
-        pool: WorkerPool,
-        erasure: dict[str, Any],
-    ) -> dict[str, Any]:
-        p, storage, layout = self.p, self.storage, self.layout
-        concepts = []
-        for c in self.concepts:
-            n = notes[c.slug]
-            losses = n.get("losses") or [None]
-            extra = {k: v for k, v in n.items() if k not in ("losses", "concept")}
-            concepts.append(
-                {
-                    **c.to_dict(),
-                    "slug": c.slug,
-                    "loss_first": losses[0],
-                    "loss_last": losses[-1],
-                    **extra,
-                    "erasure": erasure["concepts"].get(c.slug),
-                }
-            )
-        return {
-            "run_id": p.run_id,
-            "status": "complete",
-            "output": {
-                # Full locations (folder or s3:// URL), all alike.
-                "root": f"{storage.url}/{layout.root}",
-                "pipeline": f"{storage.url}/{layout.final_pipeline}",
-                "erasure": f"{storage.url}/{layout.erasure}",
-                "cfr": f"{storage.url}/{layout.cfr_erasure}",
-            },
-            "model": p.request.model,
-            "executor": self.backend.name,
-            "workers": pool.summary(),
-            "concepts": concepts,
-            "whole_image_fallbacks": sum(int(n.get("whole_image_fallbacks", 0)) for n in notes.values()),
-            "duplicates": p.concepts.duplicates,
-            "erasure": {k: v for k, v in erasure.items() if k != "concepts"},
-            **info,
-            "prior_cache_hit": prior_cached,
-            "settings": p.request.settings.to_dict(),
-            "versions": versions(),
-            "seconds": self.timer.seconds,
-            "resumed": self.manifest.get("resumed", 0),
-        }
-
-
-def closing_summary(
-    seconds: dict[str, float], trained: int, reused: int, pool: WorkerPool, report: dict[str, Any]
-) -> str:
-    """The run's last progress line: time per stage, concepts trained/reused/re-queued, outputs."""
-    stages = ", ".join(f"{name} {s:.1f}s" for name, s in seconds.items())
-    return (
-        f"run {report['run_id']} complete in {sum(seconds.values()):.1f}s ({stages}); concepts: "
-        f"{trained} trained, {reused} reused, {pool.requeued_concepts} re-queued after a lost worker; "
-        f"outputs: {report['output']['root']}"
-    )
 
 
 def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.fid import FeatureMoments
-from mace_core.evaluation.generation import GenerationSettings, generate_images
+from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
 from mace_core.evaluation.scoring import ScorerSettings, ShardScores, SuiteScorer
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.imageio import png_bytes, read_png
@@ -25,8 +25,8 @@ from mace_core.models import load_pipeline, pick_device
 from mace_ray.eval_layout import image_key
 from mace_ray.logs import quiet_libraries
 from mace_ray.progress import StageProgress
-from mace_ray.storage import open_storage
-from mace_ray.workers import where_am_i
+from mace_ray.runtime import where_am_i
+from mace_ray.stores import open_storage
 
 log = logging.getLogger("mace_ray")
 
@@ -75,12 +75,12 @@ class EvalWorker:
 
     def _pipe(self, tag: str):
         if tag not in self.pipes:
-            fp16 = self.spec.generation.fp16 and self.device.type == "cuda"
-            pipe = load_pipeline(self.spec.models[tag], torch.float16 if fp16 else torch.float32)
+            half = self.spec.generation.precision == "auto" and self.device.type == "cuda"
+            pipe = load_pipeline(self.spec.models[tag], torch.float16 if half else torch.float32)
             self.pipes[tag] = pipe.to(self.device)
         return self.pipes[tag]
 
-    def process(self, tag: str, prompts: list[EvalPrompt]) -> ShardScores:
+    def score_shard(self, tag: str, prompts: list[EvalPrompt]) -> ShardScores:
         """Images of ``prompts`` with model ``tag`` (stored ones reused), written as PNG, then scored."""
         t = time.perf_counter()
         keys = [image_key(self.spec.model_ids[tag], self.spec.suite, p.id) for p in prompts]
@@ -94,7 +94,7 @@ class EvalWorker:
             shown = StageProgress(label, self.spec.progress, under_ray=self.spec.under_ray)
             try:
                 pipe, subset = self._pipe(tag), [prompts[i] for i in todo]
-                new = generate_images(pipe, subset, self.spec.generation, shown.update)
+                new = generate_eval_images(pipe, subset, self.spec.generation, shown.update)
             finally:
                 shown.close()
             for i, im in zip(todo, new, strict=True):

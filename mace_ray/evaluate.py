@@ -18,8 +18,7 @@ import hashlib
 import json
 import logging
 import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,14 @@ from mace_core.errors import ModelLoadError
 from mace_core.evaluation.clip_model import DEFAULT_CLIP, TINY_CLIP
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.features import check_inception_weights
-from mace_core.evaluation.fid import FeatureMoments, fid, moments_bytes, moments_from_bytes
 from mace_core.evaluation.generation import GenerationSettings
 from mace_core.evaluation.metrics import NUDENET_THRESHOLD
 from mace_core.evaluation.nudity import check_nudenet
-from mace_core.evaluation.plots import report_plots
 from mace_core.evaluation.prompt_csv import read_coco_csv, read_i2p_csv
 from mace_core.evaluation.recognition import CLIP_RECOGNIZER, check_recognizer
-from mace_core.evaluation.scoring import ImageScore, ScorerSettings, ShardScores, suite_needs, summarise
+from mace_core.evaluation.scoring import ScorerSettings, suite_needs
 from mace_core.evaluation.suites import (
     DEFAULT_IMAGES_PER_PROMPT,
-    SUITES,
     Suite,
     celebrities_suite,
     coco_suite,
@@ -46,15 +42,15 @@ from mace_core.evaluation.suites import (
     objects_suite,
     styles_suite,
 )
-from mace_core.evaluation.summary import markdown_summary
 from mace_core.models import TINY_MODEL
 from mace_core.pretrained import looks_like_path, resolve_pretrained
-from mace_ray.erase import EXECUTORS, Timer, backend_for, versions
-from mace_ray.eval_layout import EvalLayout, images_prefix, reference_cache_key
-from mace_ray.eval_worker import EvalSpec, EvalWorker
-from mace_ray.pool import Job, WorkerPool, worker_shape
-from mace_ray.resources import Resources
-from mace_ray.storage import Storage, open_storage, write_json
+from mace_ray.backend import backend_for
+from mace_ray.eval_layout import EvalLayout
+from mace_ray.eval_stages import EVAL_STAGES, EvalRun
+from mace_ray.run_settings import EvalRequest
+from mace_ray.runtime import Timer, run_stages
+from mace_ray.storage import write_json
+from mace_ray.stores import open_storage
 
 log = logging.getLogger("mace_ray")
 
@@ -65,48 +61,6 @@ SUITE_TYPES = {
     "styles": ConceptType.STYLE,
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MODEL_TAGS = ("baseline", "model")  # print order: the original first
-
-
-@dataclass(frozen=True)
-class EvalRequest:
-    model: str
-    suite: str
-    baseline: str | None = None  # the original model: evaluated in the same run, printed beside
-    output: str = "mace-runs"
-    erased_file: str | None = None  # concept file; default: the erase run's concepts
-    retained_file: str | None = None  # concept file; default: the erase run's retained set
-    prompts_csv: str | None = None  # explicit: I2P CSV; coco: captions CSV
-    reference_images: str | None = None  # coco: folder of real images for FID
-    limit: int | None = None  # first N rows of a prompt CSV
-    images_per_prompt: int | None = None  # None: the suite's default (the paper's)
-    seeds: tuple[int, ...] | None = None  # explicit seeds for every prompt
-    seed: int = 0  # base of the derived seeds
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    clip: str | None = None  # None: tiny for tiny models, else DEFAULT_CLIP
-    recognizer: str = CLIP_RECOGNIZER
-    fid_weights: str | None = None
-    executor: str = "ray"
-    address: str | None = None
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    device: str | None = None
-    shard_size: int = 32  # images per worker job
-    s3_endpoint: str | None = None
-    resume: bool = True
-    progress: bool = True  # progress bars and lines while images are made (--quiet: off)
-
-    def __post_init__(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.executor!r} (valid: {', '.join(EXECUTORS)})")
-        if self.suite not in SUITES:
-            raise ValueError(f"unknown suite {self.suite!r} (valid: {', '.join(SUITES)})")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.seeds and self.images_per_prompt is not None:
-            raise ValueError("give --seeds or --images-per-prompt, not both (one image per listed seed)")
 
 
 @dataclass(frozen=True)
@@ -288,11 +242,6 @@ def prepare(req: EvalRequest) -> PreparedEval:
     return PreparedEval(req, suite, models, model_ids, scorers, reference, eval_id, notes)
 
 
-def _absolute_output(output: str) -> str:
-    # Workers may run in another working directory: give them an absolute local path.
-    return output if "://" in output else str(Path(output).expanduser().resolve())
-
-
 def run_eval(req: EvalRequest) -> dict[str, Any]:
     """Run an evaluation; returns the report. Raises MaceError on bad input."""
     timer = Timer()
@@ -313,217 +262,6 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         {"suite": p.suite.name, "source": p.suite.source, "prompts": [x.to_dict() for x in p.suite.prompts]},
     )
     with backend_for(req.executor, req.address) as backend:
-        return EvalDriver(backend, p, storage, layout, timer).run()
-
-
-class EvalDriver:
-    """Stages 2-3 over a pool of evaluation workers."""
-
-    def __init__(
-        self, backend: Any, p: PreparedEval, storage: Storage, layout: EvalLayout, timer: Timer
-    ) -> None:
-        self.backend, self.p, self.storage, self.layout, self.timer = backend, p, storage, layout, timer
-        req = p.request
-        self.spec = EvalSpec(
-            eval_id=p.eval_id,
-            suite=p.suite.name,
-            classes=p.suite.classes,
-            models={t: m.load for t, m in p.models.items()},
-            model_ids=p.model_ids,
-            output=_absolute_output(req.output),
-            generation=req.generation,
-            scorers=p.scorers,
-            s3_endpoint=req.s3_endpoint,
-            device=req.device,
-            resume=req.resume,
-            under_ray=backend.name == "ray",
-            progress=req.progress,
-        )
-        self.session = f"{p.eval_id[:8]}-{uuid.uuid4().hex[:6]}"
-
-    def worker_shape(self, n_jobs: int) -> tuple[int, Resources]:
-        req = self.p.request
-        return worker_shape(self.backend, req.workers, req.gpus_per_worker, n_jobs)
-
-    def reference_key(self) -> str:
-        """The cache key of the reference set's moments: its files (names, sizes) and the extractor."""
-        files = [(f, Path(f).stat().st_size) for f in self.p.reference_files]
-        sc = self.p.scorers
-        if sc.fid_weights:
-            extractor = {"fid_weights": [sc.fid_weights, Path(sc.fid_weights).stat().st_size]}
-        else:
-            extractor = {"clip": sc.clip}
-        blob = json.dumps({"files": files, "extractor": extractor}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def jobs(
-        self, cached_reference: bool
-    ) -> tuple[list[Job], dict[str, dict[int, ShardScores]], dict[int, FeatureMoments]]:
-        """One job per (model, shard of prompts) and per shard of reference images (unless cached)."""
-        size = self.p.request.shard_size
-        prompts = list(self.p.suite.prompts)
-        results: dict[str, dict[int, ShardScores]] = {t: {} for t in self.p.models}
-        reference: dict[int, FeatureMoments] = {}
-        files = [] if cached_reference else self.p.reference_files
-        total = len(prompts) * len(self.p.models) + len(files)
-        progress = {"done": 0}
-
-        def tick(n: int, label: str) -> None:
-            progress["done"] += n
-            log.info("eval: %d/%d images done (%s)", progress["done"], total, label)
-
-        def keep(tag: str, start: int):
-            def on_done(job: Job, result: ShardScores) -> None:
-                results[tag][start] = result
-                tick(len(job.args[1]), job.label)
-
-            return on_done
-
-        def keep_reference(start: int):
-            def on_done(job: Job, result: FeatureMoments) -> None:
-                reference[start] = result
-                tick(len(job.args[0]), job.label)
-
-            return on_done
-
-        jobs = []
-        for tag in [t for t in MODEL_TAGS if t in self.p.models]:
-            for start in range(0, len(prompts), size):
-                shard = prompts[start : start + size]
-                label = f"{tag}:{self.p.suite.name}[{start}:{start + len(shard)}]"
-                jobs.append(Job("process", (tag, shard), label, keep(tag, start)))
-        for start in range(0, len(files), size):
-            label = f"reference[{start}:{start + size}]"
-            jobs.append(
-                Job("reference_features", (files[start : start + size],), label, keep_reference(start))
-            )
-        return jobs, results, reference
-
-    def run(self) -> dict[str, Any]:
-        ref_key = reference_cache_key(self.reference_key()) if self.p.reference_files else None
-        cached = ref_key is not None and self.p.request.resume and self.storage.exists(ref_key)
-        jobs, results, reference = self.jobs(cached)
-        n_workers, resources = self.worker_shape(len(jobs))
-        log.info("eval workers: %d x %s (%s executor)", n_workers, resources, self.backend.name)
-        self.backend.request_resources([resources.bundle()] * n_workers)
-        pool = WorkerPool(
-            self.backend,
-            self.spec,
-            resources,
-            n_workers,
-            self.storage,
-            self.session,
-            worker_cls=EvalWorker,
-            name_prefix="mace-eval",
-        )
-        try:
-            with self.timer.stage("generate_and_score"):
-                pool.run(jobs)
-        finally:
-            pool.shutdown()
-            self.backend.request_resources([])
-        ref = None
-        if cached:
-            ref = moments_from_bytes(self.storage.read_bytes(ref_key), f"{self.storage.url}/{ref_key}")
-            log.info("FID reference moments reused from %s", ref_key)
-        elif ref_key is not None:
-            ref = _sum_moments([reference[k] for k in sorted(reference)])
-            self.storage.write_bytes(
-                ref_key, moments_bytes(ref, {"folder": self.p.request.reference_images or ""})
-            )
-        with self.timer.stage("report"):
-            return self.report(results, ref, cached, pool)
-
-    def report(
-        self,
-        results: dict[str, dict[int, ShardScores]],
-        ref: FeatureMoments | None,
-        ref_cached: bool,
-        pool: WorkerPool,
-    ) -> dict[str, Any]:
-        p, storage, layout = self.p, self.storage, self.layout
-        suite = p.suite.name
-        models: dict[str, Any] = {}
-        moments: dict[str, FeatureMoments | None] = {}
-        notes = list(p.notes)
-        for tag, m in p.models.items():
-            shards = [results[tag][k] for k in sorted(results[tag])]  # prompt order: deterministic sums
-            scores: list[ImageScore] = [s for sh in shards for s in sh.scores]
-            moments[tag] = _sum_moments([sh.moments for sh in shards if sh.moments is not None])
-            feature = _feature_name(p.scorers) if suite == "coco" else None
-            summary = summarise(suite, scores, moments[tag], ref, feature)
-            models[tag] = {
-                "name": m.spec,
-                "loaded_from": m.load,
-                "model_id": p.model_ids[tag],
-                "images_prefix": images_prefix(p.model_ids[tag], suite),
-                **summary,
-            }
-            write_json(storage, layout.scores(tag), [s.to_dict() for s in scores])
-        comparison: dict[str, Any] = {}
-        if suite == "coco" and moments.get("model") is not None and moments.get("baseline") is not None:
-            comparison["fid_vs_baseline"] = fid(moments["model"], moments["baseline"])
-        if suite == "coco":
-            dim = next((m.mean.shape[0] for m in moments.values() if m is not None), 0)
-            n = min((m.n for m in moments.values() if m is not None), default=0)
-            if n and n < dim:
-                notes.append(
-                    f"FID from {n} images per model, fewer than the {dim} feature dimensions: biased"
-                )
-        report: dict[str, Any] = {
-            "eval_id": p.eval_id,
-            "status": "complete",
-            "suite": suite,
-            "models": models,
-            "comparison": comparison,
-            "suite_info": {
-                "images": len(p.suite.prompts),  # per model
-                "prompts": len({x.prompt for x in p.suite.prompts}),
-                "source": p.suite.source,
-                "erased": list(p.suite.erased),
-                "retained": list(p.suite.retained),
-                "classes": list(p.suite.classes) if suite == "objects" else [],
-                "images_per_prompt": p.request.images_per_prompt
-                or (len(p.request.seeds) if p.request.seeds else DEFAULT_IMAGES_PER_PROMPT[suite]),
-                "seeds": list(p.request.seeds)
-                if p.request.seeds
-                else f"derived from base seed {p.request.seed}",
-                "notes": list(p.suite.notes),
-                "reference_images": len(p.reference_files),
-                "reference_moments_cached": ref_cached,
-            },
-            "notes": notes,
-            "scorers": p.scorers.to_dict(),
-            "generation": p.request.generation.to_dict(),
-            "executor": self.backend.name,
-            "workers": pool.summary(),
-            "versions": versions(),
-            "seconds": self.timer.seconds,
-        }
-        plots = report_plots(report)
-        report["output"] = {
-            "root": f"{storage.url}/{layout.root}",
-            "report": layout.report,
-            "summary": layout.summary,
-            "prompts": layout.prompts,
-            "scores": {t: layout.scores(t) for t in models},
-            "plots": sorted(plots),
-        }
-        for name, png in plots.items():
-            storage.write_bytes(layout.plot(name), png)
-        storage.write_bytes(layout.summary, markdown_summary(report).encode())
-        write_json(storage, layout.report, report)
-        return report
-
-
-def _feature_name(scorers: ScorerSettings) -> str:
-    return "inception" if scorers.fid_weights else "clip"
-
-
-def _sum_moments(parts: list[FeatureMoments]) -> FeatureMoments | None:
-    if not parts:
-        return None
-    total = parts[0]
-    for m in parts[1:]:
-        total = total + m
-    return total
+        run = EvalRun(backend, p, storage, layout, timer)
+        run_stages(EVAL_STAGES, run, timer)
+        return run.report

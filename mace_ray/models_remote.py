@@ -29,8 +29,11 @@ def default_cache_dir() -> Path:
     return base / "mace-ray" / "models"
 
 
-# What the driver needs to validate prompts and fingerprint a model (load_text_components).
-TEXT_COMPONENTS = ("tokenizer", "text_encoder")
+# What the driver needs to validate prompts and fingerprint a model (load_text_components);
+# the *_2 pair is SDXL's second text encoder, fetched where the folder has it.
+TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+# Every pipeline folder has these; the rest of a component list is fetched where present.
+_REQUIRED = ("unet", "text_encoder", "tokenizer")
 
 
 def is_remote(model: str) -> bool:
@@ -51,11 +54,12 @@ def _open_remote(model: str, s3_endpoint: str | None) -> tuple[S3Storage, str, S
 def _listing(
     model: str, storage: S3Storage, name: str, include: Collection[str] | None, components: Collection[str]
 ) -> dict[str, list]:
-    """{path in the folder: [ETag, size]}; the folder must be a pipeline with ``components``."""
+    """{path in the folder: [ETag, size]}; the folder must be a pipeline with the required
+    ones of ``components``."""
     files = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
     if "model_index.json" not in files:
         raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
-    for part in components:
+    for part in (c for c in components if c in _REQUIRED):
         if not any(rel.startswith(part + "/") for rel in files):
             raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
     return files
@@ -68,13 +72,14 @@ def fingerprint_model(model: str, s3_endpoint: str | None = None) -> ModelFinger
     if not is_remote(model):
         return model_fingerprint(model)
     storage, name, _ = _open_remote(model, s3_endpoint)
-    files = _listing(model, storage, name, None, ("unet", "text_encoder", "tokenizer"))
+    files = _listing(model, storage, name, None, _REQUIRED)
     return combine({rel: f"s3:{etag}:{size}" for rel, (etag, size) in files.items() if is_fingerprinted(rel)})
 
 
 def resolve_model(
     model: str,
     s3_endpoint: str | None = None,
+    *,
     cache_dir: Path | None = None,
     components: Collection[str] | None = None,
 ) -> str:

@@ -1,27 +1,24 @@
-"""A pool of concept workers with bounded in-flight work and replacement of dead workers.
+"""A pool of workers of one kind with bounded in-flight work and replacement of dead workers.
 
-Jobs are method calls on any worker. One job per worker is in flight at a time; the
-driver waits on whichever finishes first (never a ``get`` over everything). A worker
-lost to an infrastructure failure (dead actor, dead node) is replaced and its job
-re-queued, minus the concepts that reached DONE meanwhile; an application error fails
-the run at once.
+Jobs (``mace_ray.jobs``) are method calls on any worker. One job per worker is in flight
+at a time; the driver waits on whichever finishes first (never a ``get`` over
+everything). A worker lost to an infrastructure failure (dead actor, dead node) is
+replaced and its job re-queued, minus the concepts that the stage's completion marker
+says are finished; an application error fails the run at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from mace_core.concepts import Concept
-from mace_ray import artefacts
+from mace_ray.jobs import ConceptJob, Job
 from mace_ray.metrics import make_metrics
 from mace_ray.resources import Resources
-from mace_ray.storage import Storage
-from mace_ray.workers import ConceptWorker, RunSpec
 
 log = logging.getLogger("mace_ray")
 
@@ -30,35 +27,28 @@ MAX_ATTEMPTS = 3
 PROGRESS_EVERY_S = 30.0
 
 
-@dataclass
-class Job:
-    method: str
-    args: tuple
-    label: str
-    on_done: Callable[[Job, Any], None] | None = None
-    concepts: list[Concept] = field(default_factory=list)  # re-filtered against DONE on retry
-    attempts: int = 0
-
-
 class WorkerPool:
+    """``size`` workers ``worker_cls(spec, name)``, each with a ``setup()`` that loads its
+    models and returns where it runs (and optionally ``teardown()``)."""
+
     def __init__(
         self,
         backend: Any,
-        spec: RunSpec | Any,  # RunSpec, or any spec with .metrics and .run_id (EvalSpec)
+        worker_cls: type,
+        spec: Any,
         resources: Resources,
         size: int,
-        storage: Storage,
         session: str,
-        worker_cls: type = ConceptWorker,
-        name_prefix: str = "mace-worker",
+        name_prefix: str,
+        run_id: str,
+        metrics: str = "none",
     ) -> None:
-        # worker_cls(spec, name) must have setup(); the evaluation reuses the pool with EvalWorker.
         self.worker_cls = worker_cls
         self.name_prefix = name_prefix
         self.backend = backend
-        self.storage = storage
         self.session = session
         self.spec = spec
+        self.run_id = run_id
         self.resources = resources
         self.size = size
         self.next_id = 0
@@ -70,7 +60,9 @@ class WorkerPool:
         self.replaced = 0
         self.requeued_concepts = 0  # concepts of batches lost with their worker
         self.where: dict[str, dict] = {}
-        self.metrics = make_metrics(spec.metrics)
+        self.metrics = make_metrics(metrics)
+        # The stage's completion marker: which concepts are finished (for re-queueing).
+        self.finished_concepts: Callable[[], set[str]] = set
         for _ in range(size):
             self._spawn()
 
@@ -125,10 +117,15 @@ class WorkerPool:
             for ref in ready:
                 self._started(ref)
 
-    def run(self, jobs: list[Job]) -> None:
+    def run(self, jobs: list[Job], finished: Callable[[], set[str]] | None = None) -> None:
         """Run every job on some worker; returns when all are done. A progress line at least
-        every PROGRESS_EVERY_S seconds says how many jobs are done and running."""
-        queue = deque(jobs)
+        every PROGRESS_EVERY_S seconds says how many jobs are done and running.
+
+        ``finished``: the slugs whose completion marker is there, for jobs over concepts
+        that must be re-queued after a lost worker (only the unfinished concepts go again).
+        """
+        self.finished_concepts = finished or set
+        queue: deque[Job] = deque(jobs)
         total, finished = len(jobs), 0
         last_line = time.monotonic()
         while queue or self.busy:
@@ -136,7 +133,7 @@ class WorkerPool:
                 job = queue.popleft()
                 i, h = self.idle.pop()
                 job.attempts += 1
-                ref = self.backend.call(h, job.method, *job.args, task_name=f"{job.label}@w{i}")
+                ref = self.backend.call(h, job.method, *job.args(), task_name=f"{job.label}@w{i}")
                 self.busy[ref] = (i, h, job)
                 self.dispatched[ref] = time.monotonic()
             waiting = list(self.busy) + list(self.starting)
@@ -163,43 +160,37 @@ class WorkerPool:
                     continue
                 self.idle.append((i, h))
                 finished += 1
-                if job.concepts and sent is not None:
+                if isinstance(job, ConceptJob) and sent is not None:
                     seconds = max(time.monotonic() - sent, 1e-6)
-                    self.metrics.worker_throughput(f"w{i}", len(job.concepts) / seconds, self.spec.run_id)
+                    self.metrics.worker_throughput(f"w{i}", len(job.concepts) / seconds, self.run_id)
                 if job.on_done is not None:
                     job.on_done(job, result)
 
-    def _requeue(self, queue: deque, job: Job, why: BaseException) -> None:
-        self.requeued_concepts += len(job.concepts)
-        self.metrics.concepts_failed(len(job.concepts), self.spec.run_id)
+    def _requeue(self, queue: deque[Job], job: Job, why: BaseException) -> None:
+        if isinstance(job, ConceptJob):
+            self.requeued_concepts += len(job.concepts)
+            self.metrics.concepts_failed(len(job.concepts), self.run_id)
         if job.attempts >= MAX_ATTEMPTS:
             raise RuntimeError(f"{job.label} failed {job.attempts} times; last: {why}") from why
-        if job.concepts:
-            done = artefacts.done_slugs(self.storage, self.spec.layout)
-            rest = [c for c in job.concepts if c.slug not in done]
+        if isinstance(job, ConceptJob):
+            done = self.finished_concepts()
+            rest = job.without(done)
             finished = [c for c in job.concepts if c.slug in done]
             if finished and job.on_done is not None:
-                job.on_done(Job(job.method, (finished,), job.label + " (before the failure)"), [])
-            if not rest:
+                part = dataclasses.replace(job, concepts=finished, label=job.label + " (before the failure)")
+                job.on_done(part, None)
+            if rest is None:
                 return
-            job.concepts = rest
-            job.args = (rest, *job.args[1:])
+            job = rest
         log.warning("re-queueing %s (attempt %d)", job.label, job.attempts + 1)
         queue.appendleft(job)
 
-    def ask_one(self, method: str, *args: Any) -> Any:
-        """A value from any one worker (e.g. its batch plan)."""
+    def ask_one(self, job: Job) -> Any:
+        """The result of ``job`` from any one worker (e.g. its batch plan)."""
         box: list[Any] = []
-
-        def keep(job: Job, result: Any) -> None:
-            box.append(result)
-
-        self.run([Job(method, args, method, keep)])
+        job.on_done = lambda j, result: box.append(result)
+        self.run([job])
         return box[0]
-
-    def call_one(self, method: str, *args: Any) -> Any:
-        """A value from any one worker (e.g. the original attn2 weights), as a reference."""
-        return self.backend.put(self.ask_one(method, *args))
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -30,7 +30,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mace_core.errors import MaceError
 from mace_ray.resources import Resources
 from mace_ray.s3retry import NETWORK_ERRORS, RetryPolicy, error_code, fatal_error, http_status, is_transient
-from mace_ray.storage import StorageError, open_storage
+from mace_ray.storage import StorageError
+from mace_ray.stores import open_storage
 
 log = logging.getLogger("mace_ray")
 
@@ -67,7 +68,7 @@ class _S3Probe:
 
     def __init__(self, url: str, s3_endpoint: str | None, budget_s: float) -> None:
         # Imported here: boto3's S3 pieces are needed only for s3:// outputs.
-        from mace_ray.s3storage import _addressing_style, make_client, parse_s3_url, safe_endpoint
+        from mace_ray.s3storage import addressing_style, make_client, parse_s3_url, safe_endpoint
 
         self.loc = parse_s3_url(url)
         self.url = self.loc.url
@@ -83,7 +84,7 @@ class _S3Probe:
         self.client = make_client(
             self.url,
             s3_endpoint,
-            _addressing_style(),
+            addressing_style(),
             pool=2,
             connect_timeout=self.connect_s,
             read_timeout=self.read_s,

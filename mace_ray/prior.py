@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from mace_core.models import load_text_components, pick_device
+from mace_core.families.base import PromptEncoder
+from mace_core.models import load_prompt_encoder, pick_device
 from mace_core.text_stats import (
-    TextEncoder,
     prior_cache_key,
     prompt_second_moment,
     read_captions,
@@ -18,11 +18,12 @@ from mace_core.text_stats import (
 from mace_ray.artefacts import reusable
 from mace_ray.layout import prior_cache_path
 from mace_ray.models_remote import TEXT_COMPONENTS, fingerprint_model, resolve_model
-from mace_ray.storage import Storage, open_storage
+from mace_ray.storage import Storage
+from mace_ray.stores import open_storage
 
 
 def write_prior_cache(
-    storage: Storage, encoder: TextEncoder, captions: list[str], key: str
+    storage: Storage, encoder: PromptEncoder, captions: list[str], key: str
 ) -> tuple[int, bool]:
     """Build C_p into ``cache/prior/<key>`` unless present; returns (token count, was cached)."""
     path = prior_cache_path(key)
@@ -41,11 +42,9 @@ def cache_prior(
     captions = read_captions(captions_file)
     storage = open_storage(output, s3_endpoint=s3_endpoint)
     fingerprint = fingerprint_model(model, s3_endpoint)
-    tokenizer, text_encoder = load_text_components(
-        resolve_model(model, s3_endpoint, components=TEXT_COMPONENTS)
+    encoder = load_prompt_encoder(
+        resolve_model(model, s3_endpoint, components=TEXT_COMPONENTS), pick_device(device)
     )
-    dev = pick_device(device)
-    encoder = TextEncoder(tokenizer, text_encoder.to(dev), dev)
     key = prior_cache_key(fingerprint.text, captions)
     with torch.no_grad():
         n, cached = write_prior_cache(storage, encoder, captions, key)

@@ -132,7 +132,7 @@ def safe_endpoint(url: str | None) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _addressing_style() -> str | None:
+def addressing_style() -> str | None:
     style = os.environ.get("MACE_S3_ADDRESSING_STYLE", "").strip().lower()
     if style and style not in ("path", "virtual", "auto"):
         raise StorageError(f"MACE_S3_ADDRESSING_STYLE={style!r}: expected path, virtual or auto")
@@ -238,7 +238,7 @@ class S3Storage:
         self.url = self.loc.url
         self.bucket = self.loc.bucket
         self._init_args = (s3_endpoint, retry_seconds, multipart_threshold, multipart_chunksize, concurrency)
-        self.client = make_client(self.url, s3_endpoint, _addressing_style(), pool=concurrency + 4)
+        self.client = make_client(self.url, s3_endpoint, addressing_style(), pool=concurrency + 4)
         self.endpoint = safe_endpoint(s3_endpoint or self.client.meta.endpoint_url)
         budget = _retry_budget() if retry_seconds is None else retry_seconds
         self.retrier = Retrier(RetryPolicy(budget_s=budget), self.bucket, self.endpoint)

@@ -1,7 +1,8 @@
-"""The two kinds of long-lived workers of an erase run, as plain classes.
+"""The GPU workers and the statistics actor of an erase run, as plain classes.
 
-``ConceptWorker`` holds a pipeline (loaded once) and does the per-concept work: text
-statistics, images, masks, LoRA training, and finally writing the model.
+``ConceptWorker`` holds a pipeline (loaded once) and does the per-concept work: images,
+masks, LoRA training, the erasure report, and finally writing the model (the text
+statistics run on CPU workers, ``mace_ray.text_worker``).
 ``StatsWorker`` holds the running sums: it solves CFR (Eq. 2) and the fusion (Eq. 7).
 Both read their inputs from and write their outputs to storage, so either can be
 replaced at any time. The local executor instantiates them directly; the Ray executor
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,7 +38,14 @@ from mace_core.errors import ArtefactError
 from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fingerprint
 from mace_core.fusion import FusionSums, fuse
 from mace_core.masking import load_masker
-from mace_core.models import TINY_MODEL, get_attn2_weights, load_pipeline, pick_device, set_attn2_weights
+from mace_core.models import (
+    TINY_MODEL,
+    get_attn2_weights,
+    load_pipeline,
+    pick_device,
+    pipeline_prompt_encoder,
+    set_attn2_weights,
+)
 from mace_core.progress import no_progress
 from mace_core.prompts import heldout_captions, prompt_pairs
 from mace_core.sealed import open_sealed, sealed_bytes
@@ -46,21 +53,19 @@ from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
     MappingStats,
     SecondMoment,
-    TextEncoder,
-    concept_text_stats,
-    prompt_second_moment,
-    second_moment_bytes,
     second_moment_from_bytes,
 )
 from mace_ray import artefacts
 from mace_ray.layout import RunLayout, prior_cache_path
 from mace_ray.logs import quiet_libraries
 from mace_ray.models_remote import fingerprint_model, resolve_model
-from mace_ray.prior import write_prior_cache
 from mace_ray.progress import StageProgress
-from mace_ray.storage import open_storage
+from mace_ray.runtime import where_am_i
+from mace_ray.stores import open_storage
 
 log = logging.getLogger("mace_ray")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,22 +85,28 @@ class RunSpec:
     device: str | None = None
     metrics: str = "none"  # "ray" inside Ray actors
     progress: bool = True  # bars and progress lines inside a job (--quiet: none)
+    method: str = "mace"  # "cfr": closed-form refinement only (no images, masks or LoRAs)
 
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.run_id)
 
 
-def where_am_i(name: str) -> dict[str, str]:
-    """Worker name, host and (under Ray) node id: the report shows where concepts ran."""
-    out = {"worker": name, "host": socket.gethostname()}
-    try:
-        import ray
+def load_checked(spec: RunSpec, load: Callable[[], T]) -> T:
+    """``load()`` the run's model, refused if its files are not the ones the run
+    fingerprinted: checked before and after loading, so a model replaced while it loads is
+    caught too (a worker that starts late, or restarts, never mixes in other weights)."""
+    if not spec.model_fingerprint:
+        return load()
 
-        if ray.is_initialized():
-            out["node"] = ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
+    def check() -> None:
+        expect_fingerprint(
+            spec.model, spec.model_fingerprint, fingerprint_model(spec.model, spec.s3_endpoint)
+        )
+
+    check()
+    out = load()
+    check()
     return out
 
 
@@ -116,7 +127,7 @@ class ConceptWorker:
         self.layout = spec.layout
         self.device = pick_device(spec.device)
         self.pipe = self._load_checked()
-        self.encoder = TextEncoder(self.pipe.tokenizer, self.pipe.text_encoder, self.device)
+        self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
         self.original = get_attn2_weights(self.pipe.unet)
         self.masker = load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
         # Refined weights come with set_cfr; images and masks need only the original model.
@@ -129,56 +140,20 @@ class ConceptWorker:
         return {**self.where, "batch_plan": self.plan.to_dict()}
 
     def _load_checked(self) -> Any:
-        """The run's pipeline, refused if its files are not the ones the run fingerprinted:
-        checked before and after loading, so a model replaced while it loads is caught too
-        (a worker that starts late, or restarts, never mixes in other weights)."""
+        """The run's pipeline, refused if its files are not the ones the run fingerprinted."""
         spec = self.spec
         if spec.model == TINY_MODEL:  # built, not read: hash what was built
             pipe = load_pipeline(TINY_MODEL)
             if spec.model_fingerprint:
                 expect_fingerprint(spec.model, spec.model_fingerprint, pipeline_fingerprint(pipe))
             return pipe.to(self.device)
-        if spec.model_fingerprint:
-            expect_fingerprint(
-                spec.model, spec.model_fingerprint, fingerprint_model(spec.model, spec.s3_endpoint)
-            )
-        pipe = load_pipeline(resolve_model(spec.model, spec.s3_endpoint))
-        if spec.model_fingerprint:
-            expect_fingerprint(
-                spec.model, spec.model_fingerprint, fingerprint_model(spec.model, spec.s3_endpoint)
-            )
-        return pipe.to(self.device)
+        return load_checked(spec, lambda: load_pipeline(resolve_model(spec.model, spec.s3_endpoint))).to(
+            self.device
+        )
 
     def batch_plan(self) -> dict[str, Any]:
         """Concepts per batch and images per diffusion batch this worker's memory holds."""
         return self.plan.to_dict()
-
-    # ------------------------------------------------------------ text statistics
-
-    def text_stats(self, concepts: list[Concept]) -> int:
-        """CFR and fusion statistics per concept, written per concept; returns how many were new."""
-        n = 0
-        for c in concepts:
-            if self.storage.exists(self.layout.stats(c.slug)):
-                continue
-            stats = concept_text_stats(self.encoder, c, self.spec.settings.prompts_per_concept)
-            artefacts.write_text_stats(self.storage, self.layout, c.slug, stats)
-            n += 1
-        return n
-
-    def prior_stats(self, captions: list[str]) -> int:
-        """Build C_p from the captions into the shared cache; returns its token count."""
-        return write_prior_cache(self.storage, self.encoder, captions, self.spec.prior_key)[0]
-
-    def prompt_stats(self, key: str, prompts: list[str]) -> int:
-        """The second moment of ``prompts`` (domain set C_d, retained set C_r) stored at ``key``
-        of the run's folder unless there; returns its token count."""
-        what = f"{self.storage.url}/{key}"
-        if artefacts.reusable(self.storage, key, lambda b: second_moment_from_bytes(b, what)):
-            return second_moment_from_bytes(self.storage.read_bytes(key), what).n
-        stats = prompt_second_moment(self.encoder, prompts)
-        self.storage.write_bytes(key, second_moment_bytes(stats))
-        return stats.n
 
     # ------------------------------------------------------------ training
 
@@ -215,14 +190,14 @@ class ConceptWorker:
                 artefacts.write_data(self.storage, self.layout, d)
         return [c.slug for c in todo]
 
-    def process(self, concepts: list[Concept]) -> list[str]:
+    def train(self, concepts: list[Concept]) -> list[str]:
         """The LoRAs of a batch; each concept's DONE marker written last.
 
         Concepts already DONE are skipped; stored images and masks are used, and any
         concept without them gets them here first (same seeds, same images).
         """
         if self.batch_worker.refined is None:
-            raise RuntimeError("set_cfr must be called before process")
+            raise RuntimeError("set_cfr must be called before train")
         todo = self._pending(concepts)
         if not todo:
             return []
@@ -297,14 +272,19 @@ class ConceptWorker:
                 "residual_train": on_train["final"],
                 "gap": gap,
                 "gap_train": gap_train,
-                "lora_relative_norm": lora_relative_norm(
-                    artefacts.read_lora(self.storage, self.layout, c.slug), self.original
-                ),
+                "lora_relative_norm": None,
             }
-            data = artefacts.read_data(self.storage, self.layout, c)
+            if self.spec.method == "mace":
+                lora = artefacts.read_lora(self.storage, self.layout, c.slug)
+                entry["lora_relative_norm"] = lora_relative_norm(lora, self.original)
+            data = artefacts.read_data(self.storage, self.layout, c) if self.spec.method == "mace" else None
             if data is None:
                 entry["attention_mass"] = None
-                entry["attention_mass_missing"] = "the concept's stored images or masks are incomplete"
+                entry["attention_mass_missing"] = (
+                    "the concept's stored images or masks are incomplete"
+                    if self.spec.method == "mace"
+                    else "a closed-form-only run makes no images or masks"
+                )
             else:
                 mass = attention_mass(
                     self.pipe.unet,
@@ -450,22 +430,39 @@ class StatsWorker:
             settings.fusion, self.spec.profile, len(slugs), self.sums.C.n, terms.tokens()["domain"]
         )
         fused, raw = fuse(self.sums, original, refined, weights, terms)
-        paper = PAPER_WEIGHTS[self.spec.profile]
-        info = {
-            "tokens": {"cfr_pairs": cfr_info["tokens"], "fusion": self.sums.C.n, **terms.tokens()},
-            "weights": {"cfr": cfr_info.get("weights"), "fusion": weights.to_dict()},
-            "raw_weights": {"cfr": cfr_info["raw_weights"], "fusion": raw.to_dict()},
+        info = self._info(len(slugs), cfr_info, terms)
+        info["tokens"]["fusion"] = self.sums.C.n
+        info["weights"]["fusion"] = weights.to_dict()
+        info["raw_weights"]["fusion"] = raw.to_dict()
+        return fused, info
+
+    def refined(
+        self, n_concepts: int, original: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """W' = W M (Eq. 2) for every projection: the result of a closed-form-only run."""
+        M, cfr_info = self._load_M()
+        return apply_cfr(original, M), self._info(n_concepts, cfr_info, self._preservation())
+
+    def _info(self, n_concepts: int, cfr_info: dict[str, Any], terms: Preservation) -> dict[str, Any]:
+        """For the report: token counts, weights (per-token and raw) and where they come from."""
+        settings = self.spec.settings
+        stages = [("cfr", settings.cfr)] + (
+            [("fusion", settings.fusion)] if self.spec.method == "mace" else []
+        )
+        return {
+            "tokens": {"cfr_pairs": cfr_info["tokens"], **terms.tokens()},
+            "weights": {"cfr": cfr_info.get("weights")},
+            "raw_weights": {"cfr": cfr_info["raw_weights"]},
             "weights_profile": {
                 "type": self.spec.profile.value,
-                "concepts": len(slugs),
-                "source": paper.source,
+                "concepts": n_concepts,
+                "source": PAPER_WEIGHTS[self.spec.profile].source,
                 "cfr_scale_squared": settings.cfr_scale_squared,
                 "paper_defaults": sorted(
                     f"{stage}.{name}"
-                    for stage, cf in (("cfr", settings.cfr), ("fusion", settings.fusion))
+                    for stage, cf in stages
                     for name in ("prior_weight", "domain_weight", "ridge")
                     if getattr(cf, name) is None
                 ),
             },
         }
-        return fused, info

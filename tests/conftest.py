@@ -30,6 +30,15 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_pipe():
+    """Shared tiny SD-2.x-shaped pipeline (v-prediction, '!' padding); leave its weights as
+    found. Generating with it switches its scheduler to DPM-Solver (keeping v)."""
+    from mace_core.families.sd2 import build_tiny_pipeline as build_tiny_sd2
+
+    return build_tiny_sd2(seed=0)
+
+
+@pytest.fixture(scope="session")
 def encoder(tiny_pipe):
     return TextEncoder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, torch.device("cpu"))
 

@@ -82,14 +82,20 @@ def concepts(n: int, seed: int = 1):
     return [(rand(30 + 5 * i, D, g=g), random_lora(g)) for i in range(n)]
 
 
+def fusion_sums(cs) -> FusionSums:
+    """The fusion sums of (token states, LoRA) pairs, streamed in in the given order."""
+    sums = FusionSums.zeros(D)
+    for E, lora in cs:
+        sums.add_concept(SecondMoment.of(E), lora)
+    return sums.flush()
+
+
 def test_fusion_normal_equations_and_brute_force(data):
     _, _, Ep, Ed, original = data
     g = torch.Generator().manual_seed(5)
     refined = {k: (W.double() + 0.1 * rand(*W.shape, g=g)).float() for k, W in original.items()}
     cs = concepts(3)
-    sums = FusionSums.zeros(D)
-    for E, lora in cs:
-        sums = sums + FusionSums.of_concept(SecondMoment.of(E), lora)
+    sums = fusion_sums(cs)
     prior, domain = SecondMoment.of(Ep), SecondMoment.of(Ed)
     s = Weights(prior=0.5, domain=3.0, retain=0.0, ridge=0.02)
     fused, raw = fuse(sums, original, refined, s, Preservation(prior, domain))
@@ -117,42 +123,31 @@ def test_fusion_normal_equations_and_brute_force(data):
 def test_fusion_of_one_concept_without_prior_reproduces_its_lora(data):
     _, _, _, _, original = data
     ((E, lora),) = concepts(1)
-    sums = FusionSums.of_concept(SecondMoment.of(E), lora)
+    sums = fusion_sums([(E, lora)])
     fused, _ = fuse(sums, original, original, Weights(0.0, 0.0, 0.0, 1e-12), Preservation())
     for key in SHAPES:
         target = (original[key].double() + lora.delta(key).double()) @ E.T
         assert torch.allclose(fused[key].double() @ E.T, target, rtol=1e-5, atol=1e-4)
 
 
-def test_fusion_is_order_free_and_splits_into_halves(data):
+def test_fusion_is_order_free(data):
     _, _, Ep, _, original = data
     cs = concepts(6, seed=3)
-    terms = [FusionSums.of_concept(SecondMoment.of(E), lora) for E, lora in cs]
     s = Weights(prior=1.0, domain=0.0, retain=0.0, ridge=1e-2)
     prior = Preservation(SecondMoment.of(Ep))
-
-    def total(ts):
-        out = FusionSums.zeros(D)
-        for t in ts:
-            out = out + t
-        return out
-
-    ref, _ = fuse(total(terms), original, original, s, prior)
-    shuffled = terms[:]
+    full = fusion_sums(cs)
+    ref, _ = fuse(full, original, original, s, prior)
+    shuffled = cs[:]
     random.Random(0).shuffle(shuffled)
-    halves = total(terms[:3]) + total(terms[3:])
-    assert halves.concepts == 6
-    # Round trip through tensors too: the statistics actor persists partial sums.
-    halves = FusionSums.from_tensors(halves.to_tensors())
-    full = total(terms)
-    for other in (total(shuffled), halves):
-        # The sums agree to float64 rounding, so the solutions agree to float32 output rounding.
-        assert torch.allclose(other.C.C, full.C.C, rtol=1e-12, atol=1e-12)
-        for k in SHAPES:
-            assert torch.allclose(other.dWC[k], full.dWC[k], rtol=1e-12, atol=1e-12)
-        got, _ = fuse(other, original, original, s, prior)
-        for k in SHAPES:
-            assert torch.allclose(got[k], ref[k], rtol=0, atol=1e-6)
+    other = fusion_sums(shuffled)
+    assert other.concepts == 6
+    # The sums agree to float64 rounding, so the solutions agree to float32 output rounding.
+    assert torch.allclose(other.C.C, full.C.C, rtol=1e-12, atol=1e-12)
+    for k in SHAPES:
+        assert torch.allclose(other.dWC[k], full.dWC[k], rtol=1e-12, atol=1e-12)
+    got, _ = fuse(other, original, original, s, prior)
+    for k in SHAPES:
+        assert torch.allclose(got[k], ref[k], rtol=0, atol=1e-6)
 
 
 def test_blocked_streaming_equals_the_one_at_a_time_sums():
@@ -179,10 +174,10 @@ def test_blocked_streaming_equals_the_one_at_a_time_sums():
         for C_k, lora in cs:
             blocked.add_concept(C_k, lora)
         assert blocked.concepts == 23 and blocked.C.n == plain.C.n
-        tensors = blocked.to_tensors()  # reading the sums includes the last, partial block
+        dWC = blocked.flush().dWC  # reading the sums includes the last, partial block
         for k in SHAPES:
             exact = exact_dWC[k]
-            err = (tensors[f"dWC.{k}"] - exact).abs().max() / exact.abs().max()
+            err = (dWC[k] - exact).abs().max() / exact.abs().max()
             assert err <= 1e-10, (block, k, float(err))
         assert torch.equal(blocked.C.C, plain.C.C)
 
@@ -219,7 +214,8 @@ def test_ridge_of_zero_on_a_singular_system_is_raised_to_the_floor_and_reported(
     assert rel == pytest.approx(best, abs=1e-3)
     # The fusion does the same on a singular denominator.
     ((_, lora),) = concepts(1)
-    sums = FusionSums.of_concept(SecondMoment.of(Ef), lora)
+    sums = FusionSums.zeros(Ef.shape[1])
+    sums.add_concept(SecondMoment.of(Ef), lora)
     fused, fraw = fuse(sums, weights, weights, Weights(0.0, 0.0, 0.0, 0.0), Preservation())
     assert fraw.ridge_floor > 0 and all(torch.isfinite(v).all() for v in fused.values())
     # A well-posed system gets no floor.

@@ -13,10 +13,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mace_core.concepts import ConceptType
-from mace_core.evaluation.generation import GenerationSettings, generate_images
+from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
 from mace_ray.cli import app
 
-FAST = ["--inference-steps", "2", "--images-per-prompt", "1"]
+FAST = ["--inference-steps", "2", "--images", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_eval_erased_vs_original_through_ray(local_ray, erased_run, tmp_path, ti
     p = next(x for x in prompts if x["subject"] == "jet")
     from mace_core.evaluation.suites import EvalPrompt
 
-    here = generate_images(tiny_pipe, [EvalPrompt(**p)], GenerationSettings(inference_steps=2))[0]
+    here = generate_eval_images(tiny_pipe, [EvalPrompt(**p)], GenerationSettings(inference_steps=2))[0]
     folder = out / rep["models"]["baseline"]["images_prefix"]
     stored = {x["id"]: np.asarray(Image.open(folder / f"{x['id']}.png")) for x in prompts}
     # The same image up to fp32 rounding across batch sizes, and no other prompt's image.

@@ -12,7 +12,7 @@ from mace_core.errors import ModelLoadError
 from mace_core.evaluation.clip_model import build_tiny_clip
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.features import InceptionFeatures, build_fid_inception
-from mace_core.evaluation.generation import GenerationSettings, generate_images
+from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
 from mace_core.evaluation.metrics import exposed_counts
 from mace_core.evaluation.nudity import NudityDetector
 from mace_core.evaluation.suites import objects_suite
@@ -24,7 +24,7 @@ FAST = GenerationSettings(inference_steps=2, batch_size=3)
 @pytest.fixture(scope="module")
 def generated(tiny_pipe):
     prompts = list(objects_suite(["cat"], images_per_prompt=1).prompts[:4])
-    return prompts, generate_images(tiny_pipe, prompts, FAST)
+    return prompts, generate_eval_images(tiny_pipe, prompts, FAST)
 
 
 def test_images_depend_on_their_seed_only(tiny_pipe, generated):
@@ -32,8 +32,8 @@ def test_images_depend_on_their_seed_only(tiny_pipe, generated):
     assert len(images) == 4 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
     # Alone, in another batch composition and order: the same images (up to fp32 kernel
     # rounding, which differs between batch sizes on some CPUs).
-    alone = generate_images(tiny_pipe, [prompts[2]], FAST)[0]
-    shuffled = generate_images(tiny_pipe, [prompts[3], prompts[2]], FAST)
+    alone = generate_eval_images(tiny_pipe, [prompts[2]], FAST)[0]
+    shuffled = generate_eval_images(tiny_pipe, [prompts[3], prompts[2]], FAST)
     assert_same_seed_images(images, [*images[:2], alone, images[3]])
     assert_same_seed_images(images, [*images[:2], shuffled[1], shuffled[0]])
     assert not np.array_equal(images[0], images[1])

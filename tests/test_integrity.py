@@ -182,8 +182,8 @@ def test_damaged_artefacts_are_redone_and_the_result_is_unchanged(cfile, tmp_pat
 
 
 def test_two_drivers_on_one_run_do_the_work_once(cfile, tmp_path):
+    from mace_ray.local_storage import LocalStorage
     from mace_ray.runlock import RunLock
-    from mace_ray.storage import LocalStorage
 
     out = tmp_path / "out"
     cmd = [MACE_RAY, "erase", str(cfile), "--output", str(out), "--executor", "local", *FLAGS]

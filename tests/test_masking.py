@@ -241,7 +241,7 @@ def test_concept_job_mask_notes(tiny_pipe, sam_pth):
 def test_images_and_masks_pair_by_index_whatever_the_write_order(tmp_path):
     from mace_ray.artefacts import read_images
     from mace_ray.layout import RunLayout
-    from mace_ray.storage import LocalStorage
+    from mace_ray.local_storage import LocalStorage
 
     n = 6
     rng = np.random.default_rng(3)

@@ -19,8 +19,9 @@ from collections.abc import Callable
 import pytest
 
 from mace_core.errors import MaceError
+from mace_ray.local_storage import LocalStorage
 from mace_ray.runlock import RunLock, RunLocked
-from mace_ray.storage import LocalStorage, Storage
+from mace_ray.storage import Storage
 
 KEY = "run-1/LEASE"
 TTL, BEAT = 0.5, 0.1

@@ -38,7 +38,8 @@ from mace_core.errors import ModelLoadError
 from mace_ray.cli import app
 from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
 from mace_ray.s3storage import COMPLETE, PARTIAL, S3Storage, make_client
-from mace_ray.storage import StorageError, StorageUnavailableError, open_storage
+from mace_ray.storage import StorageError, StorageUnavailableError
+from mace_ray.stores import open_storage
 
 MB = 1024 * 1024
 CREDENTIALS = (ADMIN_ACCESS_KEY, ADMIN_SECRET_KEY, READER_ACCESS_KEY, READER_SECRET_KEY)
@@ -297,7 +298,7 @@ def test_addressing_style_and_endpoint_from_the_environment(aws_env, bucket, mon
     assert style(make_client("u", aws_env.endpoint, None, 4)) == "path"  # not AWS: path-style
     assert style(make_client("u", "https://s3.eu-west-1.amazonaws.com", None, 4)) == "auto"
     monkeypatch.setenv("MACE_S3_ADDRESSING_STYLE", "virtual")  # the override wins
-    assert s3mod._addressing_style() == "virtual"
+    assert s3mod.addressing_style() == "virtual"
     monkeypatch.setenv("MACE_S3_ADDRESSING_STYLE", "sideways")
     with pytest.raises(StorageError, match="MACE_S3_ADDRESSING_STYLE='sideways'"):
         open_storage(f"s3://{bucket}/x", s3_endpoint=aws_env.endpoint)
@@ -327,42 +328,42 @@ def test_resolve_model_downloads_and_caches_an_s3_pipeline(aws_env, bucket, tmp_
     models.put_dir(tmp_path / "tiny", "tiny-sd")
     uri, cache = f"s3://{bucket}/models/tiny-sd", tmp_path / "cache"
 
-    assert resolve_model("tiny", aws_env.endpoint, cache) == "tiny"
-    path = resolve_model(uri, aws_env.endpoint, cache)
+    assert resolve_model("tiny", aws_env.endpoint, cache_dir=cache) == "tiny"
+    path = resolve_model(uri, aws_env.endpoint, cache_dir=cache)
     pipe = load_pipeline(path)
     a, b = tiny_pipe.unet.state_dict(), pipe.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resolve_model(uri, aws_env.endpoint, cache) == path  # cached
+    assert resolve_model(uri, aws_env.endpoint, cache_dir=cache) == path  # cached
     assert [p.name for p in cache.iterdir()] == [Path(path).name]  # no temporaries left
 
     # The driver fetches only what it needs to check prompts: no UNet, no VAE.
-    text_only = resolve_model(uri, aws_env.endpoint, cache, components=TEXT_COMPONENTS)
+    text_only = resolve_model(uri, aws_env.endpoint, cache_dir=cache, components=TEXT_COMPONENTS)
     got = sorted(p.name for p in Path(text_only).iterdir())
     assert got == ["model_index.json", "text_encoder", "tokenizer"]
     tok, te = load_text_components(text_only)
     assert all(torch.equal(v, tiny_pipe.text_encoder.state_dict()[k]) for k, v in te.state_dict().items())
     assert tok("a photo of a cat").input_ids == tiny_pipe.tokenizer("a photo of a cat").input_ids
     with pytest.raises(ModelLoadError, match="no unet2/ in the pipeline folder"):
-        resolve_model(uri, aws_env.endpoint, cache, components=["unet2"])
+        resolve_model(uri, aws_env.endpoint, cache_dir=cache, components=["unet2"])
 
     # The same URI with changed contents is a new copy.
     cfg_path = tmp_path / "tiny/scheduler/scheduler_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "steps_offset": 1 - cfg.get("steps_offset", 0)}))
     models.put_dir(tmp_path / "tiny", "tiny-sd")
-    changed = resolve_model(uri, aws_env.endpoint, cache)
+    changed = resolve_model(uri, aws_env.endpoint, cache_dir=cache)
     assert changed not in (path, text_only)
     assert json.loads((Path(changed) / "scheduler/scheduler_config.json").read_text()) != cfg
     # A committed folder altered behind its marker's back is refused, not half-trusted.
     models.write_bytes("tiny-sd/model_index.json", b"{}")
     with pytest.raises(StorageError, match="model_index.json is missing or has the wrong size"):
-        resolve_model(uri, aws_env.endpoint, cache)
+        resolve_model(uri, aws_env.endpoint, cache_dir=cache)
 
     with pytest.raises(ModelLoadError, match="no such folder"):
-        resolve_model(f"s3://{bucket}/models/none", aws_env.endpoint, cache)
+        resolve_model(f"s3://{bucket}/models/none", aws_env.endpoint, cache_dir=cache)
     models.write_bytes("plain/unet/config.json", b"{}")  # a folder of objects, no model_index.json
     with pytest.raises(ModelLoadError, match="not a diffusers pipeline folder"):
-        resolve_model(f"s3://{bucket}/models/plain", aws_env.endpoint, cache)
+        resolve_model(f"s3://{bucket}/models/plain", aws_env.endpoint, cache_dir=cache)
 
 
 # --- mace-ray erase --output s3://... ------------------------------------------------------

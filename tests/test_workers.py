@@ -27,12 +27,12 @@ def test_data_before_cfr_then_training_reuses_it(tmp_path):
     assert w.prepare_data([c]) == []  # already there: nothing regenerated
 
     with pytest.raises(RuntimeError, match="set_cfr"):
-        w.process([c])
+        w.train([c])
     w.set_cfr(torch.eye(32, dtype=torch.float64))
-    assert w.process([c]) == [c.slug]
+    assert w.train([c]) == [c.slug]
     assert (root / "DONE").is_file()
     assert {p: p.stat().st_mtime_ns for p in images} == stamps  # training used the stored data
     notes = json.loads((root / "notes.json").read_text())
     assert set(notes["seconds"]) == {"generate", "mask", "train"}
     assert notes["mask_source"] == "whole-image" and notes["where"]["worker"] == "w0"
-    assert w.process([c]) == [] and w.prepare_data([c]) == []  # DONE: nothing to do
+    assert w.train([c]) == [] and w.prepare_data([c]) == []  # DONE: nothing to do

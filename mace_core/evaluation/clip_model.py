@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mace_core.models import TINY_CLIP_TEXT, clip_tokenizer
+from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
 from mace_core.pretrained import load_pretrained
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"

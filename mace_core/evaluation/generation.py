@@ -1,9 +1,10 @@
 """Images of a shard of evaluation prompts, each from its own fixed seed.
 
-Every image has its own CPU generator seeded from its ``EvalPrompt.seed`` and its initial
-noise drawn in fp32 on the CPU (``mace_core.datagen.initial_noise``), so an image is the same
-whichever shard, batch or machine renders it. Prompts with the same guidance scale and size
-are batched together; DPM-Solver as in the erase run's data generation.
+Images come from the pipeline's family (``ModelFamily.generate``, mace_core/families/base.py),
+as the erase run's training images do: every image has its own CPU generator seeded from
+its ``EvalPrompt.seed`` and its initial noise drawn in fp32 on the CPU, so an image is the
+same whichever shard, batch or machine renders it. Prompts with the same guidance scale and
+size are batched together.
 """
 
 from __future__ import annotations
@@ -13,21 +14,31 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mace_core.datagen import GenerationError, initial_noise
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.suites import EvalPrompt
+from mace_core.families import family_of_pipeline
+from mace_core.options import coerce_choices, plain, setting
 from mace_core.progress import Progress, no_progress
+from mace_core.settings import Precision
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    inference_steps: int = 30
-    guidance_scale: float = 7.5  # used when a prompt has no guidance of its own (I2P has)
-    resolution: int | None = None  # overrides every size; None: the prompt's size, else the model's
-    batch_size: int = 8  # images per pipeline call (the UNet sees twice as many with CFG)
-    fp16: bool = False  # half precision on CUDA (ignored on CPU)
+    inference_steps: int = setting(30, "DPM-Solver steps per image.", min=1)
+    # Used when a prompt has no guidance of its own (I2P has).
+    guidance_scale: float = setting(7.5, "CFG scale (an I2P row's own sd_guidance_scale wins).", min=0.0)
+    resolution: int | None = setting(
+        None, "Image size for every prompt (default: the CSV's, else the model's).", min=8
+    )
+    # The UNet sees twice as many with CFG.
+    batch_size: int = setting(8, "Images per pipeline call.", min=1)
+    # fp32 by default: the numbers are the model's, not its fp16 rounding's.
+    precision: Precision = setting(
+        Precision.FP32, "auto: fp16 pipeline on CUDA, fp32 on CPU; fp32: fp32 everywhere."
+    )
 
     def __post_init__(self) -> None:
+        coerce_choices(self, {"precision": (Precision, "precision")})
         if self.inference_steps < 1:
             raise ValueError(f"inference_steps must be >= 1, got {self.inference_steps}")
         if self.batch_size < 1:
@@ -36,7 +47,7 @@ class GenerationSettings:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return plain(asdict(self))
 
 
 def native_size(pipe) -> int:
@@ -55,41 +66,30 @@ def image_shape(pipe, p: EvalPrompt, settings: GenerationSettings) -> tuple[int,
 
 
 @torch.no_grad()
-def generate_images(
+def generate_eval_images(
     pipe, prompts: list[EvalPrompt], settings: GenerationSettings, progress: Progress = no_progress
 ) -> list[np.ndarray]:
     """One uint8 (H, W, 3) image per prompt, in the order given; ``progress`` per image."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    family = family_of_pipeline(pipe)
     # Batch prompts that share guidance and size; remember where each image goes.
     batches: dict[tuple[float, int, int], list[int]] = {}
     for i, p in enumerate(prompts):
         g = p.guidance if p.guidance is not None else settings.guidance_scale
         batches.setdefault((g, *image_shape(pipe, p, settings)), []).append(i)
     out: list[np.ndarray | None] = [None] * len(prompts)
-    channels, scale = int(pipe.unet.config.in_channels), int(pipe.vae_scale_factor)
     for (guidance, h, w), idx in batches.items():
         for start in range(0, len(idx), settings.batch_size):
             chunk = idx[start : start + settings.batch_size]
-            gens = [torch.Generator().manual_seed(prompts[i].seed) for i in chunk]
-            images = pipe(
-                prompt=[prompts[i].prompt for i in chunk],
-                num_inference_steps=settings.inference_steps,
-                guidance_scale=guidance,
-                latents=initial_noise(gens, (channels, h // scale, w // scale), pipe.unet.dtype),
-                generator=gens,  # stochastic schedulers draw their step noise from them
-                height=h,
-                width=w,
-                output_type="np",
-            ).images
-            if not np.isfinite(images).all():
-                raise GenerationError(
-                    f"non-finite pixels for prompt {prompts[chunk[0]].id} with a {pipe.unet.dtype} pipeline"
-                    + (" (fp16 overflow? drop --fp16)" if pipe.unet.dtype == torch.float16 else "")
-                )
+            images = family.generate(
+                pipe,
+                [prompts[i].prompt for i in chunk],
+                [prompts[i].seed for i in chunk],
+                h,
+                w,
+                settings.inference_steps,
+                guidance,
+            )
             for i, im in zip(chunk, images, strict=True):
-                out[i] = (np.clip(im, 0.0, 1.0) * 255).round().astype(np.uint8)
+                out[i] = im
             progress("images", sum(im is not None for im in out), len(prompts))
     return [im for im in out if im is not None]

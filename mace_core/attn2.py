@@ -1,0 +1,65 @@
+"""The cross-attention (attn2) to_k / to_v projections of a UNet: where MACE edits a model.
+
+Every UNet2DConditionModel family (SD 1.x, 2.x, XL) names them alike, so one rule serves
+them all (``mace_core.families.base.ModelFamily.attn2_projections``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from mace_core.errors import ModelLoadError
+
+
+def attn2_projections(unet: nn.Module) -> dict[str, nn.Linear]:
+    """The to_k / to_v linear layers of every cross-attention block, keyed by weight name.
+
+    Keys are state-dict names (``...attn2.to_k.weight``), sorted, so they index the
+    compact erasure file and the statistics alike.
+    """
+    out: dict[str, nn.Linear] = {}
+    for name, module in unet.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] == "attn2" and parts[-1] in ("to_k", "to_v"):
+            if not isinstance(module, nn.Linear):
+                raise ModelLoadError(f"{name} is a {type(module).__name__}, expected a plain nn.Linear")
+            out[f"{name}.weight"] = module
+    if not out:
+        raise ModelLoadError("the UNet has no cross-attention (attn2) to_k/to_v layers")
+    return dict(sorted(out.items()))
+
+
+def get_attn2_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the attn2 to_k/to_v weights (float32, CPU)."""
+    return {k: m.weight.detach().float().cpu().clone() for k, m in attn2_projections(unet).items()}
+
+
+def set_attn2_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Replace attn2 to_k/to_v weights in place; keys and shapes must match exactly."""
+    projs = attn2_projections(unet)
+    missing, extra = set(projs) - set(weights), set(weights) - set(projs)
+    if missing or extra:
+        raise ModelLoadError(
+            f"attn2 weights do not match the model: {len(missing)} missing, {len(extra)} unexpected"
+            + (f" (e.g. {sorted(missing or extra)[0]})" if missing or extra else "")
+        )
+    with torch.no_grad():
+        for k, m in projs.items():
+            if tuple(weights[k].shape) != tuple(m.weight.shape):
+                raise ModelLoadError(f"{k}: shape {tuple(weights[k].shape)} != model {tuple(m.weight.shape)}")
+            m.weight.copy_(weights[k].to(m.weight.device, m.weight.dtype))
+
+
+@contextmanager
+def attn2_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily run the UNet with other attn2 weights (original vs refined)."""
+    saved = get_attn2_weights(unet)
+    set_attn2_weights(unet, weights)
+    try:
+        yield
+    finally:
+        set_attn2_weights(unet, saved)

@@ -1,0 +1,108 @@
+"""Stable Diffusion 2.x: OpenCLIP ViT-H text encoder, tokenizer padding with '!' (id 0).
+
+Its UNet's transformers project with linear layers (``use_linear_projection``), its
+cross-attention takes the text encoder's width (1024), and the 768 px models predict v
+(``prediction_type="v_prediction"`` in the scheduler config), which generation keeps.
+Loading and prompts are those of every StableDiffusionPipeline (``stable_diffusion.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from mace_core.clip_text import clip_tokenizer
+from mace_core.families.stable_diffusion import StableDiffusionFamily
+
+PAD_TOKEN = "!"  # OpenCLIP pads with token 0, which is '!' in CLIP's vocabulary
+
+# SD 2.x's text encoder config in tiny widths. The bos/eos/pad ids are those of SD 2.x's
+# own config.json (the tokenizer's are 49406/49407/0); CLIPTextModel uses them only for
+# its pooled output, which MACE never reads.
+TINY_SD2_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act="gelu",
+    vocab_size=49408,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
+def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
+    """A seeded random SD-2.x-shaped pipeline (tiny widths, offline), identical on every machine.
+
+    Like SD 2.1 (768 px): linear-projection transformers with per-block head counts,
+    cross-attention as wide as the GELU text encoder, a VAE that halves the image, and a
+    v-prediction DDIM scheduler (generation switches to DPM-Solver, keeping v).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # fork_rng keeps the caller's global RNG untouched (no hidden side effects).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY_SD2_TEXT["hidden_size"],
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=clip_tokenizer(pad_token=PAD_TOKEN),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class SD2(StableDiffusionFamily):
+    name: ClassVar[str] = "sd2"
+    description: ClassVar[str] = "sd2: a StableDiffusionPipeline whose OpenCLIP tokenizer pads with '!'"
+    pad_token: ClassVar[str] = PAD_TOKEN
+    pad_token_id: ClassVar[int] = 0
+
+    def build_tiny_pipeline(self, seed: int = 0) -> Any:
+        return build_tiny_pipeline(seed)
+
+
+FAMILY = SD2()

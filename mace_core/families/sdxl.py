@@ -1,0 +1,225 @@
+"""Stable Diffusion XL: two CLIP text encoders, pooled text embeddings and size conditioning.
+
+The UNet's cross-attention context is the penultimate hidden states (``hidden_states[-2]``)
+of both text encoders (CLIPTextModel, CLIPTextModelWithProjection) concatenated along the
+feature axis (768 + 1280 = 2048 in the real model), so every attn2 to_k / to_v takes that
+width and CFR / fusion work on it unchanged. The UNet is also conditioned
+(``added_cond_kwargs``) on the second encoder's pooled, projected embedding
+(``text_embeds``) and on ``time_ids`` = (original size, crop (0, 0), target size).
+
+The first tokenizer pads with end-of-text, the second with '!' (id 0); apart from
+padding both give the same ids for a prompt, except that the second keeps its pad '!'
+whole (id 0): the lengths must agree (checked in ``ids``) so positions align, and
+``ids`` comes from the first. Alignment and the Eq. 3 mask go by position, not pad id.
+
+fp16: StableDiffusionXLPipeline itself decodes in fp32 when its VAE config says
+``force_upcast`` (the SDXL VAE overflows in fp16), so generation needs nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
+from mace_core.errors import ConceptError, quoted
+from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder, load_error
+from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
+from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
+
+PAD_TOKEN_2 = "!"  # the second (OpenCLIP bigG) tokenizer pads with token 0, '!' in CLIP's vocabulary
+
+TINY_SDXL_TEXT_2 = dict(TINY_CLIP_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
+TINY_TIME_EMBED = 8
+DEFAULT_SIZE = 1024  # SDXL base's native size
+
+
+class SDXLTextEncoder(PromptEncoder):
+    """Both tokenizers and text encoders of SDXL, used in no-grad batches."""
+
+    def __init__(
+        self, tokenizers, text_encoders, device: torch.device, batch_size: int = 64, size: int = 1024
+    ) -> None:
+        self.tokenizers = tokenizers
+        self.models = text_encoders
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = int(tokenizers[0].model_max_length)
+        self.size = size  # original and target size of the time ids (the family's default resolution)
+
+    @property
+    def dim(self) -> int:
+        return sum(int(m.config.hidden_size) for m in self.models)
+
+    def ids(self, prompt: str) -> list[int]:
+        first = list(self.tokenizers[0](prompt, truncation=False).input_ids)
+        second = list(self.tokenizers[1](prompt, truncation=False).input_ids)
+        # The second tokenizer's '!' is its pad token, kept whole: "!" is id 0 there and
+        # "!!" two tokens, one in the first. Positions align only if the lengths agree.
+        if len(first) != len(second):
+            raise ConceptError(
+                f"prompt {quoted(prompt)}: SDXL's two tokenizers split it into {len(first)} and"
+                f" {len(second)} tokens (repeated '!'?), so their states do not line up"
+            )
+        return first
+
+    @torch.no_grad()
+    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, pooled = [], []
+        for i in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[i : i + self.batch_size])
+            parts = []
+            for tokenizer, model in zip(self.tokenizers, self.models, strict=True):
+                tok = tokenizer(
+                    batch,
+                    padding="max_length",
+                    max_length=self.max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+                out = model(tok.input_ids.to(self.device), output_hidden_states=True)
+                parts.append(out.hidden_states[-2].float().cpu())
+            states.append(torch.cat(parts, dim=-1))
+            pooled.append(out[0].float().cpu())  # CLIPTextModelWithProjection: text_embeds
+        return torch.cat(states), torch.cat(pooled)
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._encode(prompts)[0]
+
+    def conditioning(self, prompts: Sequence[str]) -> Conditioning:
+        context, pooled = self._encode(prompts)
+        s = float(self.size)
+        time_ids = torch.tensor([s, s, 0.0, 0.0, s, s]).expand(len(prompts), 6).clone()
+        return {"context": context, "text_embeds": pooled, "time_ids": time_ids}
+
+    def unet_forward(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> Any:
+        return unet(
+            x,
+            t,
+            encoder_hidden_states=cond["context"],
+            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+        )
+
+
+def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
+    """A seeded random SDXL-shaped pipeline (tiny widths, offline), identical on every machine.
+
+    Adapted from the dummy components of diffusers' SDXL tests (Apache-2.0): text_time
+    added conditioning, linear-projection transformers (two in the second block), cross
+    attention as wide as both text encoders together, an Euler scheduler.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TINY_TIME_EMBED,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * TINY_TIME_EMBED,
+            cross_attention_dim=TINY_CLIP_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token=PAD_TOKEN_2),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class SDXL(ModelFamily):
+    name: ClassVar[str] = "sdxl"
+    pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
+    description: ClassVar[str] = "sdxl: a StableDiffusionXLPipeline (two CLIP text encoders)"
+    pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first tokenizer's; the second pads with '!'
+    pad_token_id: ClassVar[int] = 49407
+    load_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}
+
+    def build_tiny_pipeline(self, seed: int = 0) -> Any:
+        return build_tiny_pipeline(seed)
+
+    def load_text_components(self, model: str) -> tuple[Any, ...]:
+        """(tokenizer, tokenizer_2, text_encoder, text_encoder_2, default size)."""
+        if model == TINY_MODEL:
+            return self.text_components(self.build_tiny_pipeline())
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        source, is_local = resolve_source(model)
+        try:
+            kw = dict(local_files_only=is_local)
+            tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+            tok2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+            te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **kw)
+            te2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", use_safetensors=True, **kw
+            )
+        except Exception as e:
+            raise load_error(model, e) from None
+        return tok, tok2, te.eval(), te2.eval(), native_size(ModelIndex.read(model))
+
+    def text_components(self, pipe: Any) -> tuple[Any, ...]:
+        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        return pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, size
+
+    def prompt_encoder(
+        self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64
+    ) -> SDXLTextEncoder:
+        tok, tok2, te, te2, size = components
+        return SDXLTextEncoder((tok, tok2), (te, te2), device, batch_size, size)
+
+
+def native_size(index: ModelIndex) -> int:
+    """The model's default image size from its unet/ and vae/ configs (SDXL's 1024 where a
+    text-only copy has neither): the original and target size of the time ids."""
+    unet, vae = index.json("unet/config.json"), index.json("vae/config.json")
+    if not unet or not vae or "sample_size" not in unet:
+        return DEFAULT_SIZE
+    return int(unet["sample_size"]) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+
+
+FAMILY = SDXL()

@@ -1,0 +1,148 @@
+"""How settings fields appear on the command line, as plain data (no CLI library here).
+
+Every field of a settings dataclass carries one of these in ``field(metadata=...)`` under the
+key ``"cli"``: an ``Option`` (a command-line option or argument), a ``Group`` (a nested settings
+dataclass whose fields are options too) or ``Internal`` (deliberately not on the command
+line). mace_ray/cli_build.py turns them into the options of ``mace-ray erase`` and
+``mace-ray eval`` and the parsed values back into the dataclasses; ``--config`` keys are the
+same names.
+
+Fields with a fixed set of values are typed with a ``Choice`` enum: a ``str`` subclass, so a
+setting still compares equal to, formats as and serialises to JSON as its plain string value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+CLI = "cli"  # the metadata key
+
+
+class Panel:
+    """Sections of ``--help`` (typer's rich help panels), in the order they are shown."""
+
+    MODEL = "Model and output"
+    SUITE = "Suite"
+    ATTACKS = "Attacks"
+    DATA = "Data (images and masks)"
+    TRAIN = "Training (LoRA)"
+    CLOSED_FORMS = "Closed forms"
+    GENERATION = "Generation"
+    SCORING = "Scoring"
+    CLUSTER = "Cluster and devices"
+    RUN = "Run control"
+
+    @classmethod
+    def order(cls) -> list[str]:
+        return [v for k, v in vars(cls).items() if k.isupper()]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A field set from the command line.
+
+    ``name``: the option (``--name``), argument or ``--config`` key; default: the field name
+    with dashes, after the enclosing group's prefix. ``help`` may say ``{group}`` for the
+    enclosing group's title. ``shared``: the same name feeds every field that declares it
+    (all must say so, with the same type and default); one of them carries the help.
+    ``negative``: a bool's off switch (default ``no-<name>``). ``none_as``: the word that
+    spells None on the command line (e.g. ``auto``). ``aliases``: hidden deprecated names.
+    ``min`` / ``max``: bounds checked while parsing.
+    """
+
+    help: str = ""
+    name: str | None = None
+    panel: str | None = None
+    min: float | None = None
+    max: float | None = None
+    shared: bool = False
+    negative: str | None = None
+    none_as: str | None = None
+    argument: bool = False
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A nested settings dataclass: its fields are options, named after ``prefix``."""
+
+    prefix: str = ""
+    title: str = ""
+    panel: str | None = None
+
+
+@dataclass(frozen=True)
+class Internal:
+    """Deliberately not on the command line; ``why`` says why (for the reader)."""
+
+    why: str
+
+
+def option(help: str = "", **kw: Any) -> dict[str, Option]:
+    return {CLI: Option(help=help, **kw)}
+
+
+def group(**kw: Any) -> dict[str, Group]:
+    return {CLI: Group(**kw)}
+
+
+def internal(why: str) -> dict[str, Internal]:
+    return {CLI: Internal(why)}
+
+
+def cli_metadata(f: dataclasses.Field) -> Option | Group | Internal | None:
+    return f.metadata.get(CLI)
+
+
+class Choice(str, enum.Enum):
+    """A str-valued enum whose members print, format and serialise as their value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls: type[C], value: Any, what: str) -> C:
+        """``value`` (a member or its string) as a member; ValueError naming ``what`` if none."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown {what} {value!r} (valid: {', '.join(cls.values())})") from None
+
+
+C = TypeVar("C", bound=Choice)
+
+
+def coerce_choices(obj: Any, names: Mapping[str, tuple[type[Choice], str]]) -> None:
+    """In a frozen dataclass's ``__post_init__``: turn strings given for choice fields into
+    members, so that settings made in code (``masker="whole-image"``) and from the command
+    line hold the same thing."""
+    for name, (cls, what) in names.items():
+        object.__setattr__(obj, name, cls.parse(getattr(obj, name), what))
+
+
+def plain(value: Any) -> Any:
+    """``dataclasses.asdict`` output with choices as their plain strings (JSON, YAML, hashes)."""
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A settings field set from the command line: ``field(default=..., metadata=option(...))``."""
+    return dataclasses.field(default=default, metadata=option(help, **kw))

@@ -1,0 +1,74 @@
+"""``--stages``: closed-form refinement only, and partial runs that the full run takes up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CONCEPTS, assert_same_erasure, erasure, request
+
+from mace_core.cfr import apply_cfr
+from mace_core.checkpoints import read_erasure
+from mace_core.models import build_tiny_pipeline, get_attn2_weights
+from mace_core.sealed import open_sealed
+from mace_ray.erase import run_erase
+from mace_ray.erase_stages import plan_stages
+
+
+def test_a_stage_list_brings_what_it_needs():
+    method, stages = plan_stages("train")
+    assert method == "mace"
+    assert [s.name for s in stages] == ["text_statistics", "workers_start", "cfr", "train"]
+    assert [s.name for s in plan_stages("data")[1]] == ["workers_start", "data"]
+    assert plan_stages("all")[1][-1].name == "finish"
+    method, stages = plan_stages(" CFR ")
+    assert (
+        method == "cfr" and "train" not in [s.name for s in stages] and "data" not in [s.name for s in stages]
+    )
+    with pytest.raises(ValueError, match=r"--stages: unknown stage 'trian' \(valid: all, cfr, "):
+        plan_stages("data,trian")
+
+
+def test_closed_form_only_run_writes_the_refined_weights(tmp_path):
+    cfile = tmp_path / "c.txt"
+    cfile.write_text(CONCEPTS)
+    rep = run_erase(request(cfile, tmp_path / "out", executor="local", stages="cfr"))
+    root = Path(rep["output"]["root"])
+    assert rep["status"] == "complete" and rep["method"] == "cfr"
+    # Nothing of the LoRA stage: no images, masks or LoRAs.
+    assert not list(root.glob("concepts/*/images")) and not list(root.glob("concepts/*/lora.safetensors"))
+    # The result is W' = W M exactly, and the CFR file says the same.
+    M = open_sealed((root / "cfr" / "M.safetensors").read_bytes(), "M")[0]["M"].double()
+    expect = apply_cfr(get_attn2_weights(build_tiny_pipeline().unet), M)
+    got = erasure(root)
+    assert_same_erasure(got, expect, atol=0)
+    cfr = read_erasure((root / "final" / "cfr.safetensors").read_bytes())[0]
+    assert all(torch.equal(cfr[k], got[k]) for k in got)
+    report = json.loads((root / "report.json").read_text())
+    first = report["concepts"][0]["erasure"]
+    assert first["residual"] == pytest.approx(first["residual_cfr"]) and first["lora_relative_norm"] is None
+    assert "closed-form-only" in first["attention_mass_missing"]
+    # Another result, so another run than the method's on the same inputs.
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["method"] == "cfr" and "fusion" not in report["weights"]
+
+
+def test_partial_run_then_full_run_reuses_its_images(tmp_path, reference_erasure):
+    cfile = tmp_path / "c.txt"
+    cfile.write_text(CONCEPTS)
+    out = tmp_path / "out"
+    part = run_erase(
+        request(cfile, out, executor="local", concepts_per_batch=2, stages="text_statistics,data")
+    )
+    root = Path(part["output"]["root"])
+    assert part["status"] == "partial" and part["stages"] == ["text_statistics", "workers_start", "data"]
+    assert json.loads((root / "manifest.json").read_text())["status"] == "partial"
+    images = sorted(root.glob("concepts/*/images/*.png"))
+    assert len(images) == 4 * 2 and not list(root.glob("concepts/*/DONE"))
+    stamps = {p: p.stat().st_mtime_ns for p in images}
+    full = run_erase(request(cfile, out, executor="local", concepts_per_batch=2))
+    assert full["run_id"] == part["run_id"] and full["status"] == "complete"
+    assert {p: p.stat().st_mtime_ns for p in images} == stamps  # not one image made again
+    assert_same_erasure(erasure(root), reference_erasure)
