@@ -119,8 +119,9 @@ def test_job_submit_end_to_end(ray_head, reference_erasure, tmp_path):
                 out[key] = float(ln.rsplit(" ", 1)[1])
         return out
 
+    # Metrics are exported every few seconds: wait until the last stage's time is there.
     deadline, text = time.time() + 60, ""
-    while time.time() < deadline and "ray_mace_stage_seconds" not in text:
+    while time.time() < deadline and 'stage="finish"' not in text:
         try:
             text = urllib.request.urlopen(ray_head["metrics"], timeout=5).read().decode()
         except OSError:
