@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -122,6 +124,7 @@ class Choice(str, enum.Enum):
 
 
 C = TypeVar("C", bound=Choice)
+T = TypeVar("T")
 
 
 def coerce_choices(obj: Any, names: Mapping[str, tuple[type[Choice], str]]) -> None:
@@ -141,6 +144,28 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(plain(v) for v in value)
     return value
+
+
+def from_plain(cls: type[T], values: Mapping[str, Any]) -> T:
+    """The settings dataclass that ``plain(dataclasses.asdict(obj))`` came from (a run's
+    manifest or report): nested groups rebuilt, choices parsed by their fields' checks; a
+    key the dataclass does not have is a ValueError naming it."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown setting {unknown[0]!r}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        t = hints[name]
+        if typing.get_origin(t) in (typing.Union, types.UnionType):  # X | None
+            t = next((a for a in typing.get_args(t) if a is not type(None)), t)
+        if dataclasses.is_dataclass(t) and isinstance(value, Mapping):
+            value = from_plain(t, value)
+        elif typing.get_origin(t) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:

@@ -22,7 +22,7 @@ from mace_core.imageio import png_bytes, read_png
 from mace_core.lora import LoraFactors
 from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.text_stats import ConceptTextStats
-from mace_ray.layout import RunLayout
+from mace_ray.layout import DataLayout, RunLayout
 from mace_ray.storage import Storage, StorageError, json_bytes, read_json, write_json
 
 log = logging.getLogger("mace_ray")
@@ -73,32 +73,48 @@ def read_text_stats(storage: Storage, layout: RunLayout, slug: str) -> ConceptTe
     return ConceptTextStats.from_tensors(open_sealed(storage.read_bytes(key), what)[0])
 
 
-def write_data(storage: Storage, layout: RunLayout, data: ConceptData) -> None:
+def write_data(storage: Storage, where: DataLayout, data: ConceptData) -> None:
     """Images and masks, then data.json (with their checksums): the marker that the training
     data is complete."""
-    slug = data.concept.slug
     sums = {}
     for i, (im, m) in enumerate(zip(data.images, data.masks, strict=True)):
-        for key, arr in ((layout.image(slug, i), im), (layout.mask(slug, i), m)):
+        for key, arr in ((where.image(i), im), (where.mask(i), m)):
             b = png_bytes(arr)
             storage.write_bytes(key, b)
             sums[_rel(key)] = sha256(b)
-    write_json(storage, layout.data_notes(slug), {"images": len(data.images), "sha256": sums, **data.notes})
+    notes = {"images": len(data.images), "sha256": sums, "concept": data.concept.text, **data.notes}
+    write_json(storage, where.marker, notes)
 
 
-def read_data(storage: Storage, layout: RunLayout, concept: Concept) -> ConceptData | None:
+def read_data(storage: Storage, where: DataLayout, concept: Concept) -> ConceptData | None:
     """A concept's stored images and masks (paired by index), or None if not complete or if
     any file does not match the checksum data.json recorded (then they are made again)."""
-    key = layout.data_notes(concept.slug)
-    if not storage.exists(key):
+    if not storage.exists(where.marker):
         return None
-    notes = read_json(storage, key)
+    notes = read_json(storage, where.marker)
     n = int(notes.pop("images"))
     sums = notes.pop("sha256", None)
-    pair = read_images(storage, layout, concept.slug, n, sums)
+    notes.pop("concept", None)
+    pair = read_images(storage, where, n, sums)
     if pair is None:
         return None
     return ConceptData(concept, pair[0], pair[1], notes)
+
+
+def run_data(storage: Storage, layout: RunLayout, concept: Concept) -> ConceptData | None:
+    """The images and masks an erase run used for a concept (through its refs.json), or None
+    when the run lists none for it or they are gone (``mace-ray gc``) or damaged."""
+    if not storage.exists(layout.refs):
+        return None
+    key = (read_json(storage, layout.refs).get("data") or {}).get(concept.slug)
+    return read_data(storage, DataLayout(key), concept) if isinstance(key, str) else None
+
+
+def existing(storage: Storage, keys: list[str], threads: int = 8) -> set[str]:
+    """Which of ``keys`` exist (one request each, in parallel: S3 has no batch HEAD)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = list(pool.map(storage.exists, keys))
+    return {k for k, ok in zip(keys, found, strict=True) if ok}
 
 
 def write_result(storage: Storage, layout: RunLayout, art: ConceptArtefacts) -> None:
@@ -175,22 +191,20 @@ def read_notes(storage: Storage, layout: RunLayout, slug: str) -> dict:
 
 
 def read_images(
-    storage: Storage, layout: RunLayout, slug: str, n: int, sums: dict[str, str] | None = None
+    storage: Storage, where: DataLayout, n: int, sums: dict[str, str] | None = None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Stored images and masks of a concept, paired by index; None if any is missing, or
     differs from its checksum in ``sums`` (with a warning line)."""
     ims, ms = [], []
     for i in range(n):
-        ik, mk = layout.image(slug, i), layout.mask(slug, i)
+        ik, mk = where.image(i), where.mask(i)
         if not (storage.exists(ik) and storage.exists(mk)):
             return None
         data = {}
         for key in (ik, mk):
             b = storage.read_bytes(key)
             if sums is not None and sums.get(_rel(key)) != sha256(b):
-                log.warning(
-                    "concept %s: %s does not match its checksum; its data is made again", slug, _rel(key)
-                )
+                log.warning("%s/%s does not match its checksum; the data is made again", storage.url, key)
                 return None
             data[key] = b
         ims.append(read_png(data[ik], f"{storage.url}/{ik}"))

@@ -107,6 +107,26 @@ def status(
         fail(str(e))
 
 
+@app.command(cls=OneLineErrors)
+def gc(
+    output: Annotated[
+        str, typer.Option(help="The --output of the runs (a folder or s3://bucket/prefix).")
+    ] = "mace-runs",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Remove the shared training data (data/<key>/) that no run under OUTPUT refers to."""
+    from mace_ray.gc import collect_garbage
+
+    setup_logging(True)
+    try:
+        typer.echo(json.dumps(collect_garbage(output, s3_endpoint, dry_run)))
+    except MaceError as e:
+        fail(str(e))
+
+
 @app.command("cache-prior", cls=OneLineErrors)
 def cache_prior_cmd(
     captions: Annotated[Path, typer.Argument(help="Caption file, one caption per line (e.g. MS-COCO).")],

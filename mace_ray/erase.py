@@ -39,6 +39,7 @@ from mace_core.text_stats import (
 from mace_ray import artefacts
 from mace_ray.backend import backend_for
 from mace_ray.erase_stages import EraseRun, closing_summary, plan_stages
+from mace_ray.extend import BaseRun, extend_request, merge_concepts
 from mace_ray.layout import RunLayout
 from mace_ray.models_remote import TEXT_COMPONENTS, fingerprint_model, resolve_model
 from mace_ray.pool import worker_shape
@@ -66,6 +67,7 @@ class Prepared:
     profile: ConceptType  # whose paper configuration sets the closed-form weights
     method: str = "mace"  # "cfr": closed-form refinement only (--stages cfr)
     stages: tuple[Stage[Any], ...] = ()  # what this driver runs (--stages)
+    extends: str | None = None  # the run --from named (its concepts come first)
 
     @property
     def model_fingerprint(self) -> str:
@@ -123,13 +125,17 @@ def compute_run_id(
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(req: EraseRequest) -> Prepared:
+def prepare(req: EraseRequest, base: BaseRun | None = None) -> Prepared:
     """Stage 1, on the driver. Everything that can be wrong with the inputs fails here,
-    before anything is written; only the tokenizer and text encoder are loaded."""
+    before anything is written; only the tokenizer and text encoder are loaded. ``base``:
+    the run that ``--from`` extends (its concepts come first, its retained set is kept)."""
     method, stages = plan_stages(req.stages)
     concepts = read_concept_file(req.concept_file, req.default_type)
     retain: list[Concept] = []
-    if req.retain_file:
+    if base is not None:
+        concepts = merge_concepts(base, concepts)
+        retain = base.retain
+    elif req.retain_file:
         retain = read_concept_file(req.retain_file, req.default_type).concepts
         clash = {c.key for c in retain} & {c.key for c in concepts.concepts}
         if clash:
@@ -150,7 +156,10 @@ def prepare(req: EraseRequest) -> Prepared:
         req.model, fingerprint.full, concepts.concepts, retain, prior_key, req.settings, method
     )
     profile = profile_type(c.type for c in concepts.concepts)
-    return Prepared(req, concepts, retain, captions, fingerprint, prior_key, run_id, profile, method, stages)
+    extends = base.run_id if base is not None else None
+    return Prepared(
+        req, concepts, retain, captions, fingerprint, prior_key, run_id, profile, method, stages, extends
+    )
 
 
 def earlier_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any] | None:
@@ -187,6 +196,7 @@ def open_run(
             "prior_captions": p.request.prior_captions or "builtin",
             "settings": p.request.settings.to_dict(),
             "method": p.method,
+            "extends": p.extends,
             "versions": versions(),
             "resumed": 0,
         }
@@ -229,7 +239,10 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
     if req.device is not None:
         pick_device(req.device)
     with timer.stage("prepare"):
-        p = prepare(req)
+        base = None
+        if req.extend:  # the union run: the earlier run's inputs plus the new concepts
+            req, base = extend_request(storage, req)
+        p = prepare(req, base)
     layout = RunLayout(p.run_id)
     # One driver per run: a second one waits for the first (then finds the run complete),
     # or refuses in one line naming it. The lease lives outside the run's folder, which

@@ -109,6 +109,10 @@ class EraseRun:
         self.outputs: dict[str, str] = {}
         self.erasure: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
+        # Concepts whose images and masks this run made, and those it found stored (shared
+        # by content address, possibly made by another run); None until the data stage.
+        self.data_made: int | None = None
+        self.data_reused: int | None = None
 
     # ------------------------------------------------------------ pools
 
@@ -154,6 +158,11 @@ class EraseRun:
     def run(self) -> dict[str, Any]:
         """Every stage; the pools and the statistics actor are shut down however it ends."""
         self.metrics.run_started(self.p.run_id, len(self.concepts), len(self.done_before))
+        # Before any shared artefact is made or reused: what this run refers to (mace-ray gc).
+        data = (
+            {c.slug: self.spec.data_layout(c).key for c in self.concepts} if self.p.method == "mace" else {}
+        )
+        write_json(self.storage, self.layout.refs, {"data": data})
         self.stats = self.backend.spawn(
             StatsWorker, (self.spec,), Resources(cpus=0), f"mace-stats-{self.session}", True
         )
@@ -225,11 +234,16 @@ def workers_start(run: EraseRun) -> None:
 
 
 def data(run: EraseRun) -> None:
-    ready = artefacts.slugs_with(run.storage, run.layout, "data.json")
-    need = [c for c in run.todo if c.slug not in ready]
+    """Images and masks of the concepts to train, unless stored under their content address
+    (by this run before it was stopped, or by any other run over the same model and data
+    settings: a run that adds concepts to an earlier one makes only the new concepts' data)."""
+    where = {c.slug: run.spec.data_layout(c).marker for c in run.todo}
+    ready = artefacts.existing(run.storage, list(where.values()))
+    need = [c for c in run.todo if where[c.slug] not in ready]
     jobs = [PrepareData(b, label=concept_label("data", b)) for b in run.batches(need)]
     run.gpu_pool().run(jobs, run.finished)
-    log.info("data: images and masks of %d concepts made, %d reused", len(need), len(run.todo) - len(need))
+    run.data_made, run.data_reused = len(need), len(run.todo) - len(need)
+    log.info("data: images and masks of %d concepts made, %d reused", run.data_made, run.data_reused)
 
 
 def cfr(run: EraseRun) -> None:
@@ -355,7 +369,7 @@ ERASE_STAGES: tuple[Stage[EraseRun], ...] = (
         "data",
         Placement.GPU,
         reads="the original model",
-        writes="concepts/<slug>/images/, masks/, data.json",
+        writes="data/<key>/images/, masks/, data.json (shared by runs: key = model, concept, data settings)",
         marker="data.json with the images' and masks' checksums",
         run=data,
     ),
@@ -508,6 +522,7 @@ def run_report(run: EraseRun, notes: dict[str, dict]) -> dict[str, Any]:
         "erasure": {k: v for k, v in erasure.items() if k != "concepts"},
         **run.fusion_info,
         "prior_cache_hit": run.prior_cached,
+        "data": {"made": run.data_made, "reused": run.data_reused},
         "settings": p.request.settings.to_dict(),
         "versions": versions(),
         "seconds": run.timer.seconds,

@@ -128,6 +128,17 @@ class EraseRequest:
         panel=Panel.RUN,
     )
 
+    # An earlier run to add CONCEPTS to (mace_ray/extend.py); its inputs replace the defaults.
+    extend: str | None = setting(
+        None,
+        "Add CONCEPTS to run RUN under OUTPUT: a new run over both, with RUN's model, "
+        "settings, retained set and captions; the images and masks of RUN's concepts are "
+        "reused, not made again.",
+        name="from",
+        panel=Panel.RUN,
+        metavar="RUN",
+    )
+
     def __post_init__(self) -> None:
         coerce_choices(self, {"executor": (Executor, "executor")})
         if self.max_residual is not None and not self.max_residual >= 0:

@@ -91,6 +91,15 @@ def _gone(lease: dict[str, Any]) -> bool:
     return False
 
 
+def lease_is_live(raw: bytes) -> bool:
+    """Whether a stored lease is held now: readable, renewed within its ttl, and (on this
+    host) its process alive. What ``RunLock`` would refuse to take over."""
+    lease = _parse(raw)
+    if lease is None:
+        return False
+    return time.time() - lease["heartbeat"] <= lease["ttl_s"] and not _gone(lease)
+
+
 class RunLock:
     """A lease on ``key`` in ``storage``; see the module docstring for the protocol.
 

@@ -56,7 +56,7 @@ from mace_core.text_stats import (
     second_moment_from_bytes,
 )
 from mace_ray import artefacts
-from mace_ray.layout import RunLayout, prior_cache_path
+from mace_ray.layout import DataLayout, RunLayout, data_key, prior_cache_path
 from mace_ray.logs import quiet_libraries
 from mace_ray.models_remote import fingerprint_model, resolve_model
 from mace_ray.progress import StageProgress
@@ -90,6 +90,10 @@ class RunSpec:
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.run_id)
+
+    def data_layout(self, concept: Concept) -> DataLayout:
+        """Where the concept's images and masks are shared between runs (``data_key``)."""
+        return DataLayout(data_key(self.model_fingerprint or f"model:{self.model}", concept, self.settings))
 
 
 def load_checked(spec: RunSpec, load: Callable[[], T]) -> T:
@@ -182,12 +186,13 @@ class ConceptWorker:
 
     def prepare_data(self, concepts: list[Concept]) -> list[str]:
         """Images and masks of a batch, stored; runs before CFR is solved. Returns new slugs."""
-        todo = [c for c in self._pending(concepts) if not self.storage.exists(self.layout.data_notes(c.slug))]
+        spec = self.spec
+        todo = [c for c in self._pending(concepts) if not self.storage.exists(spec.data_layout(c).marker)]
         if not todo:
             return []
         with self._progress("data", todo):
             for d in self.batch_worker.data(todo):
-                artefacts.write_data(self.storage, self.layout, d)
+                artefacts.write_data(self.storage, spec.data_layout(d.concept), d)
         return [c.slug for c in todo]
 
     def train(self, concepts: list[Concept]) -> list[str]:
@@ -201,11 +206,12 @@ class ConceptWorker:
         todo = self._pending(concepts)
         if not todo:
             return []
-        stored = {c.slug: artefacts.read_data(self.storage, self.layout, c) for c in todo}
+        spec = self.spec
+        stored = {c.slug: artefacts.read_data(self.storage, spec.data_layout(c), c) for c in todo}
         missing = [c for c in todo if stored[c.slug] is None]
         with self._progress("train", todo):
             for d in self.batch_worker.data(missing) if missing else []:
-                artefacts.write_data(self.storage, self.layout, d)
+                artefacts.write_data(self.storage, spec.data_layout(d.concept), d)
                 stored[d.concept.slug] = d
             arts = self.batch_worker.finish([stored[c.slug] for c in todo])
         for art in arts:
@@ -274,15 +280,16 @@ class ConceptWorker:
                 "gap_train": gap_train,
                 "lora_relative_norm": None,
             }
-            if self.spec.method == "mace":
+            mace = self.spec.method == "mace"
+            if mace:
                 lora = artefacts.read_lora(self.storage, self.layout, c.slug)
                 entry["lora_relative_norm"] = lora_relative_norm(lora, self.original)
-            data = artefacts.read_data(self.storage, self.layout, c) if self.spec.method == "mace" else None
+            data = artefacts.read_data(self.storage, self.spec.data_layout(c), c) if mace else None
             if data is None:
                 entry["attention_mass"] = None
                 entry["attention_mass_missing"] = (
                     "the concept's stored images or masks are incomplete"
-                    if self.spec.method == "mace"
+                    if mace
                     else "a closed-form-only run makes no images or masks"
                 )
             else:

@@ -159,6 +159,7 @@ EVERY_ERASE_KEY = {
     "max_residual": 0.9,
     "lock_wait": 1.5,
     "stages": "data,train",
+    "from": "0123456789abcdef",
     "verbose": False,
 }
 OFF_SWITCH = {"verbose": "--quiet"}

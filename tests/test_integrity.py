@@ -162,7 +162,8 @@ def test_damaged_artefacts_are_redone_and_the_result_is_unchanged(cfile, tmp_pat
     lora.write_bytes(lora.read_bytes()[:100])
     stats = concepts / slug["airplane"] / "stats.safetensors"  # statistics altered in place
     stats.write_bytes(stats.read_bytes()[:-8] + b"\x00" * 8)
-    image = concepts / slug["van-gogh"] / "images/000.png"
+    data_key = json.loads((root / "refs.json").read_text())["data"][slug["van-gogh"]]
+    image = out / "data" / data_key / "images/000.png"
     image.write_bytes(image.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     (prior,) = (out / "cache/prior").iterdir()
     prior.write_bytes(prior.read_bytes()[:-8] + b"\x01" * 8)

@@ -240,7 +240,7 @@ def test_concept_job_mask_notes(tiny_pipe, sam_pth):
 
 def test_images_and_masks_pair_by_index_whatever_the_write_order(tmp_path):
     from mace_ray.artefacts import read_images
-    from mace_ray.layout import RunLayout
+    from mace_ray.layout import DataLayout
     from mace_ray.local_storage import LocalStorage
 
     n = 6
@@ -258,22 +258,22 @@ def test_images_and_masks_pair_by_index_whatever_the_write_order(tmp_path):
             random.Random(len(keys)).shuffle(keys)
             return keys
 
-    storage, layout = ShuffledListing(tmp_path / "out"), RunLayout("run")
+    storage, where = ShuffledListing(tmp_path / "out"), DataLayout("0123456789abcdef01234567")
     writes = [("image", i) for i in range(n)] + [("mask", i) for i in range(n)]
     random.Random(7).shuffle(writes)
     for kind, i in writes:
-        key = layout.image("dog", i) if kind == "image" else layout.mask("dog", i)
+        key = where.image(i) if kind == "image" else where.mask(i)
         storage.write_bytes(key, png_bytes(ims[i] if kind == "image" else masks[i]))
-    assert len(storage.list(layout.concept("dog"))) == 2 * n
-    got = read_images(storage, layout, "dog", n)
+    assert len(storage.list(where.root)) == 2 * n
+    got = read_images(storage, where, n)
     assert got is not None
     got_ims, got_masks = got
     assert np.array_equal(got_ims, ims) and np.array_equal(got_masks, masks)
     for im, m in zip(got_ims, got_masks, strict=True):
         assert np.array_equal(m, im[..., 0] > np.median(im[..., 0]))
     # A missing mask means "not stored", never a shifted pairing.
-    (tmp_path / "out" / layout.mask("dog", 2)).unlink()
-    assert read_images(storage, layout, "dog", n) is None
+    (tmp_path / "out" / where.mask(2)).unlink()
+    assert read_images(storage, where, n) is None
 
 
 # ---------------------------------------------------------------- bad input

@@ -65,7 +65,7 @@ def test_partial_run_then_full_run_reuses_its_images(tmp_path, reference_erasure
     root = Path(part["output"]["root"])
     assert part["status"] == "partial" and part["stages"] == ["text_statistics", "workers_start", "data"]
     assert json.loads((root / "manifest.json").read_text())["status"] == "partial"
-    images = sorted(root.glob("concepts/*/images/*.png"))
+    images = sorted(out.glob("data/*/images/*.png"))
     assert len(images) == 4 * 2 and not list(root.glob("concepts/*/DONE"))
     stamps = {p: p.stat().st_mtime_ns for p in images}
     full = run_erase(request(cfile, out, executor="local", concepts_per_batch=2))

@@ -18,10 +18,11 @@ def test_data_before_cfr_then_training_reuses_it(tmp_path):
     w.setup()
     c = Concept("Bill Clinton", ConceptType.CELEBRITY, "a person")
     root = tmp_path / "runs" / "r1" / "concepts" / c.slug
+    data = tmp_path / spec.data_layout(c).root  # shared by runs: data/<key>/
 
     assert w.prepare_data([c]) == [c.slug]  # needs no CFR result
-    assert (root / "data.json").is_file() and not (root / "DONE").exists()
-    images = sorted((root / "images").iterdir()) + sorted((root / "masks").iterdir())
+    assert (data / "data.json").is_file() and not (root / "DONE").exists()
+    images = sorted((data / "images").iterdir()) + sorted((data / "masks").iterdir())
     assert len(images) == 2 * SETTINGS.data.images_per_concept
     stamps = {p: p.stat().st_mtime_ns for p in images}
     assert w.prepare_data([c]) == []  # already there: nothing regenerated
