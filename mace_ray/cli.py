@@ -16,6 +16,7 @@ import typer
 
 from mace_core.errors import MaceError
 from mace_core.models import DEFAULT_MODEL
+from mace_ray.audit_cli import audit_command
 from mace_ray.cli_build import annotated, command
 from mace_ray.cli_options import OneLineErrors, fail
 from mace_ray.eval_cli import eval_command
@@ -206,6 +207,7 @@ def apply(
 
 
 app.command("eval", cls=OneLineErrors)(eval_command)
+app.command("audit", cls=OneLineErrors)(audit_command)
 
 
 def main() -> None:

@@ -32,8 +32,10 @@ def default_cache_dir() -> Path:
 # What the driver needs to validate prompts and fingerprint a model (load_text_components);
 # the *_2 pair is SDXL's second text encoder, fetched where the folder has it.
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-# Every pipeline folder has these; the rest of a component list is fetched where present.
+# Every pipeline folder has these.
 _REQUIRED = ("unet", "text_encoder", "tokenizer")
+# Fetched where present (SDXL's second text encoder), never required.
+_OPTIONAL = ("tokenizer_2", "text_encoder_2")
 
 
 def is_remote(model: str) -> bool:
@@ -54,12 +56,12 @@ def _open_remote(model: str, s3_endpoint: str | None) -> tuple[S3Storage, str, S
 def _listing(
     model: str, storage: S3Storage, name: str, include: Collection[str] | None, components: Collection[str]
 ) -> dict[str, list]:
-    """{path in the folder: [ETag, size]}; the folder must be a pipeline with the required
-    ones of ``components``."""
+    """{path in the folder: [ETag, size]}; the folder must be a pipeline with each of
+    ``components`` but the optional ones."""
     files = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
     if "model_index.json" not in files:
         raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
-    for part in (c for c in components if c in _REQUIRED):
+    for part in (c for c in components if c not in _OPTIONAL):
         if not any(rel.startswith(part + "/") for rel in files):
             raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
     return files

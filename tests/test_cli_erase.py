@@ -98,11 +98,13 @@ def test_erase_writes_a_loadable_pipeline_that_differs_only_in_attn2(finished_ru
     # Every declared stage ran and was timed (the last one writes the report; report.json
     # keeps keys sorted, the order is tests/test_runtime.py's).
     assert set(report["seconds"]) == {"prepare", *[st.name for st in ERASE_STAGES[:-1]]}
+    refs = json.loads((root / "refs.json").read_text())["data"]  # slug -> shared data key
     for x in report["concepts"]:
         cdir = root / "concepts" / x["slug"]
         assert (cdir / "DONE").is_file() and (cdir / "lora.safetensors").is_file()
-        assert sorted(p.name for p in (cdir / "images").iterdir()) == ["000.png", "001.png"]
-        assert sorted(p.name for p in (cdir / "masks").iterdir()) == ["000.png", "001.png"]
+        data = root.parent.parent / "data" / refs[x["slug"]]
+        assert sorted(p.name for p in (data / "images").iterdir()) == ["000.png", "001.png"]
+        assert sorted(p.name for p in (data / "masks").iterdir()) == ["000.png", "001.png"]
 
 
 def test_apply_command(finished_run, tmp_path):
@@ -384,10 +386,11 @@ def test_sigterm_stops_the_run_cleanly_and_the_rerun_resumes(tmp_path):
     driver.send_signal(signal.SIGTERM)
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 143, err[-3000:]
-    # Ray streams the workers' output to the driver's stderr late, prefixed "(pid=...)":
-    # the driver's own last line is the one-line error.
-    own = [ln for ln in err.strip().splitlines() if ln.strip() and "(pid=" not in ln]
-    assert own[-1].startswith("mace-ray: error: signal SIGTERM") and "resumes" in own[-1], err[-3000:]
+    # Ray streams the workers' output to the driver's stderr late (progress bars end in \r,
+    # so a worker's line and the driver's can share a line): the driver's last error is
+    # the one-line SIGTERM message.
+    last = err[err.rindex("mace-ray: error:") :].splitlines()[0]
+    assert last.startswith("mace-ray: error: signal SIGTERM") and "resumes" in last, err[-3000:]
     (root,) = list(out.glob("runs/*"))
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and not (root / "final").exists()

@@ -12,6 +12,7 @@ from helpers import SETTINGS
 from mace_core.concepts import Concept, ConceptType
 from mace_core.text_stats import concept_text_stats
 from mace_ray import artefacts
+from mace_ray.audit_stages import AUDIT_STAGES
 from mace_ray.backend import LocalBackend, LocalRef
 from mace_ray.erase_stages import ERASE_STAGES
 from mace_ray.eval_stages import EVAL_STAGES
@@ -101,6 +102,7 @@ def test_architecture_doc_shows_the_declared_stages():
     doc = (Path(__file__).parent.parent / "docs" / "ARCHITECTURE.md").read_text()
     assert stage_table(ERASE_STAGES) in doc
     assert stage_table(EVAL_STAGES) in doc
+    assert stage_table(AUDIT_STAGES) in doc
 
 
 def test_text_worker_holds_only_the_text_encoder(tmp_path, encoder):
@@ -118,7 +120,7 @@ def test_text_worker_holds_only_the_text_encoder(tmp_path, encoder):
     assert torch.equal(stored.mapping.X, expect.mapping.X) and torch.equal(stored.fusion.C, expect.fusion.C)
 
 
-@pytest.mark.parametrize("stages", [ERASE_STAGES, EVAL_STAGES])
+@pytest.mark.parametrize("stages", [ERASE_STAGES, EVAL_STAGES, AUDIT_STAGES])
 def test_stage_names_are_unique_and_declare_their_io(stages):
     names = [s.name for s in stages]
     assert len(set(names)) == len(names)

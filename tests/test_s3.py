@@ -419,16 +419,23 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
 
 
 def assert_nothing_half_done(server: S3Server, bucket: str, prefix: str) -> int:
-    """Every DONE marker has its LoRA, notes, images and masks; a committed final folder has
-    every file it lists. Returns the number of DONE markers."""
+    """Every DONE marker has its LoRA, notes, images and masks (the shared data its run's
+    refs.json names); a committed final folder has every file it lists. Returns the number
+    of DONE markers."""
     keys = set(raw_keys(server, bucket, prefix + "/"))
     client = server.client()
+
+    def read(key: str) -> dict:
+        return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
     done = [k for k in keys if k.endswith("/DONE")]
     for k in done:
         base = k[: -len("DONE")]
-        n = json.loads(client.get_object(Bucket=bucket, Key=k)["Body"].read())["images"]
-        need = {base + "lora.safetensors", base + "notes.json"}
-        need |= {f"{base}{kind}/{i:03d}.png" for kind in ("images", "masks") for i in range(n)}
+        run_root, _, slug = base.rstrip("/").rpartition("/concepts/")
+        data = f"{prefix}/data/{read(run_root + '/refs.json')['data'][slug]}/"
+        n = read(k)["images"]
+        need = {base + "lora.safetensors", base + "notes.json", data + "data.json"}
+        need |= {f"{data}{kind}/{i:03d}.png" for kind in ("images", "masks") for i in range(n)}
         assert need <= keys, (k, need - keys)
     for k in keys:
         if k.endswith("/final/pipeline/" + COMPLETE):

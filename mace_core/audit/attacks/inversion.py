@@ -1,0 +1,148 @@
+"""Concept inversion (after Pham et al., ICLR 2024): a new word, learned on the erased model.
+
+Textual inversion of one new token v on the ERASED model from the ORIGINAL model's images
+of the concept: an erasure that only moved the concept's own words leaves some other input
+embedding that the erased UNet still renders as the concept. v stands for the placeholder
+word (``embedding.PLACEHOLDER``) in the concept type's templates and is trained with the
+denoising loss, UNet and text encoder frozen. Per step, a batch of (image x0, template,
+timestep t ~ U[0, T), noise n) drawn from the concept's own generator, x_t = sqrt(a_t) x0 +
+sqrt(1 - a_t) n, and
+
+    images  (Pham et al.):  L(v) = || u_e(x_t, t, c(v)) - target(x0, n, t) ||^2
+    teacher (default):      L(v) = || u_e(x_t, t, c(v)) - u_o(x_t, t, c(concept prompt)) ||^2
+
+with u_e / u_o the erased / original UNet, c(.) the text encoder's context and target the
+model's own prediction type (the noise n for epsilon, sqrt(a_t) n - sqrt(1 - a_t) x0 for
+v-prediction). On a trained model the original's prediction for its own images is close to
+the Bayes-optimal denoiser, so both losses share their minimiser; the teacher's has no
+sampling noise, converges in far fewer steps, and is the only one with a minimiser at the
+concept on random weights (the tiny model). ``images`` keeps the published attack.
+
+v starts at the mean input embedding of the anchor's tokens (where the erasure sent the
+concept) and moves by Adam in units of the RMS of the vocabulary's embeddings (so ``lr``
+means the same for every model). Each step is measured on held-out templates; the best v
+so far is the attack's prompt. The images come from the erase run when it stored them
+(made by the original model), else the original model makes ``images`` of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mace_core.audit.base import Attack, AttackResult, search
+from mace_core.audit.context import AttackContext
+from mace_core.audit.embedding import PLACEHOLDER, AttackPrompt
+from mace_core.datagen import images_to_tensor
+from mace_core.options import Choice, coerce_choices, setting
+from mace_core.prompts import templates
+from mace_core.train import encode_latents, noised
+
+
+class InversionTarget(Choice):
+    TEACHER = "teacher"  # the original model's prediction for the concept prompt
+    IMAGES = "images"  # the standard denoising target of the sampled noise (Pham et al.)
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    steps: int = setting(300, "Concept inversion: optimisation steps.", min=0)
+    lr: float = setting(0.2, "Concept inversion: Adam step, in RMS units of the token embeddings.", min=0.0)
+    batch: int = setting(2, "Concept inversion: noised images per step.", min=1)
+    images: int = setting(
+        8, "Concept inversion: images the original model makes when the erase run stored none.", min=1
+    )
+    target: InversionTarget = setting(
+        InversionTarget.TEACHER,
+        "Concept inversion: teacher (the original model's prediction for the concept prompt) or "
+        "images (the sampled noise: Pham et al.'s loss).",
+    )
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, {"target": (InversionTarget, "inversion target")})
+
+
+def denoising_target(
+    prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet is trained to predict for x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise:
+    epsilon -> noise; v_prediction -> sqrt(a_t) noise - sqrt(1 - a_t) x0; sample -> x0."""
+    if prediction == "epsilon":
+        return noise
+    a = alphas[t].view(-1, *([1] * (x0.ndim - 1)))
+    if prediction == "v_prediction":
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if prediction == "sample":
+        return x0
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+class Inversion(Attack):
+    name: ClassVar[str] = "inversion"
+    title: ClassVar[str] = "Concept inversion (one new token learned on the erased model)"
+    settings_class: ClassVar[type] = InversionSettings
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        """Minimise L(v) (module doc, ``images`` or ``teacher`` target) by Adam on v, one
+        batch per step, the best v so far (held-out leak) kept."""
+        s: InversionSettings = self.settings
+        models, concept = ctx.models, ctx.concept.concept
+        erased, original, device = models.erased, models.original, models.device
+        if ctx.original_images is None:
+            raise ValueError("concept inversion needs the original model's images of the concept")
+        images = ctx.original_images(s.images)
+        lat = encode_latents(erased.pipe.vae, images_to_tensor(images), device)
+        alphas = erased.pipe.scheduler.alphas_cumprod.to(device)
+        prediction = erased.family.prediction_type(erased.pipe)
+        temps = templates(concept.type)
+        text = erased.text
+        scale = text.table.weight.detach().float().pow(2).mean().sqrt()
+        start = text.token_embeddings(concept.anchor).mean(0, keepdim=True)
+        z = (start / scale).clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=s.lr)
+        g = torch.Generator().manual_seed(ctx.seed_for("inversion"))
+        losses: list[float] = []
+
+        def step(i: int) -> AttackPrompt:
+            # Draws in a fixed order from the concept's generator: step i is the same whatever
+            # the number of steps, so a longer search repeats a shorter one first.
+            idx = torch.randint(len(lat), (s.batch,), generator=g)
+            tmp = torch.randint(len(temps), (s.batch,), generator=g).tolist()
+            t = torch.randint(0, len(alphas), (s.batch,), generator=g).to(device)
+            noise = torch.randn((s.batch, *lat.shape[1:]), generator=g).to(device)
+            x0 = lat[idx.to(device)]
+            x = noised(x0, t, noise, alphas)
+            chosen = [temps[j] for j in tmp]
+            if s.target == InversionTarget.TEACHER:
+                with torch.no_grad():
+                    cond = {"context": original.text.encode(chosen, AttackPrompt(concept.text))}
+                    target = original.prompts.unet_forward(original.pipe.unet, x, t, cond).sample
+            else:
+                target = denoising_target(prediction, x0, noise, t, alphas)
+            prompt = AttackPrompt(PLACEHOLDER, z * scale)
+            cond = {"context": text.encode(chosen, prompt, grad=True)}
+            pred = erased.prompts.unet_forward(erased.pipe.unet, x, t, cond).sample
+            loss = (pred.float() - target.float()).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            return AttackPrompt(PLACEHOLDER, (z * scale).detach())
+
+        return search(
+            ctx,
+            self,
+            AttackPrompt(PLACEHOLDER, start),
+            s.steps,
+            step,
+            details=lambda: {
+                "images": len(images),
+                "prediction_type": prediction,
+                "losses": [round(x, 8) for x in losses],
+            },
+        )
+
+
+ATTACK = Inversion()

@@ -1,0 +1,160 @@
+"""The stages of an audit (after ``prepare``), as data, and the state they share.
+
+One job per concept for its plain-prompt baseline and one per (concept, attack), on GPU
+workers that hold both pipelines; a job whose stored result still holds (its marker and
+the checksums it lists) is not run again. The driver then writes the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from mace_core.audit.report import markdown_summary, report_plots, summarize
+from mace_ray.audit_layout import BASELINE, AuditLayout
+from mace_ray.audit_worker import AuditSpec, AuditWorker, has_explicit, verified_result
+from mace_ray.backend import Backend
+from mace_ray.jobs import AuditAttack, AuditBaseline, Job
+from mace_ray.pool import WorkerPool, worker_shape
+from mace_ray.runtime import Placement, Stage, Timer, versions
+from mace_ray.storage import Storage, read_json, write_json
+from mace_ray.stores import absolute_output
+
+log = logging.getLogger("mace_ray")
+
+
+class AuditRun:
+    """The state the stages of one audit share."""
+
+    def __init__(self, backend: Backend, p: Any, storage: Storage, layout: AuditLayout, timer: Timer) -> None:
+        # p: mace_ray.audit.PreparedAudit (not imported: audit imports this module)
+        self.backend, self.p, self.storage, self.layout, self.timer = backend, p, storage, layout, timer
+        req = p.request
+        n_attacks = len(p.attacks)
+        budget = req.settings.budget_s
+        self.spec = AuditSpec(
+            audit_id=p.audit_id,
+            model=p.model.load,
+            original=p.original,
+            output=absolute_output(req.output),
+            settings=req.settings,
+            budget_per_attack_s=None if budget is None else budget / max(1, n_attacks),
+            run_output=p.run_output,
+            run_id=p.run_id,
+            explicit=has_explicit(p.concepts),
+            clip=p.clip,
+            s3_endpoint=req.s3_endpoint,
+            device=req.device,
+            progress=req.progress,
+            under_ray=backend.name == "ray",
+        )
+        self.session = f"{p.audit_id[:8]}-{uuid.uuid4().hex[:6]}"
+        self.pool: WorkerPool | None = None
+        self.reused = 0
+        self.report: dict[str, Any] = {}
+
+    def jobs(self) -> list[Job]:
+        """A baseline job per concept and a job per (concept, attack), minus those already done."""
+        todo: list[Job] = []
+        total = len(self.p.concepts) * (1 + len(self.p.attacks))
+        progress = {"done": 0}
+
+        def finished(job: Job, result: dict[str, Any]) -> None:
+            progress["done"] += 1
+            figures = result.get("plain") or result.get("result") or {}
+            log.info("audit: %d/%d jobs done (%s: leak %.3f)", progress["done"] + self.reused, total,
+                     job.label, figures.get("leak", float("nan")))  # fmt: skip
+
+        for c in self.p.concepts:
+            planned: list[Job] = [AuditBaseline(c, label=f"{BASELINE}[{c.slug}]", on_done=finished)]
+            planned += [AuditAttack(c, a, label=f"{a}[{c.slug}]", on_done=finished) for a in self.p.attacks]
+            for job in planned:
+                name = job.attack if isinstance(job, AuditAttack) else BASELINE
+                if self.p.request.resume and verified_result(self.storage, self.layout.result(c.slug, name)):
+                    self.reused += 1
+                    continue
+                todo.append(job)
+        return todo
+
+    def write_report(self) -> dict[str, Any]:
+        p, storage, layout = self.p, self.storage, self.layout
+        baselines = [read_json(storage, layout.result(c.slug, BASELINE)) for c in p.concepts]
+        results = {
+            c.slug: {a: read_json(storage, layout.result(c.slug, a)) for a in p.attacks} for c in p.concepts
+        }
+        body = summarize(baselines, results, p.attacks, p.request.settings.success_leak)
+        report: dict[str, Any] = {
+            "audit_id": p.audit_id,
+            "status": "complete",
+            "model": {"name": p.model.spec, "loaded_from": p.model.load, "erase_run": p.run_id},
+            "original": p.original,
+            "settings": p.request.settings.to_dict(),
+            "budget_per_attack_s": self.spec.budget_per_attack_s,
+            "scorer": {"clip": p.clip if p.request.settings.images else None},
+            "notes": list(p.notes),
+            **body,
+            "jobs": {"total": len(p.concepts) * (1 + len(p.attacks)), "reused": self.reused},
+            "executor": self.backend.name,
+            "workers": self.pool.summary() if self.pool is not None else None,
+            "versions": versions(),
+            "seconds": self.timer.seconds,
+        }
+        plots = report_plots(report)
+        report["output"] = {
+            "root": f"{storage.url}/{layout.root}",
+            "report": layout.report,
+            "summary": layout.summary,
+            "plots": sorted(plots),
+        }
+        for name, png in plots.items():
+            storage.write_bytes(layout.plot(name), png)
+        storage.write_bytes(layout.summary, markdown_summary(report).encode())
+        write_json(storage, layout.report, report)
+        return report
+
+
+def attacks_stage(run: AuditRun) -> None:
+    jobs = run.jobs()
+    if run.reused:
+        log.info("audit: %d jobs reused from an earlier audit with the same inputs", run.reused)
+    if not jobs:
+        return
+    req = run.p.request
+    n_workers, resources = worker_shape(run.backend, req.workers, req.gpus_per_worker, len(jobs))
+    log.info(
+        "audit workers: %d x %s (%s executor), %d jobs", n_workers, resources, run.backend.name, len(jobs)
+    )
+    run.backend.request_resources([resources.bundle()] * n_workers)
+    run.pool = WorkerPool(
+        run.backend, AuditWorker, run.spec, resources, n_workers, run.session, "mace-audit", run.p.audit_id
+    )
+    try:
+        run.pool.run(jobs)
+    finally:
+        run.pool.shutdown()
+        run.backend.request_resources([])
+
+
+def report_stage(run: AuditRun) -> None:
+    run.report = run.write_report()
+
+
+AUDIT_STAGES: tuple[Stage[AuditRun], ...] = (
+    Stage(
+        "attacks",
+        Placement.GPU,
+        reads="both models, the concepts (with their variants), the erase run's stored images",
+        writes="audits/<audit id>/jobs/<slug>/<job>.json (and .safetensors), images/<slug>/<set>/",
+        marker="each job's JSON, with the checksums of its embeddings and images",
+        run=attacks_stage,
+    ),
+    Stage(
+        "report",
+        Placement.DRIVER,
+        reads="every job's JSON",
+        writes="audits/<audit id>/report.json, summary.md, plots",
+        marker="none (written again: seconds)",
+        run=report_stage,
+    ),
+)
