@@ -34,10 +34,12 @@ from mace_core.errors import ModelLoadError
 # The components a run loads (safety_checker and feature_extractor are never loaded); the
 # ``*_2`` pair is SDXL's second text encoder, absent from SD 1.x/2.x folders.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
-TEXT_SIDE = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-# Always part of the text side's key, present or not (the *_2 pair counts only where present,
-# so a one-encoder model's prior-cache key is what it was before SDXL was supported).
-_TEXT_REQUIRED = ("text_encoder", "tokenizer")
+# What every pipeline folder has; the second text encoder only SDXL's.
+REQUIRED = ("unet", "text_encoder", "tokenizer")
+SECOND_TEXT = ("text_encoder_2", "tokenizer_2")
+# The text side's key counts the *_2 pair only where present, so a one-encoder model's
+# prior-cache key is what it was before SDXL was supported.
+TEXT_SIDE = ("text_encoder", "tokenizer", *SECOND_TEXT)
 # Weight formats the loaders never read (safetensors only): changing them changes no result.
 _UNREAD_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
 
@@ -76,7 +78,7 @@ class ModelFingerprint:
 
     @property
     def text(self) -> str:
-        return self.of(tuple(n for n in TEXT_SIDE if n in _TEXT_REQUIRED or n in self.components))
+        return self.of(tuple(n for n in TEXT_SIDE if n not in SECOND_TEXT or n in self.components))
 
     def changed(self, other: ModelFingerprint) -> list[str]:
         """Components whose digest differs (for a message saying what changed)."""
@@ -168,7 +170,7 @@ def folder_fingerprint(folder: str | Path, cache: Path | None = None) -> ModelFi
                 entries[rel] = file_digest(p, cache)
             except OSError as e:
                 raise ModelLoadError(f"model {str(folder)!r}: cannot read {rel}: {e.strerror}") from None
-    for part in ("unet", "text_encoder", "tokenizer"):
+    for part in REQUIRED:
         if not any(rel.startswith(part + "/") for rel in entries):
             raise ModelLoadError(f"model {str(folder)!r}: no {part}/ in the pipeline folder")
     return combine(entries)

@@ -16,7 +16,7 @@ from mace_ray.audit_layout import BASELINE, AuditLayout
 from mace_ray.audit_worker import AuditSpec, AuditWorker, has_explicit, verified_result
 from mace_ray.backend import Backend
 from mace_ray.jobs import AuditAttack, AuditBaseline, Job
-from mace_ray.pool import WorkerPool, worker_shape
+from mace_ray.pool import WorkerPool, autoscaled_pool, worker_shape
 from mace_ray.runtime import Placement, Stage, Timer, versions
 from mace_ray.storage import Storage, read_json, write_json
 from mace_ray.stores import absolute_output
@@ -125,15 +125,10 @@ def attacks_stage(run: AuditRun) -> None:
     log.info(
         "audit workers: %d x %s (%s executor), %d jobs", n_workers, resources, run.backend.name, len(jobs)
     )
-    run.backend.request_resources([resources.bundle()] * n_workers)
-    run.pool = WorkerPool(
+    with autoscaled_pool(
         run.backend, AuditWorker, run.spec, resources, n_workers, run.session, "mace-audit", run.p.audit_id
-    )
-    try:
+    ) as run.pool:
         run.pool.run(jobs)
-    finally:
-        run.pool.shutdown()
-        run.backend.request_resources([])
 
 
 def report_stage(run: AuditRun) -> None:

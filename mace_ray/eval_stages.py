@@ -23,7 +23,7 @@ from mace_ray.backend import Backend
 from mace_ray.eval_layout import EvalLayout, images_prefix, reference_cache_key
 from mace_ray.eval_worker import EvalSpec, EvalWorker
 from mace_ray.jobs import Job, ReferenceFeatures, ScoreShard
-from mace_ray.pool import WorkerPool, worker_shape
+from mace_ray.pool import WorkerPool, autoscaled_pool, worker_shape
 from mace_ray.resources import Resources
 from mace_ray.runtime import Placement, Stage, Timer, versions
 from mace_ray.storage import Storage, write_json
@@ -219,15 +219,10 @@ def generate_and_score(run: EvalRun) -> None:
     jobs, run.results, run.reference = run.jobs(run.ref_cached)
     n_workers, resources = run.worker_shape(len(jobs))
     log.info("eval workers: %d x %s (%s executor)", n_workers, resources, run.backend.name)
-    run.backend.request_resources([resources.bundle()] * n_workers)
-    run.pool = WorkerPool(
+    with autoscaled_pool(
         run.backend, EvalWorker, run.spec, resources, n_workers, run.session, "mace-eval", run.p.eval_id
-    )
-    try:
+    ) as run.pool:
         run.pool.run(jobs)
-    finally:
-        run.pool.shutdown()
-        run.backend.request_resources([])
 
 
 def reference_moments(run: EvalRun) -> None:

@@ -17,7 +17,15 @@ from collections.abc import Collection
 from pathlib import Path
 
 from mace_core.errors import ModelLoadError
-from mace_core.fingerprint import ModelFingerprint, combine, is_fingerprinted, model_fingerprint
+from mace_core.fingerprint import (
+    REQUIRED,
+    SECOND_TEXT,
+    TEXT_SIDE,
+    ModelFingerprint,
+    combine,
+    is_fingerprinted,
+    model_fingerprint,
+)
 from mace_ray.s3storage import S3Location, S3Storage, parse_s3_url
 
 
@@ -30,12 +38,8 @@ def default_cache_dir() -> Path:
 
 
 # What the driver needs to validate prompts and fingerprint a model (load_text_components);
-# the *_2 pair is SDXL's second text encoder, fetched where the folder has it.
-TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-# Every pipeline folder has these.
-_REQUIRED = ("unet", "text_encoder", "tokenizer")
-# Fetched where present (SDXL's second text encoder), never required.
-_OPTIONAL = ("tokenizer_2", "text_encoder_2")
+# SDXL's second text encoder (SECOND_TEXT) is fetched where the folder has it, never required.
+TEXT_COMPONENTS = TEXT_SIDE
 
 
 def is_remote(model: str) -> bool:
@@ -61,7 +65,7 @@ def _listing(
     files = {e.rel: [e.etag, e.size] for e in storage.dir_entries(name, include)}
     if "model_index.json" not in files:
         raise ModelLoadError(f"model {model!r}: not a diffusers pipeline folder (no model_index.json)")
-    for part in (c for c in components if c not in _OPTIONAL):
+    for part in (c for c in components if c not in SECOND_TEXT):
         if not any(rel.startswith(part + "/") for rel in files):
             raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
     return files
@@ -74,7 +78,7 @@ def fingerprint_model(model: str, s3_endpoint: str | None = None) -> ModelFinger
     if not is_remote(model):
         return model_fingerprint(model)
     storage, name, _ = _open_remote(model, s3_endpoint)
-    files = _listing(model, storage, name, None, _REQUIRED)
+    files = _listing(model, storage, name, None, REQUIRED)
     return combine({rel: f"s3:{etag}:{size}" for rel, (etag, size) in files.items() if is_fingerprinted(rel)})
 
 

@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mace_ray.jobs import ConceptJob, Job
@@ -210,6 +211,21 @@ class WorkerPool:
         self.idle.clear()
         self.busy.clear()
         self.starting.clear()
+
+
+@contextmanager
+def autoscaled_pool(
+    backend: Any, cls: type, spec: Any, resources: Resources, n: int, *names: str
+) -> Iterator[WorkerPool]:
+    """A WorkerPool (``names``: session, actor prefix, run id) whose n workers an autoscaling
+    cluster is asked for while it lives; shut down and the request withdrawn however it ends."""
+    backend.request_resources([resources.bundle()] * n)
+    pool = WorkerPool(backend, cls, spec, resources, n, *names)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+        backend.request_resources([])
 
 
 def worker_shape(

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mace_core.concepts import ConceptType
 from mace_core.models import build_tiny_pipeline, clip_tokenizer
 from mace_core.text_stats import TextEncoder
 
 # tests/helpers.py is imported as `helpers` by the end-to-end tests.
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import SETTINGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +103,24 @@ def tiny_model_folder(tmp_path_factory, tiny_pipe) -> Path:
     folder = tmp_path_factory.mktemp("model") / "tiny"
     tiny_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def erased_run(tmp_path_factory) -> Path:
+    """A tiny model with 'airplane' erased (the tests' cheap erase settings, in process)."""
+    from mace_ray.erase import EraseRequest, run_erase
+
+    tmp = tmp_path_factory.mktemp("erase")
+    cfile = tmp / "concepts.txt"
+    cfile.write_text("airplane | object | sky\n")
+    rep = run_erase(
+        EraseRequest(
+            concept_file=str(cfile),
+            model="tiny",
+            output=str(tmp / "out"),
+            default_type=ConceptType.OBJECT,
+            settings=SETTINGS,
+            executor="local",
+        )
+    )
+    return Path(rep["output"]["root"])

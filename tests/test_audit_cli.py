@@ -9,11 +9,9 @@ import typing
 from pathlib import Path
 
 import pytest
-from helpers import SETTINGS
 from PIL import Image
 from typer.testing import CliRunner
 
-from mace_core.concepts import ConceptType
 from mace_core.options import Group, Internal, Option, cli_metadata
 from mace_ray.audit_settings import AuditRequest
 from mace_ray.cli import app
@@ -33,27 +31,6 @@ def invoke(*args: str):
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def erased_run(tmp_path_factory) -> Path:
-    """A tiny model with 'airplane' erased (the tests' cheap erase settings, in process)."""
-    from mace_ray.erase import EraseRequest, run_erase
-
-    tmp = tmp_path_factory.mktemp("erase")
-    cfile = tmp / "concepts.txt"
-    cfile.write_text("airplane | object | sky\n")
-    rep = run_erase(
-        EraseRequest(
-            concept_file=str(cfile),
-            model="tiny",
-            output=str(tmp / "out"),
-            default_type=ConceptType.OBJECT,
-            settings=SETTINGS,
-            executor="local",
-        )
-    )
-    return Path(rep["output"]["root"])
 
 
 def test_audit_of_an_unerased_model_in_process_then_resumed(tmp_path):

@@ -7,37 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-from helpers import SETTINGS, assert_same_seed_images
+from helpers import assert_same_seed_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from mace_core.concepts import ConceptType
 from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
 from mace_ray.cli import app
 
 FAST = ["--inference-steps", "2", "--images", "1"]
-
-
-@pytest.fixture(scope="module")
-def erased_run(tmp_path_factory) -> Path:
-    """A tiny model with 'airplane' erased (the tests' cheap erase settings, in process)."""
-    from mace_ray.erase import EraseRequest, run_erase
-
-    tmp = tmp_path_factory.mktemp("erase")
-    cfile = tmp / "concepts.txt"
-    cfile.write_text("airplane | object | sky\n")
-    rep = run_erase(
-        EraseRequest(
-            concept_file=str(cfile),
-            model="tiny",
-            output=str(tmp / "out"),
-            default_type=ConceptType.OBJECT,
-            settings=SETTINGS,
-            executor="local",
-        )
-    )
-    return Path(rep["output"]["root"])
 
 
 def invoke(*args: str):
