@@ -32,6 +32,7 @@ import torch
 
 from mace_core.concepts import Concept, ConceptType
 from mace_core.datagen import generate_images
+from mace_core.families.stable_diffusion import assemble_pipeline
 from mace_core.grounding import GroundingDino, tiny_bert_vocab
 from mace_core.masking import GroundedSam, load_masker
 from mace_core.models import build_tiny_pipeline, clip_tokenizer
@@ -169,7 +170,6 @@ def real_pipeline(device: torch.device):  # -> StableDiffusionPipeline, SD 1.x s
     from diffusers import (
         AutoencoderKL,
         DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -206,18 +206,7 @@ def real_pipeline(device: torch.device):  # -> StableDiffusionPipeline, SD 1.x s
     sched = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text.eval(),
-        tokenizer=clip_tokenizer(),
-        unet=unet.eval(),
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return assemble_pipeline(vae, text, clip_tokenizer(), unet, sched).to(device)
 
 
 def real_grounding_dino(device: torch.device) -> GroundingDino:

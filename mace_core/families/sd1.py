@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
-from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD, StableDiffusionFamily
+from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD, StableDiffusionFamily, assemble_pipeline
 
 
 def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
@@ -20,7 +20,6 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
     from diffusers import (
         AutoencoderKL,
         DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -57,18 +56,7 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
         beta_schedule="scaled_linear",
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=clip_tokenizer(),
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, clip_tokenizer(), unet, scheduler)
 
 
 class SD1(StableDiffusionFamily):

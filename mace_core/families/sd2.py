@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from mace_core.clip_text import clip_tokenizer
-from mace_core.families.stable_diffusion import StableDiffusionFamily
+from mace_core.families.stable_diffusion import StableDiffusionFamily, assemble_pipeline
 
 PAD_TOKEN = "!"  # OpenCLIP pads with token 0, which is '!' in CLIP's vocabulary
 
@@ -41,7 +41,7 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
     cross-attention as wide as the GELU text encoder, a VAE that halves the image, and a
     v-prediction DDIM scheduler (generation switches to DPM-Solver, keeping v).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     # fork_rng keeps the caller's global RNG untouched (no hidden side effects).
@@ -81,18 +81,7 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
         steps_offset=1,
         prediction_type="v_prediction",
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=clip_tokenizer(pad_token=PAD_TOKEN),
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, clip_tokenizer(pad_token=PAD_TOKEN), unet, scheduler)
 
 
 class SD2(StableDiffusionFamily):

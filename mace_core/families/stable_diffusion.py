@@ -55,6 +55,25 @@ class TextEncoder(PromptEncoder):
         return torch.cat(out)
 
 
+def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any) -> Any:
+    """A StableDiffusionPipeline of built (random) components, in eval mode, without a safety
+    checker and without progress bars: the tiny models of the families and benchmarks."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tokenizer_pad_token(index: ModelIndex) -> str:
     """The pad token a pipeline folder's ``tokenizer/`` declares (CLIPTokenizer's default if none)."""
     for name in ("tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"):
