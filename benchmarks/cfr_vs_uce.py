@@ -22,15 +22,17 @@ Usage: python benchmarks/cfr_vs_uce.py [--concepts 100] [--out benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+# benchmarks/ is on the path when this runs as a script: the SD v1.4 shapes are shared.
+from closed_forms import D, machine, sd14_projections, write_result
+
 from mace_core.alignment import align_tokens
 from mace_core.cfr import Preservation, apply_cfr, cfr_matrix
+from mace_core.clip_text import CLIP_VOCAB
 from mace_core.closed_form_weights import resolve_weights
 from mace_core.concepts import ConceptType, read_concept_file
 from mace_core.models import clip_tokenizer
@@ -46,9 +48,6 @@ from mace_core.text_stats import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-D = 768
-# SD v1.4: 16 cross-attention blocks, output widths by position in the UNet.
-WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 
 
 def clip_l_text_encoder() -> torch.nn.Module:
@@ -56,15 +55,7 @@ def clip_l_text_encoder() -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = CLIPTextConfig(
-        hidden_size=D,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        vocab_size=49408,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        hidden_size=D, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, **CLIP_VOCAB
     )
     return CLIPTextModel(config).eval()
 
@@ -122,13 +113,12 @@ def main() -> None:
     concepts = read_concept_file(str(ROOT / "jobs" / "celebrities" / "erase.txt"), ConceptType.CELEBRITY)
     concepts = concepts.concepts[: args.concepts]
     torch.manual_seed(1)
-    keys = [f"block{i}.attn2.to_{p}.weight" for i in range(16) for p in ("k", "v")]
-    W = {key: torch.randn(WIDTHS[i // 2], D) * 0.02 for i, key in enumerate(keys)}
+    W = sd14_projections()
     encoder = TextEncoder(clip_tokenizer(), clip_l_text_encoder(), torch.device("cpu"))
     captions = read_captions(default_captions_path())
     prior, prior_s = timed(prompt_second_moment, encoder, captions)
     res: dict[str, object] = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "torch": torch.__version__,
         "concepts": len(concepts),
         "shapes": "SD v1.4: CLIP ViT-L/14 text encoder (random), 32 attn2 to_k/to_v projections",
@@ -145,10 +135,7 @@ def main() -> None:
         mace_cfr_1_template_vs_uce=round(mace1_s / uce_s, 2),
         mace_cfr_30_templates_vs_uce=round(mace30_s / uce_s, 2),
     )
-    print(json.dumps(res, indent=2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"cfr_vs_uce_cpu_{len(concepts)}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, args.out, f"cfr_vs_uce_cpu_{len(concepts)}.json", indent=2)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sd14_projections() -> dict[str, torch.Tensor]:
+    """Random weights (scale 0.02, from torch's global RNG) of SD v1.4's 32 attn2 to_k / to_v
+    projections: what the closed forms edit."""
+    keys = [f"block{i}.attn2.to_{p}.weight" for i in range(16) for p in ("k", "v")]
+    return {key: torch.randn(WIDTHS[i // 2], D) * 0.02 for i, key in enumerate(keys)}
+
+
+def machine() -> str:
+    """The CPU and torch's thread count, as a result names the machine it was measured on."""
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def write_result(res: dict[str, object], out: str, name: str, indent: int = 1) -> None:
+    """Print a benchmark's result and write it as JSON to ``out/name``."""
+    text = json.dumps(res, indent=indent)
+    print(text)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concepts", type=int, default=1000)
@@ -50,15 +71,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     k = args.concepts
-    keys = [f"block{i}.attn2.to_{p}.weight" for i in range(16) for p in ("k", "v")]
-    W = {key: torch.randn(WIDTHS[i // 2], D) * 0.02 for i, key in enumerate(keys)}
+    W = sd14_projections()
     rss0 = peak_rss_mb()
     res: dict[str, object] = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "torch": torch.__version__,
         "concepts": k,
         "d": D,
-        "projections": len(keys),
+        "projections": len(W),
     }
 
     # Per-concept statistics from token states (the text-statistics stage's arithmetic).
@@ -112,7 +132,7 @@ def main() -> None:
         if i + 1 == m:  # same concepts as the plain stream: the sums must agree
             err = max(
                 float((sums.flush().dWC[key] - plain.dWC[key]).abs().max() / plain.dWC[key].abs().max())
-                for key in keys
+                for key in W
             )
     sums.flush()
     res["fusion_block"] = args.block
@@ -138,10 +158,7 @@ def main() -> None:
     res["stats_all_concepts_estimate_s"] = round(per_concept * k, 1)
     res["peak_rss_MB"] = round(peak_rss_mb(), 0)
     res["peak_rss_growth_MB"] = round(peak_rss_mb() - rss0, 0)
-    print(json.dumps(res, indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"closed_forms_cpu_{k}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_result(res, args.out, f"closed_forms_cpu_{k}.json")
 
 
 if __name__ == "__main__":

@@ -11,19 +11,26 @@ from pathlib import Path
 
 from mace_core.errors import ModelLoadError
 
-# The tiny CLIP text tower (real 49408-token vocabulary, 77 positions): the tiny pipeline's
-# text encoder and the tiny evaluation CLIP share it.
-TINY_CLIP_TEXT = dict(
+# The widths of a tiny CLIP tower: the tiny text tower below and the tiny evaluation CLIP's
+# vision tower are built alike.
+TINY_TOWER = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
+)
+# CLIP's real vocabulary, 77 positions and special-token ids: what a text tower fed by
+# ``clip_tokenizer`` needs, whatever its widths.
+CLIP_VOCAB = dict(
     vocab_size=49408,
     max_position_embeddings=77,
     bos_token_id=49406,
     eos_token_id=49407,
     pad_token_id=49407,
 )
+# The tiny CLIP text tower: the tiny pipeline's text encoder and the tiny evaluation CLIP
+# share it.
+TINY_CLIP_TEXT = dict(TINY_TOWER, **CLIP_VOCAB)
 
 
 def _clip_vocab_path() -> Path:

@@ -54,6 +54,7 @@ class ConceptArtefacts:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(eq=False)  # a worker is itself, not its settings
 class ConceptBatchWorker:
     """Generation (original weights W), masks, and LoRA training (refined weights W') for batches.
 
@@ -66,29 +67,22 @@ class ConceptBatchWorker:
     size is kept for the next batches.
     """
 
-    def __init__(
-        self,
-        pipe,
-        settings: EraseSettings,
-        device: torch.device,
-        original: dict[str, torch.Tensor],
-        refined: dict[str, torch.Tensor] | None,
-        masker: Masker | None = None,
-        max_batch_images: int | None = None,
-        concepts_per_batch: int | None = None,
-        progress: Progress = no_progress,
-    ) -> None:
-        self.pipe = pipe
-        self.progress = progress
-        self.settings = settings
-        self.device = device
-        self.original = original
-        self.refined = refined
-        self.masker = masker
-        self.max_batch_images = max_batch_images
-        self.concepts_per_batch = concepts_per_batch
-        self.encoder = pipeline_prompt_encoder(pipe, device)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe: Any = field(repr=False)  # the family's diffusers pipeline
+    settings: EraseSettings
+    device: torch.device
+    original: dict[str, torch.Tensor] = field(repr=False)
+    refined: dict[str, torch.Tensor] | None = field(repr=False)
+    masker: Masker | None = None
+    max_batch_images: int | None = None
+    concepts_per_batch: int | None = None
+    progress: Progress = no_progress
+    # From the pipeline: its prompt encoder and the training noise schedule.
+    encoder: Any = field(init=False, repr=False)
+    noise_scheduler: DDPMScheduler = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     @property
     def mixed_precision(self) -> bool:

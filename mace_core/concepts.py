@@ -134,8 +134,8 @@ def parse_concept_lines(
     return ConceptList(concepts=concepts, duplicates=duplicates, source=source)
 
 
-def read_concept_file(path: str | Path, default_type: ConceptType = ConceptType.OBJECT) -> ConceptList:
-    """Read and parse a concept file; a missing or unreadable file is a ConceptError."""
+def concept_file_lines(path: str | Path) -> list[str]:
+    """The lines of a concept file (erase or audit); a missing or unreadable file is a ConceptError."""
     p = Path(path)
     if not p.is_file():
         raise ConceptError(f"concept file {str(path)!r} does not exist or is not a file")
@@ -143,4 +143,9 @@ def read_concept_file(path: str | Path, default_type: ConceptType = ConceptType.
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConceptError(f"concept file {str(path)!r} cannot be read: {e}") from None
-    return parse_concept_lines(text.splitlines(), str(path), default_type)
+    return text.splitlines()
+
+
+def read_concept_file(path: str | Path, default_type: ConceptType = ConceptType.OBJECT) -> ConceptList:
+    """Read and parse a concept file; a missing or unreadable file is a ConceptError."""
+    return parse_concept_lines(concept_file_lines(path), str(path), default_type)

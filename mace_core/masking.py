@@ -18,7 +18,7 @@ Backends (``MaskSettings.masker``): ``grounded-sam`` (transformers Grounding DIN
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -83,22 +83,15 @@ class WholeImageMasker:
         return MaskResult(whole_image_masks(n, h, w), fallbacks=0, boxes=[0] * n)
 
 
+@dataclass(eq=False)
 class GroundedSam:
     """Grounding DINO boxes, SAM masks per box, OR per image; no box -> whole-image mask."""
 
-    def __init__(
-        self,
-        name: str,
-        detector: GroundingDino,
-        segmenter: BoxSegmenter,
-        device: torch.device,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.name = name
-        self.detector = detector
-        self.segmenter = segmenter
-        self.device = device
-        self.autocast_dtype = autocast_dtype
+    name: str
+    detector: GroundingDino = field(repr=False)
+    segmenter: BoxSegmenter = field(repr=False)
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
 
     def precision(self) -> AbstractContextManager:
         """Autocast to ``autocast_dtype`` (bf16 on CUDA via load_masker); None: run as loaded."""

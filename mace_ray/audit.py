@@ -32,11 +32,9 @@ from mace_core.pretrained import looks_like_path
 from mace_ray.audit_layout import AuditLayout
 from mace_ray.audit_settings import AuditRequest
 from mace_ray.audit_stages import AUDIT_STAGES, AuditRun
-from mace_ray.backend import backend_for
 from mace_ray.evaluate import ResolvedModel, resolve_model
-from mace_ray.runtime import Timer, run_stages
-from mace_ray.storage import write_json
-from mace_ray.stores import open_storage
+from mace_ray.staged_job import run_staged_job
+from mace_ray.storage import Storage, write_json
 
 log = logging.getLogger("mace_ray")
 
@@ -56,6 +54,19 @@ class PreparedAudit:
     run_output: str | None = None  # the erase run's --output (local), for its stored images
     run_id: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> AuditLayout:
+        return AuditLayout(self.audit_id)
+
+    def start(self, storage: Storage) -> None:
+        """Before any worker starts: what is audited, in the log, and the audit's inputs, stored."""
+        log.info(
+            "audit %s: %d concepts x %d attacks (%s) of %s against %s",
+            self.audit_id, len(self.concepts), len(self.attacks), ", ".join(self.attacks),
+            self.model.spec, self.original,
+        )  # fmt: skip
+        write_json(storage, self.layout.inputs, self.inputs())
 
     def inputs(self) -> dict[str, Any]:
         """audit.json: what the audit id was derived from, readable."""
@@ -161,17 +172,4 @@ def prepare(req: AuditRequest) -> PreparedAudit:
 
 def run_audit(req: AuditRequest) -> dict[str, Any]:
     """Run an audit; returns the report. Raises MaceError on bad input."""
-    timer = Timer()
-    with timer.stage("prepare"):
-        p = prepare(req)
-    storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
-    layout = AuditLayout(p.audit_id)
-    log.info(
-        "audit %s: %d concepts x %d attacks (%s) of %s against %s",
-        p.audit_id, len(p.concepts), len(p.attacks), ", ".join(p.attacks), p.model.spec, p.original,
-    )  # fmt: skip
-    write_json(storage, layout.inputs, p.inputs())
-    with backend_for(req.executor, req.address) as backend:
-        run = AuditRun(backend, p, storage, layout, timer)
-        run_stages(AUDIT_STAGES, run, timer)
-        return run.report
+    return run_staged_job(req, prepare, AuditRun, AUDIT_STAGES)

@@ -8,15 +8,9 @@ Exit codes as for every mace-ray command: 0 success; 1 unexpected failure (trace
 
 from __future__ import annotations
 
-import json
-import logging
-
-import typer
-
-from mace_core.errors import MaceError
 from mace_ray.audit_settings import AuditRequest
 from mace_ray.cli_build import command
-from mace_ray.cli_options import fail
+from mace_ray.cli_report import run_reported_job
 
 
 def audit(req: AuditRequest) -> None:
@@ -25,17 +19,8 @@ def audit(req: AuditRequest) -> None:
     # Imported here: mace_ray.cli imports this module to register the command.
     from mace_core.audit.report import success_table
     from mace_ray.audit import run_audit
-    from mace_ray.logs import setup_logging
 
-    setup_logging(req.progress)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache line is noise here
-    try:
-        report = run_audit(req)
-    except (MaceError, ValueError) as e:
-        fail(str(e))
-    typer.echo(success_table(report))
-    out = report["output"]
-    typer.echo(json.dumps({"audit_id": report["audit_id"], "status": report["status"], "root": out["root"]}))
+    run_reported_job(req.progress, lambda: run_audit(req), success_table, "audit_id")
 
 
 audit_command = command(AuditRequest, audit, "audit")

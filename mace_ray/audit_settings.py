@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from mace_core.audit.attacks import ALL, attack_names, parse_attacks
 from mace_core.audit.settings import AuditSettings
 from mace_core.concepts import ConceptType
-from mace_core.options import Panel, coerce_choices, group, option, setting
-from mace_ray.run_settings import ADDRESS, DEVICE, EXECUTOR, GPUS_PER_WORKER, S3_ENDPOINT, VERBOSE, Executor
+from mace_core.options import Panel, group, option, setting
+from mace_ray.run_settings import WhereItRuns
 
 
 @dataclass(frozen=True)
-class AuditRequest:
+class AuditRequest(WhereItRuns):
     model: str = field(
         metadata=option(
             "The erased model to audit: an erase run's folder (runs/<run_id>: its original model, "
@@ -53,24 +53,13 @@ class AuditRequest:
         ConceptType.OBJECT, "Type of concept-file lines without one.", name="type", panel=Panel.MODEL
     )
     settings: AuditSettings = field(default_factory=AuditSettings, metadata=group())
-    executor: Executor = field(default=Executor.RAY, metadata=EXECUTOR)
-    address: str | None = field(default=None, metadata=ADDRESS)
-    workers: int | None = setting(
-        None, "Audit workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER
-    )
-    gpus_per_worker: float | None = field(default=None, metadata=GPUS_PER_WORKER)
-    device: str | None = field(default=None, metadata=DEVICE)
-    s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
     resume: bool = setting(
         True, "Reuse the results of an earlier audit with the same inputs.", panel=Panel.RUN
     )
-    progress: bool = field(default=True, metadata=VERBOSE)
 
     def __post_init__(self) -> None:
-        coerce_choices(self, {"executor": (Executor, "executor")})
+        super().__post_init__()
         parse_attacks(self.attacks)  # an unknown name is a ValueError: one line, exit 2
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
     @property
     def attack_list(self) -> tuple[str, ...]:

@@ -16,9 +16,10 @@ from mace_ray.audit_layout import BASELINE, AuditLayout
 from mace_ray.audit_worker import AuditSpec, AuditWorker, has_explicit, verified_result
 from mace_ray.backend import Backend
 from mace_ray.jobs import AuditAttack, AuditBaseline, Job
-from mace_ray.pool import WorkerPool, autoscaled_pool, worker_shape
-from mace_ray.runtime import Placement, Stage, Timer, versions
-from mace_ray.storage import Storage, read_json, write_json
+from mace_ray.pool import WorkerPool, run_on_workers
+from mace_ray.report_files import write_report_files
+from mace_ray.runtime import Placement, Stage, Timer, versions, write_report
+from mace_ray.storage import Storage, read_json
 from mace_ray.stores import absolute_output
 
 log = logging.getLogger("mace_ray")
@@ -44,10 +45,8 @@ class AuditRun:
             run_id=p.run_id,
             explicit=has_explicit(p.concepts),
             clip=p.clip,
-            s3_endpoint=req.s3_endpoint,
-            device=req.device,
-            progress=req.progress,
             under_ray=backend.name == "ray",
+            **req.for_workers(),
         )
         self.session = f"{p.audit_id[:8]}-{uuid.uuid4().hex[:6]}"
         self.pool: WorkerPool | None = None
@@ -100,18 +99,7 @@ class AuditRun:
             "versions": versions(),
             "seconds": self.timer.seconds,
         }
-        plots = report_plots(report)
-        report["output"] = {
-            "root": f"{storage.url}/{layout.root}",
-            "report": layout.report,
-            "summary": layout.summary,
-            "plots": sorted(plots),
-        }
-        for name, png in plots.items():
-            storage.write_bytes(layout.plot(name), png)
-        storage.write_bytes(layout.summary, markdown_summary(report).encode())
-        write_json(storage, layout.report, report)
-        return report
+        return write_report_files(storage, layout, report, report_plots, markdown_summary)
 
 
 def attacks_stage(run: AuditRun) -> None:
@@ -120,19 +108,10 @@ def attacks_stage(run: AuditRun) -> None:
         log.info("audit: %d jobs reused from an earlier audit with the same inputs", run.reused)
     if not jobs:
         return
-    req = run.p.request
-    n_workers, resources = worker_shape(run.backend, req.workers, req.gpus_per_worker, len(jobs))
-    log.info(
-        "audit workers: %d x %s (%s executor), %d jobs", n_workers, resources, run.backend.name, len(jobs)
-    )
-    with autoscaled_pool(
-        run.backend, AuditWorker, run.spec, resources, n_workers, run.session, "mace-audit", run.p.audit_id
-    ) as run.pool:
-        run.pool.run(jobs)
-
-
-def report_stage(run: AuditRun) -> None:
-    run.report = run.write_report()
+    run.pool = run_on_workers(
+        run.backend, AuditWorker, run.spec, run.p.request, jobs, run.session, "mace-audit", run.p.audit_id,
+        what="audit",
+    )  # fmt: skip
 
 
 AUDIT_STAGES: tuple[Stage[AuditRun], ...] = (
@@ -150,6 +129,6 @@ AUDIT_STAGES: tuple[Stage[AuditRun], ...] = (
         reads="every job's JSON",
         writes="audits/<audit id>/report.json, summary.md, plots",
         marker="none (written again: seconds)",
-        run=report_stage,
+        run=write_report,
     ),
 )

@@ -10,11 +10,11 @@ mace_core.audit does it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from mace_core.audit.concepts import AuditConcept
 from mace_core.audit.context import AuditModels
@@ -24,17 +24,16 @@ from mace_core.audit.scoring import LeakScorer
 from mace_core.audit.settings import AuditSettings
 from mace_core.concepts import ConceptType
 from mace_core.imageio import png_bytes
-from mace_core.models import load_pipeline, pick_device
+from mace_core.models import load_pipeline
 from mace_core.sealed import sealed_bytes
 from mace_ray import artefacts
 from mace_ray.audit_layout import BASELINE, AuditLayout
 from mace_ray.layout import RunLayout
-from mace_ray.logs import quiet_libraries
 from mace_ray.models_remote import resolve_model
 from mace_ray.progress import StageProgress
-from mace_ray.runtime import where_am_i
 from mace_ray.storage import Storage, StorageError, read_json, write_json
 from mace_ray.stores import open_storage
+from mace_ray.worker_base import PoolWorker
 
 log = logging.getLogger("mace_ray")
 
@@ -76,28 +75,18 @@ def verified_result(storage: Storage, key: str) -> dict[str, Any] | None:
     return rec
 
 
-class AuditWorker:
-    def __init__(self, spec: AuditSpec, name: str) -> None:
-        # Nothing that can fail on bad input happens here: under Ray, an error in __init__
-        # loses its message; setup() reports it like any other call.
-        self.spec = spec
-        self.name = name
-
-    def setup(self) -> dict[str, str]:
-        """Load both pipelines and the scorer once; returns where this worker runs."""
-        quiet_libraries()
+class AuditWorker(PoolWorker[AuditSpec]):
+    def load(self) -> dict[str, Any]:
+        """Both pipelines and the scorer, once."""
         spec = self.spec
-        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
         self.layout = AuditLayout(spec.audit_id)
-        self.device = pick_device(spec.device)
         # fp32: the attacks differentiate through both models (generation may autocast).
         original = load_pipeline(resolve_model(spec.original, spec.s3_endpoint)).to(self.device)
         erased = load_pipeline(resolve_model(spec.model, spec.s3_endpoint)).to(self.device)
         self.models = AuditModels.of(original, erased, self.device)
         scoring = spec.settings.images > 0
         self.scorer = LeakScorer(spec.clip if scoring else None, self.device, scoring and spec.explicit)
-        self.where = where_am_i(self.name)
-        return self.where
+        return {}
 
     # ------------------------------------------------------------ helpers
 
@@ -145,39 +134,53 @@ class AuditWorker:
 
     # ------------------------------------------------------------ jobs
 
-    def baseline(self, concept: AuditConcept) -> dict[str, Any]:
-        """The concept's plain prompt: leak through the erased model; images of both models."""
-        key = self.layout.result(concept.slug, BASELINE)
+    def _job(
+        self,
+        concept: AuditConcept,
+        job: str,
+        work: Callable[[StageProgress], tuple[dict[str, Any], dict[str, str]]],
+    ) -> dict[str, Any]:
+        """One job's record: the stored one when its marker holds (marked reused), else what
+        ``work`` finds (its figures, and the checksums of the files it wrote), written last
+        as the job's marker."""
+        key = self.layout.result(concept.slug, job)
         done = verified_result(self.storage, key)
         if done is not None:
             return {**done, "reused": True}
-        shown = self._shown(f"baseline[{concept.slug}]")
+        shown = self._shown(f"{job}[{concept.slug}]")
         try:
-            plain = AttackPrompt(concept.concept.text)
-            measure = plain_measure(self.models, concept)
-            original, s1 = self._images(concept, "original", plain, "original", shown)
-            erased, s2 = self._images(concept, "erased", plain, "erased", shown)
+            figures, sums = work(shown)
         finally:
             shown.close()
         rec = {
             "concept": concept.to_dict(),
             "slug": concept.slug,
-            "plain": measure.to_dict(),
-            "images": {"original": original, "erased": erased},
-            "sha256": {**s1, **s2},
+            **figures,
+            "sha256": sums,
             "where": self.where,
         }
         write_json(self.storage, key, rec)
         return rec
 
+    def baseline(self, concept: AuditConcept) -> dict[str, Any]:
+        """The concept's plain prompt: leak through the erased model; images of both models."""
+
+        def work(shown: StageProgress) -> tuple[dict[str, Any], dict[str, str]]:
+            plain = AttackPrompt(concept.concept.text)
+            measure = plain_measure(self.models, concept)
+            original, s1 = self._images(concept, "original", plain, "original", shown)
+            erased, s2 = self._images(concept, "erased", plain, "erased", shown)
+            return {"plain": measure.to_dict(), "images": {"original": original, "erased": erased}}, {
+                **s1,
+                **s2,
+            }
+
+        return self._job(concept, BASELINE, work)
+
     def attack(self, concept: AuditConcept, attack: str) -> dict[str, Any]:
         """One attack on one concept: its best prompt, measured; that prompt's images, scored."""
-        key = self.layout.result(concept.slug, attack)
-        done = verified_result(self.storage, key)
-        if done is not None:
-            return {**done, "reused": True}
-        shown = self._shown(f"{attack}[{concept.slug}]")
-        try:
+
+        def work(shown: StageProgress) -> tuple[dict[str, Any], dict[str, str]]:
             images_of, source = self._original_images(concept, shown)
             result = run_attack(
                 self.models,
@@ -189,32 +192,23 @@ class AuditWorker:
                 images_of,
             )
             images, sums = self._images(concept, attack, result.prompt, "erased", shown)
-        finally:
-            shown.close()
-        if result.prompt.embeddings is not None:
-            data = sealed_bytes(
-                {"embeddings": result.prompt.embeddings.contiguous()},
-                {"word": result.prompt.word, "concept": concept.concept.text, "attack": attack},
-            )
-            emb = self.layout.embedding(concept.slug, attack)
-            self.storage.write_bytes(emb, data)
-            sums[emb] = artefacts.sha256(data)
-        rec = {
-            "concept": concept.to_dict(),
-            "slug": concept.slug,
-            "result": {**result.to_dict(), "details": {**result.details, **source}},
-            "images": images,
-            "sha256": sums,
-            "where": self.where,
-        }
-        write_json(self.storage, key, rec)
-        return rec
+            if result.prompt.embeddings is not None:
+                data = sealed_bytes(
+                    {"embeddings": result.prompt.embeddings.contiguous()},
+                    {"word": result.prompt.word, "concept": concept.concept.text, "attack": attack},
+                )
+                emb = self.layout.embedding(concept.slug, attack)
+                self.storage.write_bytes(emb, data)
+                sums[emb] = artefacts.sha256(data)
+            details = {**result.details, **source}
+            return {"result": {**result.to_dict(), "details": details}, "images": images}, sums
+
+        return self._job(concept, attack, work)
 
     def teardown(self) -> None:
         self.models = None
         self.scorer = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        super().teardown()
 
 
 def has_explicit(concepts: list[AuditConcept]) -> bool:

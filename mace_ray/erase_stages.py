@@ -79,10 +79,8 @@ class EraseRun:
             prior_key=prepared.prior_key,
             model_fingerprint=prepared.model_fingerprint,
             profile=prepared.profile,
-            s3_endpoint=req.s3_endpoint,
-            device=req.device,
             metrics=backend.name,
-            progress=req.progress,
+            **req.for_workers(),
             method=prepared.method,
         )
         self.stages = prepared.stages

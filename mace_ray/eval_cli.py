@@ -8,14 +8,10 @@ Exit codes as for every mace-ray command: 0 success; 1 unexpected failure (trace
 
 from __future__ import annotations
 
-import json
-import logging
+from typing import Any
 
-import typer
-
-from mace_core.errors import MaceError
 from mace_ray.cli_build import command
-from mace_ray.cli_options import fail
+from mace_ray.cli_report import run_reported_job
 from mace_ray.run_settings import EvalRequest
 
 
@@ -25,18 +21,12 @@ def evaluate(req: EvalRequest) -> None:
     from mace_core.evaluation.errors import check_eval_extra
     from mace_core.evaluation.summary import metrics_table
     from mace_ray.evaluate import run_eval
-    from mace_ray.logs import setup_logging
 
-    setup_logging(req.progress)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache line is noise here
-    try:
-        check_eval_extra()
-        report = run_eval(req)
-    except (MaceError, ValueError) as e:
-        fail(str(e))
-    typer.echo(metrics_table(report))
-    out = report["output"]
-    typer.echo(json.dumps({"eval_id": report["eval_id"], "status": report["status"], "root": out["root"]}))
+    def run() -> dict[str, Any]:
+        check_eval_extra()  # one line naming what a plain install lacks, before anything runs
+        return run_eval(req)
+
+    run_reported_job(req.progress, run, metrics_table, "eval_id")
 
 
 eval_command = command(EvalRequest, evaluate, "eval")

@@ -14,56 +14,35 @@ evals/cache/fid-reference/<key>.safetensors      FID moments of a reference imag
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from mace_ray.storage_keys import ReportFolder, Under, safe_part
+
 # Ids are made by mace_ray.evaluate / mace_core.evaluation.suites from [a-z0-9-] only, so a
-# key can never leave the evals folder; checked again here.
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-
-
-def _safe(value: str, what: str) -> str:
-    if not _ID.match(value):
-        raise ValueError(f"unsafe {what} {value!r}")
-    return value
+# key can never leave the evals folder; safe_part checks them again.
 
 
 def images_prefix(model_id: str, suite: str) -> str:
-    return f"evals/images/{_safe(model_id, 'model id')}/{_safe(suite, 'suite')}"
+    return f"evals/images/{safe_part(model_id, 'model id')}/{safe_part(suite, 'suite')}"
 
 
 def reference_cache_key(key: str) -> str:
-    return f"evals/cache/fid-reference/{_safe(key, 'cache key')}.safetensors"
+    return f"evals/cache/fid-reference/{safe_part(key, 'cache key')}.safetensors"
 
 
 def image_key(model_id: str, suite: str, prompt_id: str) -> str:
-    return f"{images_prefix(model_id, suite)}/{_safe(prompt_id, 'prompt id')}.png"
+    return f"{images_prefix(model_id, suite)}/{safe_part(prompt_id, 'prompt id')}.png"
 
 
 @dataclass(frozen=True)
-class EvalLayout:
+class EvalLayout(ReportFolder):
     eval_id: str
+
+    prompts = Under("prompts.json")
 
     @property
     def root(self) -> str:
-        return f"evals/{_safe(self.eval_id, 'eval id')}"
-
-    @property
-    def report(self) -> str:
-        return f"{self.root}/report.json"
-
-    @property
-    def summary(self) -> str:
-        return f"{self.root}/summary.md"
-
-    @property
-    def prompts(self) -> str:
-        return f"{self.root}/prompts.json"
+        return f"evals/{safe_part(self.eval_id, 'eval id')}"
 
     def scores(self, tag: str) -> str:
-        return f"{self.root}/scores/{_safe(tag, 'model tag')}.json"
-
-    def plot(self, name: str) -> str:
-        if not re.match(r"^[a-z0-9_-]+\.png$", name):
-            raise ValueError(f"unsafe plot name {name!r}")
-        return f"{self.root}/plots/{name}"
+        return f"{self.root}/scores/{safe_part(tag, 'model tag')}.json"

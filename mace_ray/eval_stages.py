@@ -23,9 +23,9 @@ from mace_ray.backend import Backend
 from mace_ray.eval_layout import EvalLayout, images_prefix, reference_cache_key
 from mace_ray.eval_worker import EvalSpec, EvalWorker
 from mace_ray.jobs import Job, ReferenceFeatures, ScoreShard
-from mace_ray.pool import WorkerPool, autoscaled_pool, worker_shape
-from mace_ray.resources import Resources
-from mace_ray.runtime import Placement, Stage, Timer, versions
+from mace_ray.pool import WorkerPool, run_on_workers
+from mace_ray.report_files import write_report_files
+from mace_ray.runtime import Placement, Stage, Timer, versions, write_report
 from mace_ray.storage import Storage, write_json
 from mace_ray.stores import absolute_output
 
@@ -50,11 +50,9 @@ class EvalRun:
             output=absolute_output(req.output),
             generation=req.generation,
             scorers=p.scorers,
-            s3_endpoint=req.s3_endpoint,
-            device=req.device,
             resume=req.resume,
             under_ray=backend.name == "ray",
-            progress=req.progress,
+            **req.for_workers(),
         )
         self.session = f"{p.eval_id[:8]}-{uuid.uuid4().hex[:6]}"
         self.pool: WorkerPool | None = None
@@ -64,10 +62,6 @@ class EvalRun:
         self.results: dict[str, dict[int, ShardScores]] = {}
         self.reference: dict[int, FeatureMoments] = {}
         self.report: dict[str, Any] = {}
-
-    def worker_shape(self, n_jobs: int) -> tuple[int, Resources]:
-        req = self.p.request
-        return worker_shape(self.backend, req.workers, req.gpus_per_worker, n_jobs)
 
     def reference_key(self) -> str:
         """The cache key of the reference set's moments: its files (names, sizes) and the extractor."""
@@ -184,20 +178,15 @@ class EvalRun:
             "versions": versions(),
             "seconds": self.timer.seconds,
         }
-        plots = report_plots(report)
-        report["output"] = {
-            "root": f"{storage.url}/{layout.root}",
-            "report": layout.report,
-            "summary": layout.summary,
-            "prompts": layout.prompts,
-            "scores": {t: layout.scores(t) for t in models},
-            "plots": sorted(plots),
-        }
-        for name, png in plots.items():
-            storage.write_bytes(layout.plot(name), png)
-        storage.write_bytes(layout.summary, markdown_summary(report).encode())
-        write_json(storage, layout.report, report)
-        return report
+        return write_report_files(
+            storage,
+            layout,
+            report,
+            report_plots,
+            markdown_summary,
+            prompts=layout.prompts,
+            scores={t: layout.scores(t) for t in models},
+        )
 
 
 def _feature_name(scorers: ScorerSettings) -> str:
@@ -217,12 +206,10 @@ def generate_and_score(run: EvalRun) -> None:
     run.ref_key = reference_cache_key(run.reference_key()) if run.p.reference_files else None
     run.ref_cached = run.ref_key is not None and run.p.request.resume and run.storage.exists(run.ref_key)
     jobs, run.results, run.reference = run.jobs(run.ref_cached)
-    n_workers, resources = run.worker_shape(len(jobs))
-    log.info("eval workers: %d x %s (%s executor)", n_workers, resources, run.backend.name)
-    with autoscaled_pool(
-        run.backend, EvalWorker, run.spec, resources, n_workers, run.session, "mace-eval", run.p.eval_id
-    ) as run.pool:
-        run.pool.run(jobs)
+    run.pool = run_on_workers(
+        run.backend, EvalWorker, run.spec, run.p.request, jobs, run.session, "mace-eval", run.p.eval_id,
+        what="eval",
+    )  # fmt: skip
 
 
 def reference_moments(run: EvalRun) -> None:
@@ -237,10 +224,6 @@ def reference_moments(run: EvalRun) -> None:
     run.ref = _sum_moments([run.reference[k] for k in sorted(run.reference)])
     assert run.ref is not None
     run.storage.write_bytes(key, moments_bytes(run.ref, {"folder": run.p.request.reference_images or ""}))
-
-
-def report(run: EvalRun) -> None:
-    run.report = run.write_report()
 
 
 EVAL_STAGES: tuple[Stage[EvalRun], ...] = (
@@ -266,6 +249,6 @@ EVAL_STAGES: tuple[Stage[EvalRun], ...] = (
         reads="per-image scores",
         writes="evals/<eval id>/report.json, summary.md, scores, plots",
         marker="none (written again: seconds)",
-        run=report,
+        run=write_report,
     ),
 )

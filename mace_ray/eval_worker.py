@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +22,10 @@ from mace_core.evaluation.generation import GenerationSettings, generate_eval_im
 from mace_core.evaluation.scoring import ScorerSettings, ShardScores, SuiteScorer
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.imageio import png_bytes, read_png
-from mace_core.models import load_pipeline, pick_device
+from mace_core.models import load_pipeline
 from mace_ray.eval_layout import image_key
-from mace_ray.logs import quiet_libraries
 from mace_ray.progress import StageProgress
-from mace_ray.runtime import where_am_i
-from mace_ray.stores import open_storage
+from mace_ray.worker_base import PoolWorker
 
 log = logging.getLogger("mace_ray")
 
@@ -55,23 +54,16 @@ class EvalSpec:
         return self.eval_id
 
 
-class EvalWorker:
+class EvalWorker(PoolWorker[EvalSpec]):
     def __init__(self, spec: EvalSpec, name: str) -> None:
-        # Nothing that can fail on bad input happens here: under Ray, an error in __init__
-        # loses its message; setup() reports it like any other call.
-        self.spec = spec
-        self.name = name
+        super().__init__(spec, name)
         self.pipes: dict[str, object] = {}
 
-    def setup(self) -> dict[str, str]:
-        """Load the suite's scorers once (pipelines load on their first shard); returns where."""
-        quiet_libraries()
+    def load(self) -> dict[str, Any]:
+        """The suite's scorers, once (pipelines load on their first shard)."""
         spec = self.spec
-        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
-        self.device = pick_device(spec.device)
         self.scorer = SuiteScorer(spec.suite, spec.classes, spec.scorers, self.device)
-        self.where = where_am_i(self.name)
-        return self.where
+        return {}
 
     def _pipe(self, tag: str):
         if tag not in self.pipes:
@@ -123,5 +115,4 @@ class EvalWorker:
     def teardown(self) -> None:
         self.pipes.clear()
         self.scorer = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        super().teardown()

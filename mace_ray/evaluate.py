@@ -44,13 +44,11 @@ from mace_core.evaluation.suites import (
 )
 from mace_core.models import TINY_MODEL
 from mace_core.pretrained import looks_like_path, resolve_pretrained
-from mace_ray.backend import backend_for
 from mace_ray.eval_layout import EvalLayout
 from mace_ray.eval_stages import EVAL_STAGES, EvalRun
 from mace_ray.run_settings import EvalRequest
-from mace_ray.runtime import Timer, run_stages
-from mace_ray.storage import write_json
-from mace_ray.stores import open_storage
+from mace_ray.staged_job import run_staged_job
+from mace_ray.storage import Storage, write_json
 
 log = logging.getLogger("mace_ray")
 
@@ -85,6 +83,26 @@ class PreparedEval:
     reference_files: list[str]
     eval_id: str
     notes: list[str]
+
+    @property
+    def layout(self) -> EvalLayout:
+        return EvalLayout(self.eval_id)
+
+    def start(self, storage: Storage) -> None:
+        """Before any worker starts: what is evaluated, in the log, and the suite's prompts, stored."""
+        suite = self.suite
+        log.info(
+            "eval %s: %s suite, %d images per model, models: %s",
+            self.eval_id,
+            suite.name,
+            len(suite.prompts),
+            ", ".join(f"{t}={m.spec}" for t, m in self.models.items()),
+        )
+        write_json(
+            storage,
+            self.layout.prompts,
+            {"suite": suite.name, "source": suite.source, "prompts": [x.to_dict() for x in suite.prompts]},
+        )
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -244,24 +262,4 @@ def prepare(req: EvalRequest) -> PreparedEval:
 
 def run_eval(req: EvalRequest) -> dict[str, Any]:
     """Run an evaluation; returns the report. Raises MaceError on bad input."""
-    timer = Timer()
-    with timer.stage("prepare"):
-        p = prepare(req)
-    storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
-    layout = EvalLayout(p.eval_id)
-    log.info(
-        "eval %s: %s suite, %d images per model, models: %s",
-        p.eval_id,
-        p.suite.name,
-        len(p.suite.prompts),
-        ", ".join(f"{t}={m.spec}" for t, m in p.models.items()),
-    )
-    write_json(
-        storage,
-        layout.prompts,
-        {"suite": p.suite.name, "source": p.suite.source, "prompts": [x.to_dict() for x in p.suite.prompts]},
-    )
-    with backend_for(req.executor, req.address) as backend:
-        run = EvalRun(backend, p, storage, layout, timer)
-        run_stages(EVAL_STAGES, run, timer)
-        return run.report
+    return run_staged_job(req, prepare, EvalRun, EVAL_STAGES)

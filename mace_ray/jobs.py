@@ -1,7 +1,8 @@
 """Typed jobs: one small dataclass per kind of call a worker serves.
 
-A job names the worker method that runs it (``method``) and carries its arguments as
-fields, so a stage builds ``TrainConcepts(batch)`` rather than ``("process", (batch,))``
+A job names the worker method that runs it (``class TrainConcepts(ConceptJob,
+method="train")``) and carries its arguments as fields, so a stage builds
+``TrainConcepts(batch)`` rather than ``("process", (batch,))``
 and a typo is an AttributeError at the point it is made. Jobs over concepts can shrink:
 after a worker is lost, ``WorkerPool`` re-queues only the concepts whose completion
 marker is not there yet (``ConceptJob.without``).
@@ -21,11 +22,16 @@ from mace_core.concepts import Concept
 class Job:
     """A call on some worker of a pool: ``getattr(worker, method)(*args())``."""
 
-    method: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # the worker method, set by each job: class X(Job, method="...")
     label: str = field(default="", kw_only=True)
     # Called on the driver with the job and its result when it finished.
     on_done: Callable[[Any, Any], None] | None = field(default=None, kw_only=True, repr=False)
     attempts: int = field(default=0, kw_only=True)
+
+    def __init_subclass__(cls, method: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method:
+            cls.method = method
 
     def args(self) -> tuple[Any, ...]:
         """The method's positional arguments: the job's own fields, in order."""
@@ -54,25 +60,21 @@ def concept_label(stage: str, concepts: list[Concept]) -> str:
 
 
 @dataclass
-class TextStats(ConceptJob):
+class TextStats(ConceptJob, method="text_stats"):
     """CFR and fusion statistics of each concept (Eq. 1, 2, 7 sums), one file per concept."""
-
-    method: ClassVar[str] = "text_stats"
 
 
 @dataclass
-class PriorStats(Job):
+class PriorStats(Job, method="prior_stats"):
     """The prior C_p of the caption set, into the shared cache."""
 
-    method: ClassVar[str] = "prior_stats"
     captions: list[str] = field(default_factory=list)
 
 
 @dataclass
-class PromptStats(Job):
+class PromptStats(Job, method="prompt_stats"):
     """The second moment of a prompt set (domain set C_d, retained set C_r) at ``key``."""
 
-    method: ClassVar[str] = "prompt_stats"
     key: str = ""
     prompts: list[str] = field(default_factory=list)
 
@@ -81,55 +83,44 @@ class PromptStats(Job):
 
 
 @dataclass
-class BatchPlan(Job):
+class BatchPlan(Job, method="batch_plan"):
     """How many concepts a worker's free memory holds per batch."""
 
-    method: ClassVar[str] = "batch_plan"
-
 
 @dataclass
-class OriginalWeights(Job):
+class OriginalWeights(Job, method="original_weights"):
     """The model's original attn2 to_k/to_v weights."""
 
-    method: ClassVar[str] = "original_weights"
-
 
 @dataclass
-class PrepareData(ConceptJob):
+class PrepareData(ConceptJob, method="prepare_data"):
     """Training images and concept masks of each concept (MACE Stage 2 data)."""
 
-    method: ClassVar[str] = "prepare_data"
-
 
 @dataclass
-class TrainConcepts(ConceptJob):
+class TrainConcepts(ConceptJob, method="train"):
     """One LoRA per concept on the CFR-refined weights (Eq. 3, 5); DONE marker last."""
 
-    method: ClassVar[str] = "train"
-
 
 @dataclass
-class WriteFinal(Job):
+class WriteFinal(Job, method="write_final"):
     """The erased pipeline, the compact erasure file and the CFR weights."""
 
-    method: ClassVar[str] = "write_final"
     fused: Any = None  # an object-store reference under Ray
     metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
-class ConceptReport(ConceptJob):
+class ConceptReport(ConceptJob, method="erasure_report"):
     """Residuals and attention mass of each concept on the erased weights."""
 
-    method: ClassVar[str] = "erasure_report"
     fused: Any = None
 
 
 @dataclass
-class DriftReport(Job):
+class DriftReport(Job, method="drift_report"):
     """How far the erased weights moved prompts that should not change."""
 
-    method: ClassVar[str] = "drift_report"
     fused: Any = None
     prompts: list[str] = field(default_factory=list)
 
@@ -138,19 +129,17 @@ class DriftReport(Job):
 
 
 @dataclass
-class ScoreShard(Job):
+class ScoreShard(Job, method="score_shard"):
     """Images of a shard of a suite's prompts with one model (stored ones reused), scored."""
 
-    method: ClassVar[str] = "score_shard"
     tag: str = ""
     prompts: list[Any] = field(default_factory=list)  # EvalPrompt
 
 
 @dataclass
-class ReferenceFeatures(Job):
+class ReferenceFeatures(Job, method="reference_features"):
     """FID feature moments of a shard of reference images."""
 
-    method: ClassVar[str] = "reference_features"
     paths: list[str] = field(default_factory=list)
 
 
@@ -158,17 +147,15 @@ class ReferenceFeatures(Job):
 
 
 @dataclass
-class AuditBaseline(Job):
+class AuditBaseline(Job, method="baseline"):
     """A concept's plain prompt: its leak through the erased model, images of both models."""
 
-    method: ClassVar[str] = "baseline"
     concept: Any = None  # mace_core.audit.concepts.AuditConcept
 
 
 @dataclass
-class AuditAttack(Job):
+class AuditAttack(Job, method="attack"):
     """One attack on one concept through the erased model, measured, its images scored."""
 
-    method: ClassVar[str] = "attack"
     concept: Any = None  # mace_core.audit.concepts.AuditConcept
     attack: str = ""

@@ -24,10 +24,7 @@ from dataclasses import dataclass
 
 from mace_core.concepts import Concept
 from mace_core.settings import EraseSettings
-
-# concept_slug() makes [a-z0-9-] only, so a slug can never leave the concepts folder.
-_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-
+from mace_ray.storage_keys import Under, safe_part
 
 DATA_ROOT = "data"
 _KEY = re.compile(r"^[0-9a-f]{24}$")
@@ -65,10 +62,8 @@ class DataLayout:
     def root(self) -> str:
         return f"{DATA_ROOT}/{self.key}"
 
-    @property
-    def marker(self) -> str:
-        """Written after the images and masks, with their checksums: they are complete when it exists."""
-        return f"{self.root}/data.json"
+    # Written after the images and masks, with their checksums: they are complete when it exists.
+    marker = Under("data.json")
 
     def image(self, i: int) -> str:
         return f"{self.root}/images/{i:03d}.png"
@@ -85,6 +80,21 @@ def prior_cache_path(key: str) -> str:
 class RunLayout:
     run_id: str
 
+    manifest = Under("manifest.json")
+    report = Under("report.json")
+    # The shared artefacts the run uses (``mace-ray gc`` keeps what some run refers to).
+    refs = Under("refs.json")
+    cfr_matrix = Under("cfr/M.safetensors")
+    # C_d: the prompts of the type's domain phrase ("a person").
+    domain_stats = Under("cfr/domain.safetensors")
+    # C_r: the prompts of the --retain concepts.
+    retain_stats = Under("cfr/retain.safetensors")
+    concepts = Under("concepts")
+    final_pipeline = Under("final/pipeline")
+    erasure = Under("final/erasure.safetensors")
+    # The CFR-refined matrices W' (Eq. 2) alone: the base the per-concept LoRAs train on.
+    cfr_erasure = Under("final/cfr.safetensors")
+
     @property
     def root(self) -> str:
         return f"runs/{self.run_id}"
@@ -94,41 +104,8 @@ class RunLayout:
         """Outside the run's folder: --no-resume deletes that folder under the lock."""
         return f"locks/{self.run_id}.json"
 
-    @property
-    def manifest(self) -> str:
-        return f"{self.root}/manifest.json"
-
-    @property
-    def report(self) -> str:
-        return f"{self.root}/report.json"
-
-    @property
-    def refs(self) -> str:
-        """The shared artefacts the run uses (``mace-ray gc`` keeps what some run refers to)."""
-        return f"{self.root}/refs.json"
-
-    @property
-    def cfr_matrix(self) -> str:
-        return f"{self.root}/cfr/M.safetensors"
-
-    @property
-    def domain_stats(self) -> str:
-        """C_d: the prompts of the type's domain phrase ("a person")."""
-        return f"{self.root}/cfr/domain.safetensors"
-
-    @property
-    def retain_stats(self) -> str:
-        """C_r: the prompts of the --retain concepts."""
-        return f"{self.root}/cfr/retain.safetensors"
-
-    @property
-    def concepts(self) -> str:
-        return f"{self.root}/concepts"
-
     def concept(self, slug: str) -> str:
-        if not _SLUG.match(slug):
-            raise ValueError(f"unsafe concept slug {slug!r}")
-        return f"{self.concepts}/{slug}"
+        return f"{self.concepts}/{safe_part(slug, 'concept slug')}"
 
     def stats(self, slug: str) -> str:
         return f"{self.concept(slug)}/stats.safetensors"
@@ -141,16 +118,3 @@ class RunLayout:
 
     def done(self, slug: str) -> str:
         return f"{self.concept(slug)}/DONE"
-
-    @property
-    def final_pipeline(self) -> str:
-        return f"{self.root}/final/pipeline"
-
-    @property
-    def erasure(self) -> str:
-        return f"{self.root}/final/erasure.safetensors"
-
-    @property
-    def cfr_erasure(self) -> str:
-        """The CFR-refined matrices W' (Eq. 2) alone: the base the per-concept LoRAs train on."""
-        return f"{self.root}/final/cfr.safetensors"

@@ -51,7 +51,8 @@ class RayMetrics:
     """Gauges, so that a value is what it says at any time (done/total gives the fraction,
     failed exists from the start at 0). The run's counts are set again with every update:
     a value recorded in the first moments after the driver connects can be lost, and a
-    gauge recorded only then would never appear."""
+    gauge recorded only then would never appear. The stages' seconds are set again with them
+    for the same reason: the first stage ends moments after the driver connects."""
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -65,6 +66,7 @@ class RayMetrics:
         self._seconds = gauge("mace_stage_seconds", "stage")
         self._throughput = gauge("mace_worker_concepts_per_second", "worker")
         self._counts: dict[str, dict[str, int]] = {}  # run -> total, done, failed
+        self._stages: dict[str, dict[str, float]] = {}  # run -> stage -> seconds
 
     def _set_counts(self, run_id: str, **change: int) -> None:
         counts = self._counts.setdefault(run_id, {"total": 0, "done": 0, "failed": 0})
@@ -73,6 +75,8 @@ class RayMetrics:
         self._total.set(counts["total"], tags=tags)
         self._done.set(counts["done"], tags=tags)
         self._failed.set(counts["failed"], tags=tags)
+        for stage, seconds in self._stages.get(run_id, {}).items():
+            self._seconds.set(seconds, tags={"run": run_id, "stage": stage})
 
     def run_started(self, run_id: str, total: int, done: int) -> None:
         self._set_counts(run_id, total=total, done=done, failed=0)
@@ -85,7 +89,7 @@ class RayMetrics:
         self._set_counts(run_id, failed=failed)
 
     def stage_seconds(self, stage: str, seconds: float, run_id: str) -> None:
-        self._seconds.set(seconds, tags={"run": run_id, "stage": stage})
+        self._stages.setdefault(run_id, {})[stage] = seconds
         self._set_counts(run_id)
 
     def worker_throughput(self, worker: str, per_second: float, run_id: str) -> None:

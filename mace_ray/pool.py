@@ -228,6 +228,24 @@ def autoscaled_pool(
         backend.request_resources([])
 
 
+def run_on_workers(
+    backend: Any,
+    cls: type,
+    spec: Any,
+    where: Any,  # mace_ray.run_settings.WhereItRuns: workers, gpus_per_worker
+    jobs: list[Job],
+    *names: str,
+    what: str,
+) -> WorkerPool:
+    """Every job on a pool of ``cls`` workers shaped by ``where`` (``worker_shape``), asked
+    of the autoscaler while the jobs run; returns the (shut down) pool for its summary."""
+    n, resources = worker_shape(backend, where.workers, where.gpus_per_worker, len(jobs))
+    log.info("%s workers: %d x %s (%s executor), %d jobs", what, n, resources, backend.name, len(jobs))
+    with autoscaled_pool(backend, cls, spec, resources, n, *names) as pool:
+        pool.run(jobs)
+    return pool
+
+
 def worker_shape(
     backend: Any, workers: int | None, gpus_per_worker: float | None, n_jobs: int
 ) -> tuple[int, Resources]:

@@ -11,8 +11,10 @@ requests from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mace_core.concepts import ConceptType
+from mace_core.evaluation.clip_model import clip_setting
 from mace_core.evaluation.generation import GenerationSettings
 from mace_core.evaluation.recognition import CLIP_RECOGNIZER
 from mace_core.models import DEFAULT_MODEL
@@ -46,8 +48,40 @@ VERBOSE = option("Progress lines on stderr.", name="verbose", negative="quiet", 
 FILE, FOLDER = "<file>", "<folder>"
 
 
+@dataclass(frozen=True, kw_only=True)
+class WhereItRuns:
+    """Where and how a job runs: the options erase, eval and audit share, declared once.
+
+    Keyword-only, so that each request's own fields keep their positions.
+    """
+
+    executor: Executor = field(default=Executor.RAY, metadata=EXECUTOR)
+    # Ray cluster; None: RAY_ADDRESS, else a local Ray
+    address: str | None = field(default=None, metadata=ADDRESS)
+    # None: one per GPU (gpus_per_worker each), else 1
+    workers: int | None = setting(
+        None, "Workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER
+    )
+    # None: 1 if the cluster has GPUs, else 0
+    gpus_per_worker: float | None = field(default=None, metadata=GPUS_PER_WORKER)
+    device: str | None = field(default=None, metadata=DEVICE)
+    s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
+    # Progress bars and lines inside the stages (the CLI's --quiet: off).
+    progress: bool = field(default=True, metadata=VERBOSE)
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, {"executor": (Executor, "executor")})
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    def for_workers(self) -> dict[str, Any]:
+        """What every worker's spec copies from the request: the S3 endpoint of its output,
+        its torch device, whether it draws progress."""
+        return {"s3_endpoint": self.s3_endpoint, "device": self.device, "progress": self.progress}
+
+
 @dataclass(frozen=True)
-class EraseRequest:
+class EraseRequest(WhereItRuns):
     concept_file: str = field(
         metadata=option("Concept file: one 'text | type | anchor' per line.", name="concepts", argument=True)
     )
@@ -71,7 +105,6 @@ class EraseRequest:
         panel=Panel.MODEL,
         metavar=FILE,
     )
-    device: str | None = field(default=None, metadata=DEVICE)
     # None: from the workers' free GPU memory
     concepts_per_batch: int | None = setting(
         None,
@@ -80,16 +113,6 @@ class EraseRequest:
         min=1,
         panel=Panel.CLUSTER,
     )
-    s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
-    executor: Executor = field(default=Executor.RAY, metadata=EXECUTOR)
-    # Ray cluster; None: RAY_ADDRESS, else a local Ray
-    address: str | None = field(default=None, metadata=ADDRESS)
-    # None: one per GPU (gpus_per_worker each), else 1
-    workers: int | None = setting(
-        None, "Concept workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER
-    )
-    # None: 1 if the cluster has GPUs, else 0
-    gpus_per_worker: float | None = field(default=None, metadata=GPUS_PER_WORKER)
     resume: bool = setting(True, "Reuse what an earlier run with the same inputs finished.", panel=Panel.RUN)
     # A concept whose residual (erasure report) stays above this fails the command after
     # everything is written; not part of the run id (it changes no result).
@@ -116,8 +139,6 @@ class EraseRequest:
         min=0.0,
         panel=Panel.CLUSTER,
     )
-    # Progress bars and lines inside the stages (the CLI's --quiet: off).
-    progress: bool = field(default=True, metadata=VERBOSE)
     # Which stages run (mace_ray/erase_stages.py, plan_stages): checked in erase.prepare.
     stages: str = setting(
         "all",
@@ -140,19 +161,17 @@ class EraseRequest:
     )
 
     def __post_init__(self) -> None:
-        coerce_choices(self, {"executor": (Executor, "executor")})
+        super().__post_init__()
         if self.max_residual is not None and not self.max_residual >= 0:
             raise ValueError(f"max_residual must be >= 0, got {self.max_residual}")
         if self.concepts_per_batch is not None and self.concepts_per_batch < 1:
             raise ValueError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if not self.lock_wait_s >= 0:
             raise ValueError(f"lock_wait_s must be >= 0, got {self.lock_wait_s}")
 
 
 @dataclass(frozen=True)
-class EvalRequest:
+class EvalRequest(WhereItRuns):
     model: str = field(
         metadata=option(
             "Model to evaluate: hub id, local diffusers folder, 'tiny', or an erase run's final/pipeline "
@@ -210,13 +229,7 @@ class EvalRequest:
     generation: GenerationSettings = field(
         default_factory=GenerationSettings, metadata=group(panel=Panel.GENERATION)
     )
-    # None: tiny for tiny models, else DEFAULT_CLIP
-    clip: str | None = setting(
-        None,
-        "CLIP for scoring: hub id, local folder or 'tiny' (default: tiny for tiny models, "
-        "else openai/clip-vit-large-patch14).",
-        panel=Panel.SCORING,
-    )
+    clip: str | None = clip_setting("CLIP for scoring")
     recognizer: str = setting(
         CLIP_RECOGNIZER,
         "celebrities: 'clip' (zero-shot over the names) or 'module:factory'.",
@@ -228,24 +241,13 @@ class EvalRequest:
         panel=Panel.SCORING,
         metavar=FILE,
     )
-    executor: Executor = field(default=Executor.RAY, metadata=EXECUTOR)
-    address: str | None = field(default=None, metadata=ADDRESS)
-    workers: int | None = setting(
-        None, "Evaluation workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER
-    )
-    gpus_per_worker: float | None = field(default=None, metadata=GPUS_PER_WORKER)
-    device: str | None = field(default=None, metadata=DEVICE)
     shard_size: int = setting(32, "Images per worker job.", min=1, panel=Panel.CLUSTER)
-    s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
     resume: bool = setting(True, "Reuse images stored by an earlier eval.", panel=Panel.RUN)
-    # Progress bars and lines while images are made (--quiet: off).
-    progress: bool = field(default=True, metadata=VERBOSE)
 
     def __post_init__(self) -> None:
-        coerce_choices(self, {"executor": (Executor, "executor"), "suite": (SuiteName, "suite")})
+        super().__post_init__()
+        coerce_choices(self, {"suite": (SuiteName, "suite")})
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.seeds and self.images_per_prompt is not None:
             raise ValueError("give --seeds or --images, not both (one image per listed seed)")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger("mace_ray")
 
@@ -69,6 +69,17 @@ class Timer:
         log.info("stage %s: done in %.1fs", name, dt)
         if self.on_stage is not None:
             self.on_stage(name, dt)
+
+
+class Reporting(Protocol):
+    report: dict[str, Any]
+
+    def write_report(self) -> dict[str, Any]: ...
+
+
+def write_report(run: Reporting) -> None:
+    """The last stage of eval and audit: their report files, kept on the run for the CLI."""
+    run.report = run.write_report()
 
 
 def run_stages(stages: Sequence[Stage[Ctx]], ctx: Ctx, timer: Timer) -> None:

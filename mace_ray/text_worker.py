@@ -14,7 +14,7 @@ import torch
 
 from mace_core.concepts import Concept
 from mace_core.families.base import PromptEncoder
-from mace_core.models import TINY_MODEL, load_prompt_encoder, pick_device
+from mace_core.models import TINY_MODEL, load_prompt_encoder
 from mace_core.text_stats import (
     concept_text_stats,
     prompt_second_moment,
@@ -22,40 +22,32 @@ from mace_core.text_stats import (
     second_moment_from_bytes,
 )
 from mace_ray import artefacts
-from mace_ray.logs import quiet_libraries
 from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
 from mace_ray.prior import write_prior_cache
-from mace_ray.runtime import where_am_i
-from mace_ray.stores import open_storage
+from mace_ray.worker_base import PoolWorker
 from mace_ray.workers import RunSpec, load_checked
 
 
-class TextWorker:
+class TextWorker(PoolWorker[RunSpec]):
     """Tokenizer + text encoder of the run's model; serves the text statistics jobs."""
 
-    def __init__(self, spec: RunSpec, name: str) -> None:
-        # Nothing that can fail on bad input happens here (under Ray, an error in __init__
-        # loses its message); setup() reports it like any other call.
-        self.spec = spec
-        self.name = name
-
-    def setup(self) -> dict[str, Any]:
-        """Load the text side of the model once; returns where this worker runs."""
-        quiet_libraries()
-        spec = self.spec
-        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
-        self.layout = spec.layout
+    def choose_device(self) -> torch.device:
         # Under Ray these actors hold no GPU; the local executor uses the run's device.
-        self.device = torch.device("cpu") if spec.metrics == "ray" else pick_device(spec.device)
+        return torch.device("cpu") if self.spec.metrics == "ray" else super().choose_device()
 
-        def load() -> PromptEncoder:  # an s3:// model: its text components fetched first
+    def load(self) -> dict[str, Any]:
+        """The text side of the model, once."""
+        spec = self.spec
+        self.layout = spec.layout
+
+        def read_encoder() -> PromptEncoder:  # an s3:// model: its text components fetched first
             return load_prompt_encoder(
                 resolve_model(spec.model, spec.s3_endpoint, components=TEXT_COMPONENTS), self.device
             )
 
         # The tiny model is built from code, not read from files: nothing to check.
-        self.encoder = load() if spec.model == TINY_MODEL else load_checked(spec, load)
-        return where_am_i(self.name)
+        self.encoder = read_encoder() if spec.model == TINY_MODEL else load_checked(spec, read_encoder)
+        return {}
 
     def text_stats(self, concepts: list[Concept]) -> int:
         """CFR and fusion statistics per concept, written per concept; returns how many were new."""
@@ -84,3 +76,4 @@ class TextWorker:
 
     def teardown(self) -> None:
         self.encoder = None  # type: ignore[assignment]
+        super().teardown()

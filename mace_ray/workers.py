@@ -42,7 +42,6 @@ from mace_core.models import (
     TINY_MODEL,
     get_attn2_weights,
     load_pipeline,
-    pick_device,
     pipeline_prompt_encoder,
     set_attn2_weights,
 )
@@ -57,11 +56,10 @@ from mace_core.text_stats import (
 )
 from mace_ray import artefacts
 from mace_ray.layout import DataLayout, RunLayout, data_key, prior_cache_path
-from mace_ray.logs import quiet_libraries
 from mace_ray.models_remote import fingerprint_model, resolve_model
+from mace_ray.output_storage import open_output
 from mace_ray.progress import StageProgress
-from mace_ray.runtime import where_am_i
-from mace_ray.stores import open_storage
+from mace_ray.worker_base import PoolWorker
 
 log = logging.getLogger("mace_ray")
 
@@ -114,22 +112,13 @@ def load_checked(spec: RunSpec, load: Callable[[], T]) -> T:
     return out
 
 
-class ConceptWorker:
+class ConceptWorker(PoolWorker[RunSpec]):
     """Per-concept work on one device; loads the pipeline once and serves many batches."""
 
-    def __init__(self, spec: RunSpec, name: str) -> None:
-        # Nothing that can fail on bad input happens here: under Ray, an error in __init__
-        # loses its message; setup() reports it like any other call.
-        self.spec = spec
-        self.name = name
-
-    def setup(self) -> dict[str, Any]:
-        """Load the models once (pipeline, masker); returns where this worker runs."""
-        quiet_libraries()
+    def load(self) -> dict[str, Any]:
+        """The pipeline and the masker, once; adds the batch plan to where this worker runs."""
         spec = self.spec
-        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
         self.layout = spec.layout
-        self.device = pick_device(spec.device)
         self.pipe = self._load_checked()
         self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
         self.original = get_attn2_weights(self.pipe.unet)
@@ -140,8 +129,7 @@ class ConceptWorker:
         )
         # With the models loaded, what is left of the GPU's memory sets the batch sizes.
         self.plan = self.batch_worker.plan()
-        self.where = where_am_i(self.name)
-        return {**self.where, "batch_plan": self.plan.to_dict()}
+        return {"batch_plan": self.plan.to_dict()}
 
     def _load_checked(self) -> Any:
         """The run's pipeline, refused if its files are not the ones the run fingerprinted."""
@@ -329,8 +317,7 @@ class ConceptWorker:
         self.batch_worker = None
         self.pipe = None
         self.masker = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        super().teardown()
 
 
 class StatsWorker:
@@ -338,7 +325,7 @@ class StatsWorker:
 
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
-        self.storage = open_storage(spec.output, s3_endpoint=spec.s3_endpoint)
+        self.storage = open_output(spec)
         self.layout = spec.layout
         self.sums: FusionSums | None = None
         self.added: set[str] = set()

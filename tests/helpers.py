@@ -2,30 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from mace_core.checkpoints import read_erasure
-from mace_core.concepts import ConceptType
+from mace_core.concepts import Concept, ConceptType
+from mace_core.options import Group, cli_metadata
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
 
 CONCEPTS = "Bill Clinton | celebrity\nVan Gogh | style\nairplane | object | sky\nAngelina Jolie | celebrity\n"
-SETTINGS = EraseSettings(
-    train=TrainSettings(steps=3),
-    data=DataSettings(images_per_concept=2, inference_steps=3),
-    masks=MaskSettings(masker="whole-image"),
-    prompts_per_concept=4,
-)
+
+
+def tiny_settings(
+    train_steps: int = 3, inference_steps: int = 3, prompts: int = 4, lr: float | None = None
+) -> EraseSettings:
+    """Erase settings small enough for the tiny models: 2 training images per concept,
+    whole-image masks; ``lr`` None is the concept type's."""
+    return EraseSettings(
+        train=TrainSettings(steps=train_steps, lr=lr),
+        data=DataSettings(images_per_concept=2, inference_steps=inference_steps),
+        masks=MaskSettings(masker="whole-image"),
+        prompts_per_concept=prompts,
+    )
+
+
+SETTINGS = tiny_settings()
 # The same settings as command-line flags.
 FLAGS = [
     "--model", "tiny", "--images", "2", "--inference-steps", "3", "--train-steps", "3",
@@ -138,3 +155,102 @@ def small_local_ray(num_gpus: int) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def settings_fields(cls: type, path: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted path, command-line metadata) of every settings field under ``cls``, nested ones included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = cli_metadata(f)
+        yield f"{path}{f.name}", meta
+        if isinstance(meta, Group):
+            yield from settings_fields(hints[f.name], f"{path}{f.name}.")
+
+
+class BackgroundErase(threading.Thread):
+    """``run_erase(req)`` in a thread, so that a test can break something while it runs."""
+
+    def __init__(self, req) -> None:
+        super().__init__()
+        self.req = req
+        self.report: dict | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from mace_ray.erase import run_erase
+
+        try:
+            self.report = run_erase(self.req)
+        except BaseException as e:  # surfaced by result()
+            self.error = e
+
+    @classmethod
+    def until_a_concept_is_done(
+        cls, req, out: Path, poll: float = 0.1, timeout: float = 300
+    ) -> BackgroundErase:
+        """Started, once a concept of the run written under ``out`` is DONE (or ``timeout`` s passed)."""
+        run = cls(req)
+        run.start()
+        deadline = time.time() + timeout
+        while time.time() < deadline and not list(out.glob("runs/*/concepts/*/DONE")):
+            time.sleep(poll)
+        return run
+
+    def result(self, timeout: float = 600) -> dict | None:
+        """The run's report, once it has ended without an error."""
+        self.join(timeout=timeout)
+        assert not self.is_alive()
+        assert self.error is None, self.error
+        return self.report
+
+
+# ------------------------------------------------------------ a model family's tiny pipeline
+
+
+def assert_text_statistics(enc, concept: Concept, d: int) -> None:
+    """``concept``'s text statistics from ``enc`` over 4 prompts: d x d, the fusion's over all
+    4 x 77 token states and the mapping's over a part of them, finite."""
+    from mace_core.text_stats import concept_text_stats
+
+    stats = concept_text_stats(enc, concept, n_prompts=4)
+    assert stats.mapping.X.shape == stats.mapping.C.shape == stats.fusion.C.shape == (d, d)
+    assert stats.fusion.n == 4 * 77 and 0 < stats.mapping.n < 4 * 77
+    assert torch.isfinite(stats.mapping.X).all() and stats.mapping.C.trace() > 0
+
+
+def train_and_attention_mass(pipe, family, concept: Concept, size: int) -> tuple[Any, dict[str, float]]:
+    """Training images and 2 LoRA steps of a two-token ``concept`` on ``pipe``, then its attention
+    mass with the original weights and with zero keys, all checked: 2 distinct ``size`` px
+    images, a finite loss per step, a LoRA on every attn2 to_k / to_v, and zero keys giving
+    uniform attention. Returns the concept's artefacts and the masses."""
+    from mace_core.concept_job import ConceptBatchWorker
+    from mace_core.erasure_report import attention_mass
+    from mace_core.models import get_attn2_weights
+
+    cpu = torch.device("cpu")
+    settings = tiny_settings(train_steps=2, inference_steps=2, prompts=3, lr=1e-2)
+    original = get_attn2_weights(pipe.unet)
+    assert list(original) == list(family.attn2_projections(pipe.unet))
+    worker = ConceptBatchWorker(pipe, settings, cpu, original, original)
+    (art,) = worker.finish(worker.data([concept]))
+    assert art.images.shape == (2, size, size, 3) and art.images.dtype == np.uint8
+    assert not np.array_equal(art.images[0], art.images[1])
+    # One LoRA step per training step, on every attn2 to_k / to_v.
+    assert len(art.losses) == 2 and all(np.isfinite(art.losses))
+    assert set(art.lora.factors) == set(original)
+    zero_keys = {k: torch.zeros_like(w) if ".to_k." in k else w for k, w in original.items()}
+    mass = attention_mass(
+        pipe.unet,
+        pipe.vae,
+        worker.noise_scheduler,
+        worker.encoder,
+        concept,
+        art.images,
+        art.masks,
+        {"original": original, "zero keys": zero_keys},
+        cpu,
+    )
+    assert all(0 < m < 1 for m in mass.values())
+    # Zero keys: uniform attention over 77 tokens, 2 of them the concept's.
+    assert mass["zero keys"] == pytest.approx(2 / 77, rel=1e-4)
+    return art, mass

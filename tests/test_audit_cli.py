@@ -3,16 +3,15 @@ through a local Ray (fake GPUs), to S3, and bad input as one line."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from pathlib import Path
 
 import pytest
+from helpers import settings_fields
 from PIL import Image
 from typer.testing import CliRunner
 
-from mace_core.options import Group, Internal, Option, cli_metadata
+from mace_core.options import Group, Internal, Option
 from mace_ray.audit_settings import AuditRequest
 from mace_ray.cli import app
 from mace_ray.cli_build import params_of
@@ -170,19 +169,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not out.exists()
 
 
-def _fields(cls: type, path: str = ""):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = cli_metadata(f)
-        yield f"{path}{f.name}", meta
-        if isinstance(meta, Group):
-            yield from _fields(hints[f.name], f"{path}{f.name}.")
-
-
 def test_every_audit_setting_is_an_option():
     """Each attack's settings are options of their own (--<attack>-<field>), from the metadata."""
     fed = {".".join(t) for p in params_of(AuditRequest) for t in p.targets}
-    for where, meta in _fields(AuditRequest):
+    for where, meta in settings_fields(AuditRequest):
         assert isinstance(meta, Option | Group | Internal), where
         if isinstance(meta, Option):
             assert where in fed, where

@@ -7,16 +7,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import settings_fields
 from typer.testing import CliRunner
 
 from mace_core.concepts import ConceptType
-from mace_core.options import Group, Internal, Option, cli_metadata, internal, option
+from mace_core.options import Group, Internal, Option, internal, option
 from mace_core.settings import (
     ClosedFormSettings,
     DataSettings,
@@ -255,21 +255,11 @@ def test_eval_options_and_the_old_images_spelling(captured):
     assert r.exit_code == 0 and captured["eval"].seeds == (1, 2)
 
 
-def _fields(cls: type, path: str = ""):
-    """(dotted path, metadata) of every field under ``cls``, nested ones included."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = cli_metadata(f)
-        yield f"{path}{f.name}", meta
-        if isinstance(meta, Group):
-            yield from _fields(hints[f.name], f"{path}{f.name}.")
-
-
 @pytest.mark.parametrize("root", [EraseRequest, EvalRequest])
 def test_every_field_is_an_option_or_marked_internal(root):
     """A settings field added without command-line metadata fails here (and the builder)."""
     fed = {".".join(t) for p in params_of(root) for t in p.targets}
-    for where, meta in _fields(root):
+    for where, meta in settings_fields(root):
         assert isinstance(meta, Option | Group | Internal), f"{where} has no command-line metadata"
         if isinstance(meta, Option):
             assert where in fed, where

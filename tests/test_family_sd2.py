@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from helpers import assert_text_statistics, train_and_attention_mass
 
-from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
-from mace_core.erasure_report import attention_mass
 from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.families import family_for, family_named, family_of_pipeline
 from mace_core.families.sd2 import TINY_SD2_TEXT
-from mace_core.models import get_attn2_weights, load_pipeline, load_text_components
-from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
-from mace_core.text_stats import concept_text_stats
+from mace_core.models import load_pipeline, load_text_components
 
 CPU = torch.device("cpu")
 CLINTON = Concept("Bill Clinton", ConceptType.CELEBRITY, "a man")
@@ -63,47 +60,15 @@ def test_text_side_alone_gives_the_same_statistics(sd2_folder, pipe, tmp_path):
     states = enc.encode(["a photo of Bill Clinton!", "a dog"])
     assert states.shape == (2, 77, D) and states.dtype == torch.float32
     assert torch.equal(states, full.encode(["a photo of Bill Clinton!", "a dog"]))
-    stats = concept_text_stats(enc, CLINTON, n_prompts=4)
-    assert stats.mapping.X.shape == stats.mapping.C.shape == stats.fusion.C.shape == (D, D)
-    assert stats.fusion.n == 4 * 77 and 0 < stats.mapping.n < 4 * 77
-    assert torch.isfinite(stats.mapping.X).all() and stats.mapping.C.trace() > 0
+    assert_text_statistics(enc, CLINTON, D)
 
 
 def test_images_training_and_attention_mass(pipe):
-    settings = EraseSettings(
-        train=TrainSettings(steps=2, lr=1e-2),
-        data=DataSettings(images_per_concept=2, inference_steps=2),
-        masks=MaskSettings(masker="whole-image"),
-        prompts_per_concept=3,
-    )
-    original = get_attn2_weights(pipe.unet)
-    assert list(original) == list(SD2.attn2_projections(pipe.unet))
-    zero_keys = {k: torch.zeros_like(w) if ".to_k." in k else w for k, w in original.items()}
-    worker = ConceptBatchWorker(pipe, settings, CPU, original, original)
-    (art,) = worker.finish(worker.data([CLINTON]))
     # Images at the model's size (16 latent px, a VAE that doubles them), v kept by DPM-Solver.
-    assert art.images.shape == (2, 32, 32, 3) and art.images.dtype == np.uint8
-    assert not np.array_equal(art.images[0], art.images[1])
+    art, mass = train_and_attention_mass(pipe, SD2, CLINTON, 32)
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    # One LoRA step per training step, on every attn2 to_k / to_v.
-    assert len(art.losses) == 2 and all(np.isfinite(art.losses))
-    assert set(art.lora.factors) == set(original)
     assert any(B.abs().sum() > 0 for _, B in art.lora.factors.values())
-    mass = attention_mass(
-        pipe.unet,
-        pipe.vae,
-        worker.noise_scheduler,
-        worker.encoder,
-        CLINTON,
-        art.images,
-        art.masks,
-        {"original": original, "zero keys": zero_keys},
-        CPU,
-    )
-    assert all(0 < m < 1 for m in mass.values())
-    # Zero keys: uniform attention over 77 tokens, 2 of them the concept's.
-    assert mass["zero keys"] == pytest.approx(2 / 77, rel=1e-4)
     assert mass["original"] != pytest.approx(mass["zero keys"], rel=1e-3)
 
 

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import assert_text_statistics, tiny_settings, train_and_attention_mass
 
-from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
-from mace_core.erasure_report import attention_mass
 from mace_core.errors import ConceptError
 from mace_core.families import family_for, family_named, family_of_pipeline
 from mace_core.families.sdxl import build_tiny_pipeline
-from mace_core.models import get_attn2_weights, load_pipeline, load_prompt_encoder
-from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
-from mace_core.text_stats import concept_text_stats
+from mace_core.models import load_pipeline, load_prompt_encoder
 from mace_core.train import loss_token_mask
 
 CPU = torch.device("cpu")
@@ -79,51 +75,15 @@ def test_prompt_encoder_concatenates_both_encoders_and_pads_by_position(sdxl_fol
 
 
 def test_text_statistics(sdxl_folder):
-    enc = load_prompt_encoder(str(sdxl_folder), CPU)
-    stats = concept_text_stats(enc, CLINTON, n_prompts=4)
-    assert stats.mapping.X.shape == stats.mapping.C.shape == stats.fusion.C.shape == (D, D)
-    assert stats.fusion.n == 4 * 77 and 0 < stats.mapping.n < 4 * 77
-    assert torch.isfinite(stats.mapping.X).all() and stats.mapping.C.trace() > 0
+    assert_text_statistics(load_prompt_encoder(str(sdxl_folder), CPU), CLINTON, D)
 
 
 def test_images_training_and_attention_mass(pipe):
-    settings = EraseSettings(
-        train=TrainSettings(steps=2, lr=1e-2),
-        data=DataSettings(images_per_concept=2, inference_steps=2),
-        masks=MaskSettings(masker="whole-image"),
-        prompts_per_concept=3,
-    )
-    original = get_attn2_weights(pipe.unet)
-    assert list(original) == list(SDXL.attn2_projections(pipe.unet))
-    worker = ConceptBatchWorker(pipe, settings, CPU, original, original)
-    (art,) = worker.finish(worker.data([CLINTON]))
-    assert art.images.shape == (2, 64, 64, 3) and art.images.dtype == np.uint8
-    assert not np.array_equal(art.images[0], art.images[1])
-    assert len(art.losses) == 2 and all(np.isfinite(art.losses))
-    assert set(art.lora.factors) == set(original)
-    zero_keys = {k: torch.zeros_like(w) if ".to_k." in k else w for k, w in original.items()}
-    mass = attention_mass(
-        pipe.unet,
-        pipe.vae,
-        worker.noise_scheduler,
-        worker.encoder,
-        CLINTON,
-        art.images,
-        art.masks,
-        {"original": original, "zero keys": zero_keys},
-        CPU,
-    )
-    assert all(0 < m < 1 for m in mass.values())
-    assert mass["zero keys"] == pytest.approx(2 / 77, rel=1e-4)
+    train_and_attention_mass(pipe, SDXL, CLINTON, 64)
 
 
 SDXL_CONCEPTS = "Bill Clinton | celebrity\nairplane | object\n"
-SDXL_SETTINGS = EraseSettings(
-    train=TrainSettings(steps=3),
-    data=DataSettings(images_per_concept=2, inference_steps=2),
-    masks=MaskSettings(masker="whole-image"),
-    prompts_per_concept=4,
-)
+SDXL_SETTINGS = tiny_settings(inference_steps=2)
 
 
 @pytest.fixture(scope="module")

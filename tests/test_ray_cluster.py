@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import ray
-from helpers import CONCEPTS, assert_same_erasure, erasure, request
+from helpers import CONCEPTS, BackgroundErase, assert_same_erasure, erasure, request
 from ray.cluster_utils import Cluster
 
 from mace_ray.erase import run_erase
@@ -45,27 +43,12 @@ def test_worker_node_removed_mid_run(cluster, tmp_path):
     cfile = tmp_path / "concepts.txt"
     cfile.write_text(MORE_CONCEPTS)
     out = tmp_path / "out"
-    result: dict = {}
-
-    def drive() -> None:
-        try:
-            result["report"] = run_erase(
-                request(cfile, out, workers=2, gpus_per_worker=1, concepts_per_batch=1)
-            )
-        except BaseException as e:  # surfaced by the assertion below
-            result["error"] = e
-
-    t = threading.Thread(target=drive)
-    t.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("runs/*/concepts/*/DONE")):
-        time.sleep(0.2)
+    run = BackgroundErase.until_a_concept_is_done(
+        request(cfile, out, workers=2, gpus_per_worker=1, concepts_per_batch=1), out, poll=0.2
+    )
     assert list(out.glob("runs/*/concepts/*/DONE")), "no concept finished in time"
     c.remove_node(nodes[0])  # one of the two GPU nodes dies while the run goes on
-    t.join(timeout=600)
-    assert not t.is_alive()
-    assert "error" not in result, result.get("error")
-    rep = result["report"]
+    rep = run.result()
     assert rep["status"] == "complete"
     assert rep["workers"]["replaced"] >= 1
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import CONCEPTS, assert_same_erasure, erasure, request
+from helpers import CONCEPTS, BackgroundErase, assert_same_erasure, erasure, request
 
 from mace_ray.erase import run_erase
 
@@ -40,33 +40,17 @@ def test_fractional_gpus_share_a_gpu(local_ray, reference_erasure, tmp_path):
 
 def test_statistics_actor_restart_rebuilds_from_storage(local_ray, reference_erasure, tmp_path):
     """Kill the statistics actor mid-run: Ray restarts it, it rebuilds its sums from storage."""
-    import threading
-    import time
-
     cfile = tmp_path / "concepts.txt"
     cfile.write_text(CONCEPTS)
     out = tmp_path / "out"
-    result: dict = {}
-
-    def drive() -> None:
-        try:
-            result["report"] = run_erase(
-                request(cfile, out, workers=1, gpus_per_worker=1, concepts_per_batch=1)
-            )
-        except BaseException as e:
-            result["error"] = e
-
-    t = threading.Thread(target=drive)
-    t.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("runs/*/concepts/*/DONE")):
-        time.sleep(0.1)
+    run = BackgroundErase.until_a_concept_is_done(
+        request(cfile, out, workers=1, gpus_per_worker=1, concepts_per_batch=1), out
+    )
     (root,) = list(out.glob("runs/*"))
     (name,) = [n for n in ray.util.list_named_actors() if n.startswith(f"mace-stats-{root.name[:8]}-")]
     actor = ray.get_actor(name)
     ray.kill(actor, no_restart=False)  # a crash, not a shutdown: Ray restarts it
-    t.join(timeout=600)
-    assert "error" not in result, result.get("error")
+    run.result()
     assert_same_erasure(erasure(root), reference_erasure)
 
 

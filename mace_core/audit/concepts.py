@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mace_core.concepts import Concept, ConceptType, parse_concept_lines
+from mace_core.concepts import Concept, ConceptType, concept_file_lines, parse_concept_lines
 from mace_core.errors import ConceptError
 
 FIELDS = "text | type | anchor | aliases | descriptions"
@@ -78,11 +78,4 @@ def read_audit_concepts(
     path: str | Path, default_type: ConceptType = ConceptType.OBJECT
 ) -> list[AuditConcept]:
     """Read an audit concept file; a missing or unreadable file is a ConceptError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConceptError(f"concept file {str(path)!r} does not exist or is not a file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConceptError(f"concept file {str(path)!r} cannot be read: {e}") from None
-    return parse_audit_lines(text.splitlines(), str(p), default_type)
+    return parse_audit_lines(concept_file_lines(path), str(Path(path)), default_type)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mace_core.audit.attacks import AttackSettings
+from mace_core.evaluation.clip_model import clip_setting
 from mace_core.evaluation.generation import GenerationSettings
 from mace_core.options import Panel, group, plain, setting
 
@@ -38,13 +39,7 @@ class AuditSettings:
     generation: GenerationSettings = field(
         default_factory=GenerationSettings, metadata=group(panel=Panel.GENERATION)
     )
-    # None: tiny for the tiny model, else eval's default CLIP
-    clip: str | None = setting(
-        None,
-        "CLIP that judges whether an image shows the concept: hub id, local folder or 'tiny' "
-        "(default: tiny for tiny models, else openai/clip-vit-large-patch14).",
-        panel=Panel.SCORING,
-    )
+    clip: str | None = clip_setting("CLIP that judges whether an image shows the concept")
     attacks: AttackSettings = field(default_factory=AttackSettings, metadata=group())
 
     def __post_init__(self) -> None:

@@ -9,15 +9,24 @@ demo (its scores are meaningless, its code path is the real one).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
+from mace_core.clip_text import TINY_CLIP_TEXT, TINY_TOWER, clip_tokenizer
+from mace_core.options import Panel, setting
 from mace_core.pretrained import load_pretrained
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 TINY_CLIP = "tiny"
+
+
+def clip_setting(role: str) -> Any:
+    """The ``--clip`` option of eval and audit (``role``: what the CLIP is for). None: the
+    tiny CLIP for tiny models, else DEFAULT_CLIP (the drivers resolve it)."""
+    text = f"{role}: hub id, local folder or 'tiny' (default: tiny for tiny models, else {DEFAULT_CLIP})."
+    return setting(None, text, panel=Panel.SCORING)
 
 
 @dataclass
@@ -78,14 +87,7 @@ def build_tiny_clip(seed: int = 0, device: torch.device | None = None) -> ClipMo
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     text = dict(TINY_CLIP_TEXT)
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = dict(TINY_TOWER, image_size=32, patch_size=8)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from mace_core.evaluation.errors import EvalInputError
 
-I2P_COLUMNS = ("prompt",)
+I2P_COLUMN = "prompt"  # required
 I2P_OPTIONAL = ("sd_seed", "sd_guidance_scale", "sd_image_width", "sd_image_height", "categories")
-COCO_COLUMNS = ("caption",)
+COCO_COLUMN = "caption"  # required
 COCO_OPTIONAL = ("image_id",)
 
 
@@ -87,15 +87,29 @@ def _number(row: dict[str, str], col: str, kind: type, where: str) -> int | floa
         ) from None
 
 
-def read_i2p_csv(path: str | Path) -> tuple[list[CsvPrompt], int]:
-    """I2P prompts (explicit suite, paper Sec. 4) and the number of rows skipped for an empty prompt."""
-    rows, _ = read_csv_rows(path, I2P_COLUMNS, I2P_OPTIONAL, "I2P prompts CSV")
+def _rows_with_text(
+    path: str | Path, column: str, optional: tuple[str, ...], what: str
+) -> tuple[list[tuple[int, dict[str, str], str]], int]:
+    """(line number, row, text) of every row whose ``column`` has text (spaces folded) and the
+    number of rows skipped for an empty one; a file without any text is an EvalInputError."""
+    rows, _ = read_csv_rows(path, (column,), optional, what)
     out, skipped = [], 0
     for line, row in rows:
-        text = " ".join((row.get("prompt") or "").split())
+        text = " ".join((row.get(column) or "").split())
         if not text:
             skipped += 1
             continue
+        out.append((line, row, text))
+    if not out:
+        raise EvalInputError(f"{what} {str(path)!r} has no non-empty {column}")
+    return out, skipped
+
+
+def read_i2p_csv(path: str | Path) -> tuple[list[CsvPrompt], int]:
+    """I2P prompts (explicit suite, paper Sec. 4) and the number of rows skipped for an empty prompt."""
+    rows, skipped = _rows_with_text(path, I2P_COLUMN, I2P_OPTIONAL, "I2P prompts CSV")
+    out = []
+    for line, row, text in rows:
         where = f"{path}:{line}"
         out.append(
             CsvPrompt(
@@ -109,24 +123,16 @@ def read_i2p_csv(path: str | Path) -> tuple[list[CsvPrompt], int]:
                 categories=(row.get("categories") or "").strip(),
             )
         )
-    if not out:
-        raise EvalInputError(f"I2P prompts CSV {str(path)!r} has no non-empty prompt")
     return out, skipped
 
 
 def read_coco_csv(path: str | Path) -> tuple[list[CsvPrompt], int]:
     """MS-COCO captions (coco suite, paper Sec. 4) and the number of rows skipped for an empty caption."""
-    rows, _ = read_csv_rows(path, COCO_COLUMNS, COCO_OPTIONAL, "COCO captions CSV")
-    out, skipped = [], 0
-    for line, row in rows:
-        text = " ".join((row.get("caption") or "").split())
-        if not text:
-            skipped += 1
-            continue
+    rows, skipped = _rows_with_text(path, COCO_COLUMN, COCO_OPTIONAL, "COCO captions CSV")
+    out = []
+    for line, row, text in rows:
         image_id = (row.get("image_id") or "").strip()
         # Several captions share an image_id: the line number keeps their seeds apart.
         key = f"{image_id}-line{line}" if image_id else f"line{line}"
         out.append(CsvPrompt(line=line, text=text, key=key, image_id=image_id))
-    if not out:
-        raise EvalInputError(f"COCO captions CSV {str(path)!r} has no non-empty caption")
     return out, skipped

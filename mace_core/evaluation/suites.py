@@ -188,121 +188,110 @@ def objects_suite(
     return Suite("objects", tuple(prompts), CIFAR10_CLASSES, erased_set, retained, "CIFAR-10")
 
 
-def _named_suite(
-    name: str,
-    templates: tuple[str, ...],
-    erased: list[str],
-    retained: list[str],
-    images_per_prompt: int,
-    base_seed: int,
-    seeds: tuple[int, ...] | None,
-    source: str,
-) -> Suite:
-    _check_n(images_per_prompt)
-    if not erased:
-        raise EvalInputError(f"{name} suite: no erased names given (--erased FILE, a concept file)")
-    clash = {e.lower() for e in erased} & {r.lower() for r in retained}
-    if clash:
-        raise EvalInputError(f"{name} suite: names both erased and retained: {sorted(clash)[:5]}")
-    prompts: list[EvalPrompt] = []
-    for group, names in ((ERASED, erased), (RETAINED, retained)):
-        for who in names:
-            for t in templates:
-                text = t.format(who)
-                prompts += _expand(
-                    name, text, text, images_per_prompt, base_seed, seeds, group=group, subject=who, label=who
-                )
-    notes = () if retained else (f"no retained names: {name} specificity (Acc_s / CLIP_s) is not measured",)
-    return Suite(
-        name, tuple(prompts), tuple(erased) + tuple(retained), tuple(erased), tuple(retained), source, notes
-    )
+@dataclass(frozen=True)
+class NamedSuite:
+    """A protocol of named subjects (people, artists): every template x seeds for each erased
+    and each retained name. Called as a suite builder."""
 
+    name: str
+    templates: tuple[str, ...]
 
-def celebrities_suite(
-    erased: list[str],
-    retained: list[str],
-    images_per_prompt: int,
-    base_seed: int = 0,
-    seeds: tuple[int, ...] | None = None,
-    source: str = "",
-) -> Suite:
-    """Celebrities protocol: 5 templates x seeds for erased and retained people."""
-    return _named_suite(
-        "celebrities", CELEBRITY_TEMPLATES, erased, retained, images_per_prompt, base_seed, seeds, source
-    )
-
-
-def styles_suite(
-    erased: list[str],
-    retained: list[str],
-    images_per_prompt: int,
-    base_seed: int = 0,
-    seeds: tuple[int, ...] | None = None,
-    source: str = "",
-) -> Suite:
-    """Artistic styles protocol: 5 templates x seeds for erased and retained artists."""
-    return _named_suite(
-        "styles", STYLE_TEMPLATES, erased, retained, images_per_prompt, base_seed, seeds, source
-    )
-
-
-def _csv_suite(
-    name: str,
-    rows: list[CsvPrompt],
-    skipped: int,
-    images_per_prompt: int,
-    base_seed: int,
-    seeds: tuple[int, ...] | None,
-    limit: int | None,
-    source: str,
-) -> Suite:
-    _check_n(images_per_prompt)
-    if limit is not None:
-        if limit < 1:
-            raise EvalInputError(f"limit must be >= 1, got {limit}")
-        rows = rows[:limit]
-    prompts: list[EvalPrompt] = []
-    for r in rows:
-        prompts += _expand(
-            name,
-            r.text,
-            r.key,
-            images_per_prompt,
-            base_seed,
-            seeds,
-            first=r.seed,
-            group=PROMPTED,
-            subject=r.image_id,
-            guidance=r.guidance,
-            width=r.width,
-            height=r.height,
-            info=r.categories or r.image_id,
+    def __call__(
+        self,
+        erased: list[str],
+        retained: list[str],
+        images_per_prompt: int,
+        base_seed: int = 0,
+        seeds: tuple[int, ...] | None = None,
+        source: str = "",
+    ) -> Suite:
+        name = self.name
+        _check_n(images_per_prompt)
+        if not erased:
+            raise EvalInputError(f"{name} suite: no erased names given (--erased FILE, a concept file)")
+        clash = {e.lower() for e in erased} & {r.lower() for r in retained}
+        if clash:
+            raise EvalInputError(f"{name} suite: names both erased and retained: {sorted(clash)[:5]}")
+        prompts: list[EvalPrompt] = []
+        for group, names in ((ERASED, erased), (RETAINED, retained)):
+            for who in names:
+                for t in self.templates:
+                    text = t.format(who)
+                    prompts += _expand(
+                        name,
+                        text,
+                        text,
+                        images_per_prompt,
+                        base_seed,
+                        seeds,
+                        group=group,
+                        subject=who,
+                        label=who,
+                    )
+        notes = (
+            () if retained else (f"no retained names: {name} specificity (Acc_s / CLIP_s) is not measured",)
         )
-    notes = (f"{skipped} row(s) with an empty prompt skipped",) if skipped else ()
-    return Suite(name, tuple(prompts), source=source, notes=notes)
+        return Suite(
+            name,
+            tuple(prompts),
+            tuple(erased) + tuple(retained),
+            tuple(erased),
+            tuple(retained),
+            source,
+            notes,
+        )
 
 
-def explicit_suite(
-    rows: list[CsvPrompt],
-    skipped: int,
-    images_per_prompt: int,
-    base_seed: int = 0,
-    seeds: tuple[int, ...] | None = None,
-    limit: int | None = None,
-    source: str = "",
-) -> Suite:
-    """Explicit protocol: I2P prompts with their own seeds, guidance and size when given."""
-    return _csv_suite("explicit", rows, skipped, images_per_prompt, base_seed, seeds, limit, source)
+# Celebrities protocol: 5 templates x seeds for erased and retained people.
+celebrities_suite = NamedSuite("celebrities", CELEBRITY_TEMPLATES)
+# Artistic styles protocol: 5 templates x seeds for erased and retained artists.
+styles_suite = NamedSuite("styles", STYLE_TEMPLATES)
 
 
-def coco_suite(
-    rows: list[CsvPrompt],
-    skipped: int,
-    images_per_prompt: int,
-    base_seed: int = 0,
-    seeds: tuple[int, ...] | None = None,
-    limit: int | None = None,
-    source: str = "",
-) -> Suite:
-    """Regular-content protocol: MS-COCO captions (CLIP score, FID)."""
-    return _csv_suite("coco", rows, skipped, images_per_prompt, base_seed, seeds, limit, source)
+@dataclass(frozen=True)
+class CsvSuite:
+    """A protocol of the prompts of a user-supplied CSV (``prompt_csv``): each row's own seed,
+    guidance and size where it gives them. Called as a suite builder."""
+
+    name: str
+
+    def __call__(
+        self,
+        rows: list[CsvPrompt],
+        skipped: int,
+        images_per_prompt: int,
+        base_seed: int = 0,
+        seeds: tuple[int, ...] | None = None,
+        limit: int | None = None,
+        source: str = "",
+    ) -> Suite:
+        _check_n(images_per_prompt)
+        if limit is not None:
+            if limit < 1:
+                raise EvalInputError(f"limit must be >= 1, got {limit}")
+            rows = rows[:limit]
+        prompts: list[EvalPrompt] = []
+        for r in rows:
+            prompts += _expand(
+                self.name,
+                r.text,
+                r.key,
+                images_per_prompt,
+                base_seed,
+                seeds,
+                first=r.seed,
+                group=PROMPTED,
+                subject=r.image_id,
+                guidance=r.guidance,
+                width=r.width,
+                height=r.height,
+                info=r.categories or r.image_id,
+            )
+        notes = (f"{skipped} row(s) with an empty prompt skipped",) if skipped else ()
+        return Suite(self.name, tuple(prompts), source=source, notes=notes)
+
+
+# Explicit protocol: I2P prompts with their own seeds, guidance and size when given.
+explicit_suite = CsvSuite("explicit")
+# Regular-content protocol: MS-COCO captions (CLIP score, FID).
+coco_suite = CsvSuite("coco")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from mace_core.clip_text import clip_tokenizer
 from mace_core.families.stable_diffusion import StableDiffusionFamily, assemble_pipeline
+from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
 
 PAD_TOKEN = "!"  # OpenCLIP pads with token 0, which is '!' in CLIP's vocabulary
 
@@ -41,44 +40,24 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
     cross-attention as wide as the GELU text encoder, a VAE that halves the image, and a
     v-prediction DDIM scheduler (generation switches to DPM-Solver, keeping v).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    # fork_rng keeps the caller's global RNG untouched (no hidden side effects).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    with seeded(seed):
+        unet = tiny_unet(
             cross_attention_dim=TINY_SD2_TEXT["hidden_size"],
+            sample_size=16,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             upcast_attention=True,
-            norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(16, 32),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-        )
+        vae = tiny_vae((16, 32))
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT))
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD_NOISE_SCHEDULE,
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=1,
         prediction_type="v_prediction",
     )
     return assemble_pipeline(vae, text_encoder, clip_tokenizer(pad_token=PAD_TOKEN), unet, scheduler)

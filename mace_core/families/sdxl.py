@@ -29,6 +29,7 @@ from mace_core.errors import ConceptError, quoted
 from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder, load_error
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
+from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
 
 PAD_TOKEN_2 = "!"  # the second (OpenCLIP bigG) tokenizer pads with token 0, '!' in CLIP's vocabulary
 
@@ -111,22 +112,13 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
     added conditioning, linear-projection transformers (two in the second block), cross
     attention as wide as both text encoders together, an Euler scheduler.
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
+    with seeded(seed):
+        unet = tiny_unet(
+            cross_attention_dim=TINY_CLIP_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
             layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4),
@@ -135,29 +127,11 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
             addition_time_embed_dim=TINY_TIME_EMBED,
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * TINY_TIME_EMBED,
-            cross_attention_dim=TINY_CLIP_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
-            norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(16, 32),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            force_upcast=True,
-        )
+        vae = tiny_vae((16, 32), sample_size=64, force_upcast=True)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-    )
+    scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder.eval(),
