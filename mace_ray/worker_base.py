@@ -6,6 +6,7 @@ cached memory back. The local executor instantiates them directly; Ray runs them
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -26,7 +27,7 @@ class WorkerSpec(NamesOutput, Protocol):
 S = TypeVar("S", bound=WorkerSpec)
 
 
-class PoolWorker(Generic[S]):
+class PoolWorker(ABC, Generic[S]):
     """Subclasses load their models in ``load()`` (with ``self.storage`` and ``self.device``
     set); what it returns is added to setup()'s report of where the worker runs."""
 
@@ -48,8 +49,9 @@ class PoolWorker(Generic[S]):
     def choose_device(self) -> torch.device:
         return pick_device(self.spec.device)
 
+    @abstractmethod
     def load(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The worker's models, once; returns what setup() adds to where it runs."""
 
     def teardown(self) -> None:
         """Subclasses drop their models first, so that the cache holds what they held."""
