@@ -53,11 +53,11 @@ FLAGS = [
     "--prompts-per-concept", "4", "--masker", "whole-image",
 ]  # fmt: skip
 WORKERS = 2
-# The stages whose work runs on GPU workers (mace_ray.erase_stages, Placement.GPU).
+# The stages whose work runs on GPU workers (mace_ray.erase.stages, Placement.GPU).
 GPU_STAGES = ("workers_start", "data", "train", "write", "erasure_report")
 SAMPLE_EVERY_S = 0.5
 STAGE_LINE = re.compile(r"stage (\w+): (started|done in ([0-9.]+)s)")
-# mace_ray.preflight: no node holds a worker, so the driver asks the autoscaler for nodes.
+# mace_ray.storage.probe: no node holds a worker, so the driver asks the autoscaler for nodes.
 ASK_LINE = re.compile(r"asking (.+) for (\d+) worker\(s\)")
 WORKERS_LINE = re.compile(r"(?<!text )workers: (\d+) x (.+) \(ray executor\)")  # workers_start
 # The v1 autoscaler's decisions (monitor.log): a launch queued, a node terminated.
@@ -85,7 +85,7 @@ def ray_env() -> dict[str, str]:
 
 def mace_ray() -> list[str]:
     exe = BIN / "mace-ray"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mace_ray.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mace_ray.cli.main"]
 
 
 # ------------------------------------------------------------------ the fake cluster

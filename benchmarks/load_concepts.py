@@ -100,9 +100,10 @@ def one_run(executor: str, n: int, workers: int, root: Path) -> dict[str, Any]:
     """One erase run in this process, measured (the child's side)."""
     import psutil
 
-    import mace_ray.runtime as runtime
+    import mace_ray.engine.stages as runtime
     from mace_core.concepts import ConceptType
-    from mace_ray.erase import EraseRequest, run_erase
+    from mace_ray.erase.driver import run_erase
+    from mace_ray.erase.request import EraseRequest
 
     cpu: dict[str, float] = {}
     rss_after: dict[str, float] = {}

@@ -26,7 +26,8 @@ import torch
 
 from mace_core.concepts import ConceptType
 from mace_core.settings import EraseSettings, MaskSettings
-from mace_ray.erase import EraseRequest, run_erase
+from mace_ray.erase.driver import run_erase
+from mace_ray.erase.request import EraseRequest
 
 NAMES = [
     "Bill Clinton", "Tom Hanks", "Angelina Jolie", "Taylor Swift", "Barack Obama", "Emma Watson",

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the test suite's SeaweedFS launcher
 
 from s3server import S3Server, weed_binary  # noqa: E402
 
-from mace_ray import s3storage  # noqa: E402
-from mace_ray.s3storage import S3Storage  # noqa: E402
+from mace_ray.storage import s3 as s3storage  # noqa: E402
+from mace_ray.storage.s3 import S3Storage  # noqa: E402
 
 MB = 1024 * 1024
 # SD 1.x fp16 component sizes (MB): UNet 1640, text encoder 235, VAE 160; scaled to --size-gb.

@@ -36,7 +36,8 @@ from mace_core.erasure_report import KVProjection, concept_drifts, summary_line
 from mace_core.models import build_tiny_pipeline, get_attn2_weights
 from mace_core.settings import ClosedFormSettings, DataSettings, EraseSettings, MaskSettings, TrainSettings
 from mace_core.text_stats import TextEncoder
-from mace_ray.erase import EraseRequest, run_erase
+from mace_ray.erase.driver import run_erase
+from mace_ray.erase.request import EraseRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Concepts to erase and bystanders (same type, not erased) for each type.

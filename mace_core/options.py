@@ -3,7 +3,7 @@
 Every field of a settings dataclass carries one of these in ``field(metadata=...)`` under the
 key ``"cli"``: an ``Option`` (a command-line option or argument), a ``Group`` (a nested settings
 dataclass whose fields are options too) or ``Internal`` (deliberately not on the command
-line). mace_ray/cli_build.py turns them into the options of ``mace-ray erase`` and
+line). mace_ray/cli/build.py turns them into the options of ``mace-ray erase`` and
 ``mace-ray eval`` and the parsed values back into the dataclasses; ``--config`` keys are the
 same names.
 

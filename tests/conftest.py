@@ -50,7 +50,7 @@ def reference_erasure(tmp_path_factory):
     """The single-process result for tests/helpers.CONCEPTS: what every executor must match."""
     from helpers import CONCEPTS, erasure, request
 
-    from mace_ray.erase import run_erase
+    from mace_ray.erase.driver import run_erase
 
     tmp = tmp_path_factory.mktemp("reference")
     cfile = tmp / "concepts.txt"
@@ -108,7 +108,8 @@ def tiny_model_folder(tmp_path_factory, tiny_pipe) -> Path:
 @pytest.fixture(scope="module")
 def erased_run(tmp_path_factory) -> Path:
     """A tiny model with 'airplane' erased (the tests' cheap erase settings, in process)."""
-    from mace_ray.erase import EraseRequest, run_erase
+    from mace_ray.erase.driver import run_erase
+    from mace_ray.erase.request import EraseRequest
 
     tmp = tmp_path_factory.mktemp("erase")
     cfile = tmp / "concepts.txt"

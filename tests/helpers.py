@@ -52,7 +52,7 @@ MACE_RAY = str(Path(sys.executable).parent / "mace-ray")
 
 
 def request(concept_file: Path, output: Path, **kw):
-    from mace_ray.erase import EraseRequest
+    from mace_ray.erase.request import EraseRequest
 
     return EraseRequest(
         concept_file=str(concept_file),
@@ -177,7 +177,7 @@ class BackgroundErase(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from mace_ray.erase import run_erase
+        from mace_ray.erase.driver import run_erase
 
         try:
             self.report = run_erase(self.req)

@@ -12,9 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mace_core.options import Group, Internal, Option
-from mace_ray.audit_settings import AuditRequest
-from mace_ray.cli import app
-from mace_ray.cli_build import params_of
+from mace_ray.audit.request import AuditRequest
+from mace_ray.cli.build import params_of
+from mace_ray.cli.main import app
 
 # Every attack and images, at the smallest settings that still take steps.
 FAST = [
@@ -115,7 +115,7 @@ def test_audit_of_an_erase_run_through_ray(local_ray, erased_run, tmp_path):
 
 
 def test_audit_writes_to_s3_and_resumes_from_it(aws_env, bucket, tmp_path):
-    from mace_ray.stores import open_storage
+    from mace_ray.storage.open_store import open_storage
 
     concepts = tmp_path / "c.txt"
     concepts.write_text("airplane | object | sky | aeroplane\n")

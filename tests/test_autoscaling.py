@@ -15,7 +15,7 @@ from ray.autoscaler.v2.sdk import get_cluster_status
 from ray.cluster_utils import Cluster
 from ray.experimental.internal_kv import _internal_kv_get
 
-from mace_ray.erase import run_erase
+from mace_ray.erase.driver import run_erase
 
 REQUEST_KEY = "autoscaler_resource_request"  # where request_resources() leaves its bundles (v1)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mace_core.checkpoints import read_erasure
 from mace_core.models import attn2_projections, build_tiny_pipeline
-from mace_ray.cli import app
+from mace_ray.cli.main import app
 
 FAST = [
     "--executor",
@@ -93,7 +93,7 @@ def test_erase_writes_a_loadable_pipeline_that_differs_only_in_attn2(finished_ru
     assert [x["text"] for x in report["concepts"]] == ["Bill Clinton", "Van Gogh", "airplane"]
     assert report["concepts"][1]["mask_source"].startswith("whole-image")
     assert report["tokens"]["prior"] > 100 * 77
-    from mace_ray.erase_stages import ERASE_STAGES
+    from mace_ray.erase.stages import ERASE_STAGES
 
     # Every declared stage ran and was timed (the last one writes the report; report.json
     # keeps keys sorted, the order is tests/test_runtime.py's).
@@ -270,7 +270,7 @@ def test_bad_input_one_line_error(tmp_path, concepts, extra, needle):
     assert code == 2, err
     assert needle in err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    # typer's own usage errors (--type animal) too: one line (mace_ray/cli_options.py OneLineErrors)
+    # typer's own usage errors (--type animal) too: one line (mace_ray/cli/options.py OneLineErrors)
     assert len(lines) == 1 and lines[0].startswith("mace-ray: error:"), err
     assert len(lines[0]) < 400  # a huge input is named by its start
     assert no_complete_run(out)
@@ -402,7 +402,7 @@ def test_sigterm_stops_the_run_cleanly_and_the_rerun_resumes(tmp_path):
 
 
 def test_an_interrupt_is_found_behind_the_error_that_carries_it():
-    from mace_ray.erase import Interrupted, stopped_by
+    from mace_ray.erase.driver import Interrupted, stopped_by
 
     stop = Interrupted("signal SIGTERM")
     try:

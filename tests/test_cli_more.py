@@ -7,7 +7,7 @@ import json
 from helpers import CONCEPTS, FLAGS, run_cli
 from typer.testing import CliRunner
 
-from mace_ray.cli import app
+from mace_ray.cli.main import app
 
 
 def test_cache_prior_then_erase_reuses_it_and_status(tmp_path):
@@ -43,7 +43,7 @@ def test_cache_prior_then_erase_reuses_it_and_status(tmp_path):
 
 
 def test_config_file_supplies_options_and_cli_overrides(tmp_path, monkeypatch):
-    import mace_ray.erase as erase_mod
+    import mace_ray.erase.driver as erase_mod
 
     seen = {}
 
@@ -91,7 +91,7 @@ def test_unknown_executor_is_bad_input(tmp_path):
 
 def test_eval_config_file_supplies_options_and_cli_overrides(tmp_path, monkeypatch):
     import mace_core.evaluation.summary as summary
-    import mace_ray.evaluate as evaluate
+    import mace_ray.eval.driver as evaluate
 
     seen = {}
 

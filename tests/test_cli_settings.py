@@ -1,5 +1,5 @@
 """`mace-ray erase` and `mace-ray eval` are built from the request dataclasses
-(mace_ray/run_settings.py, mace_ray/cli_build.py): help panels and choices, one-line errors,
+(mace_ray/engine/requests.py, mace_ray/cli/build.py): help panels and choices, one-line errors,
 --config keys, shared options, every field reachable, the version, unchanged run ids."""
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from mace_core.settings import (
     Precision,
     TrainSettings,
 )
-from mace_ray.cli import app
-from mace_ray.cli_build import params_of
-from mace_ray.run_settings import EraseRequest, EvalRequest, Executor, SuiteName
+from mace_ray.cli.build import params_of
+from mace_ray.cli.main import app
+from mace_ray.engine.requests import Executor
+from mace_ray.erase.request import EraseRequest
+from mace_ray.eval.request import EvalRequest, SuiteName
 
 WIDE = {"COLUMNS": "250"}  # rich wraps --help at the terminal width
 
@@ -42,8 +44,8 @@ def invoke(*args: str, env: dict[str, str] | None = None):
 def captured(monkeypatch) -> dict:
     """The request each command would run (the jobs themselves replaced)."""
     import mace_core.evaluation.summary as summary
-    import mace_ray.erase as erase_mod
-    import mace_ray.evaluate as evaluate_mod
+    import mace_ray.erase.driver as erase_mod
+    import mace_ray.eval.driver as evaluate_mod
 
     seen: dict = {}
 

@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from mace_core.concepts import ConceptType, read_concept_file
-from mace_ray.cli import app
+from mace_ray.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from mace_ray.metrics import EXPORTED, METRICS
+from mace_ray.engine.metrics import EXPORTED, METRICS
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "cluster" / "grafana" / "mace-ray.json"
 PANEL_TYPES = {"stat", "timeseries", "bargauge", "gauge", "table", "text"}

@@ -84,10 +84,10 @@ def test_the_erase_code_imports_with_the_eval_packages_absent():
     blocked = ("matplotlib", "nudenet", "onnxruntime", "pytorch_fid")
     code = (
         f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
-        "import mace_ray.cli, mace_ray.erase, mace_ray.workers, mace_core.masking\n"
+        "import mace_ray.cli.main, mace_ray.erase.driver, mace_ray.erase.concept_worker, mace_core.masking\n"
         "from typer.testing import CliRunner\n"
         "args = ['eval', 'tiny', '--suite', 'coco', '--output', '/nonexistent/x']\n"
-        "r = CliRunner().invoke(mace_ray.cli.app, args)\n"
+        "r = CliRunner().invoke(mace_ray.cli.main.app, args)\n"
         "import json; print(json.dumps([r.exit_code, r.stderr.strip()]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
-from mace_ray.cli import app
+from mace_ray.cli.main import app
 
 FAST = ["--inference-steps", "2", "--images", "1"]
 

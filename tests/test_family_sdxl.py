@@ -88,7 +88,8 @@ SDXL_SETTINGS = tiny_settings(inference_steps=2)
 
 @pytest.fixture(scope="module")
 def local_run(sdxl_folder, tmp_path_factory) -> dict:
-    from mace_ray.erase import EraseRequest, run_erase
+    from mace_ray.erase.driver import run_erase
+    from mace_ray.erase.request import EraseRequest
 
     tmp = tmp_path_factory.mktemp("sdxl-run")
     cfile = tmp / "concepts.txt"
@@ -155,9 +156,10 @@ def test_erase_through_ray_from_and_to_s3(aws_env, bucket, sdxl_folder, local_ru
     from helpers import assert_same_erasure, small_local_ray
 
     from mace_core.checkpoints import read_erasure
-    from mace_ray.erase import EraseRequest, run_erase
-    from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
-    from mace_ray.s3storage import S3Storage
+    from mace_ray.erase.driver import run_erase
+    from mace_ray.erase.request import EraseRequest
+    from mace_ray.storage.model_cache import TEXT_COMPONENTS, resolve_model
+    from mace_ray.storage.s3 import S3Storage
 
     monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "models"))
     S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(sdxl_folder, "tiny-sdxl")

@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 
 from mace_core.checkpoints import read_erasure
 from mace_core.fingerprint import ModelChangedError
-from mace_ray.cli import app
-from mace_ray.erase import run_erase
+from mace_ray.cli.main import app
+from mace_ray.erase.driver import run_erase
 
 CONCEPTS = "Bill Clinton | celebrity\nVan Gogh | style\nairplane | object | sky\n"
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -102,7 +102,7 @@ def test_a_unet_changed_after_a_complete_run_makes_a_new_run(model, cfile, tmp_p
 
 
 def test_a_unet_changed_mid_run_never_yields_a_mixed_model(model, cfile, tmp_path, monkeypatch):
-    from mace_ray.workers import ConceptWorker
+    from mace_ray.erase.concept_worker import ConceptWorker
 
     out = tmp_path / "out"
     req = dataclasses.replace(request(cfile, out, executor="local"), model=str(model))
@@ -183,8 +183,8 @@ def test_damaged_artefacts_are_redone_and_the_result_is_unchanged(cfile, tmp_pat
 
 
 def test_two_drivers_on_one_run_do_the_work_once(cfile, tmp_path):
-    from mace_ray.local_storage import LocalStorage
-    from mace_ray.runlock import RunLock
+    from mace_ray.storage.lease import RunLock
+    from mace_ray.storage.local import LocalStorage
 
     out = tmp_path / "out"
     cmd = [MACE_RAY, "erase", str(cfile), "--output", str(out), "--executor", "local", *FLAGS]

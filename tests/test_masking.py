@@ -239,9 +239,9 @@ def test_concept_job_mask_notes(tiny_pipe, sam_pth):
 
 
 def test_images_and_masks_pair_by_index_whatever_the_write_order(tmp_path):
-    from mace_ray.artefacts import read_images
-    from mace_ray.layout import DataLayout
-    from mace_ray.local_storage import LocalStorage
+    from mace_ray.erase.artefacts import read_images
+    from mace_ray.erase.layout import DataLayout
+    from mace_ray.storage.local import LocalStorage
 
     n = 6
     rng = np.random.default_rng(3)

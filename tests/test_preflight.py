@@ -20,16 +20,17 @@ from helpers import small_local_ray
 from s3server import READER_ACCESS_KEY, READER_SECRET_KEY, S3Server, free_ports
 
 from mace_core.errors import MaceError
-from mace_ray.backend import (
+from mace_ray.engine.backend import (
     LocalBackend,
     RayBackend,
     autoscaler_from_v1_status,
     autoscaler_from_v2_status,
     local_machine_resources,
 )
-from mace_ray.preflight import PlacementError, check_placeable, preflight_storage
-from mace_ray.resources import Resources
-from mace_ray.storage import StorageError
+from mace_ray.engine.placement import PlacementError, check_placeable
+from mace_ray.engine.resources import Resources
+from mace_ray.storage.base import StorageError
+from mace_ray.storage.probe import preflight_storage
 
 BUDGET = 3.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from mace_ray.progress import StageProgress
+from mace_ray.engine.progress import StageProgress
 
 
 def test_bars_and_lines_follow_the_units_done(capsys, caplog):

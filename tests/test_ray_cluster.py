@@ -9,7 +9,7 @@ import ray
 from helpers import CONCEPTS, BackgroundErase, assert_same_erasure, erasure, request
 from ray.cluster_utils import Cluster
 
-from mace_ray.erase import run_erase
+from mace_ray.erase.driver import run_erase
 
 MORE_CONCEPTS = CONCEPTS + "Tom Hanks | celebrity\nMonet | style\ndog | object\ntruck | object | street\n"
 
@@ -53,7 +53,7 @@ def test_worker_node_removed_mid_run(cluster, tmp_path):
     assert rep["workers"]["replaced"] >= 1
 
     # Same result as an unbroken single-process run of the same concepts.
-    from mace_ray.erase import run_erase as run_local
+    from mace_ray.erase.driver import run_erase as run_local
 
     ref = run_local(request(cfile, tmp_path / "ref", executor="local", concepts_per_batch=1))
     assert_same_erasure(erasure(Path(rep["output"]["root"])), erasure(Path(ref["output"]["root"])))

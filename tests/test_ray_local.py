@@ -8,7 +8,7 @@ import pytest
 import ray
 from helpers import CONCEPTS, BackgroundErase, assert_same_erasure, erasure, request
 
-from mace_ray.erase import run_erase
+from mace_ray.erase.driver import run_erase
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -68,8 +68,8 @@ def test_a_crash_that_recurs_ends_after_bounded_restarts(local_ray):
     an actor error after STATS_MAX_RESTARTS restarts instead of looping."""
     from ray.exceptions import RayActorError
 
-    from mace_ray.backend import STATS_MAX_RESTARTS, RayBackend
-    from mace_ray.resources import Resources
+    from mace_ray.engine.backend import STATS_MAX_RESTARTS, RayBackend
+    from mace_ray.engine.resources import Resources
 
     assert 0 < STATS_MAX_RESTARTS < 10
     backend = RayBackend()
@@ -83,7 +83,7 @@ def test_a_worker_shape_no_node_holds_fails_at_once_and_writes_nothing(local_ray
     Refused in one line before any run state is written (Ray would keep the actors pending)."""
     import time
 
-    from mace_ray.preflight import PlacementError
+    from mace_ray.engine.placement import PlacementError
 
     cfile = tmp_path / "concepts.txt"
     cfile.write_text(CONCEPTS)

@@ -12,12 +12,12 @@ from helpers import SETTINGS, assert_same_erasure, erasure, request, run_cli
 from mace_core.concepts import Concept, ConceptType
 from mace_core.options import from_plain
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, Precision, TrainSettings
-from mace_ray import artefacts
-from mace_ray.erase import run_erase
-from mace_ray.gc import collect_garbage
-from mace_ray.layout import RunLayout
-from mace_ray.local_storage import LocalStorage
-from mace_ray.runlock import RunLock
+from mace_ray.erase import artefacts
+from mace_ray.erase.driver import run_erase
+from mace_ray.erase.gc import collect_garbage
+from mace_ray.erase.layout import RunLayout
+from mace_ray.storage.lease import RunLock
+from mace_ray.storage.local import LocalStorage
 
 
 def data_stamps(out: Path) -> dict[Path, int]:

@@ -1,4 +1,4 @@
-"""The run lock (mace_ray.runlock) and the conditional storage operations it is built on, on a
+"""The run lock (mace_ray.storage.lease) and the conditional storage operations it is built on, on a
 local folder and on a real S3 server (SeaweedFS, see s3server.py): no mocks.
 
 Timings are small (ttl 0.5 s, heartbeat 0.1 s) so that expiry and takeover happen within a
@@ -19,9 +19,9 @@ from collections.abc import Callable
 import pytest
 
 from mace_core.errors import MaceError
-from mace_ray.local_storage import LocalStorage
-from mace_ray.runlock import RunLock, RunLocked
-from mace_ray.storage import Storage
+from mace_ray.storage.base import Storage
+from mace_ray.storage.lease import RunLock, RunLocked
+from mace_ray.storage.local import LocalStorage
 
 KEY = "run-1/LEASE"
 TTL, BEAT = 0.5, 0.1
@@ -32,7 +32,7 @@ def open_store(request, tmp_path, monkeypatch) -> Callable[[], Storage]:
     """Opens the same location anew for each driver, as separate processes would."""
     if request.param == "local":
         return lambda: LocalStorage(tmp_path / "out")
-    from mace_ray.s3storage import S3Storage
+    from mace_ray.storage.s3 import S3Storage
 
     server = request.getfixturevalue("s3_server")
     for k in list(os.environ):

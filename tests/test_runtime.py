@@ -11,15 +11,15 @@ from helpers import SETTINGS
 
 from mace_core.concepts import Concept, ConceptType
 from mace_core.text_stats import concept_text_stats
-from mace_ray import artefacts
-from mace_ray.audit_stages import AUDIT_STAGES
-from mace_ray.backend import LocalBackend, LocalRef
-from mace_ray.erase_stages import ERASE_STAGES
-from mace_ray.eval_stages import EVAL_STAGES
-from mace_ray.jobs import PromptStats, TrainConcepts
-from mace_ray.pool import WorkerPool
-from mace_ray.resources import Resources
-from mace_ray.runtime import Stage, Timer, run_stages, stage_table
+from mace_ray.audit.stages import AUDIT_STAGES
+from mace_ray.engine.backend import LocalBackend, LocalRef
+from mace_ray.engine.pool import WorkerPool
+from mace_ray.engine.resources import Resources
+from mace_ray.engine.stages import Stage, Timer, run_stages, stage_table
+from mace_ray.erase import artefacts
+from mace_ray.erase.jobs import PromptStats, TrainConcepts
+from mace_ray.erase.stages import ERASE_STAGES
+from mace_ray.eval.stages import EVAL_STAGES
 
 DOG = Concept("dog", ConceptType.OBJECT, "animal")
 CAT = Concept("cat", ConceptType.OBJECT, "animal")
@@ -106,8 +106,8 @@ def test_architecture_doc_shows_the_declared_stages():
 
 
 def test_text_worker_holds_only_the_text_encoder(tmp_path, encoder):
-    from mace_ray.text_worker import TextWorker
-    from mace_ray.workers import RunSpec
+    from mace_ray.erase.spec import RunSpec
+    from mace_ray.erase.text_worker import TextWorker
 
     spec = RunSpec(run_id="r1", model="tiny", output=str(tmp_path), settings=SETTINGS, prior_key="k")
     w = TextWorker(spec, "t0")

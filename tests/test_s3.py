@@ -32,14 +32,16 @@ from s3server import (
 from test_cli_erase import CONCEPTS, FAST
 from typer.testing import CliRunner
 
-import mace_ray.s3storage as s3mod
+import mace_ray.storage.s3 as s3mod
+import mace_ray.storage.s3_folders as s3_folders
 from mace_core.checkpoints import read_erasure
 from mace_core.errors import ModelLoadError
-from mace_ray.cli import app
-from mace_ray.models_remote import TEXT_COMPONENTS, resolve_model
-from mace_ray.s3storage import COMPLETE, PARTIAL, S3Storage, make_client
-from mace_ray.storage import StorageError, StorageUnavailableError
-from mace_ray.stores import open_storage
+from mace_ray.cli.main import app
+from mace_ray.storage.base import StorageError, StorageUnavailableError
+from mace_ray.storage.model_cache import TEXT_COMPONENTS, resolve_model
+from mace_ray.storage.open_store import open_storage
+from mace_ray.storage.s3 import COMPLETE, PARTIAL, S3Storage
+from mace_ray.storage.s3_client import make_client
 
 MB = 1024 * 1024
 CREDENTIALS = (ADMIN_ACCESS_KEY, ADMIN_SECRET_KEY, READER_ACCESS_KEY, READER_SECRET_KEY)
@@ -160,7 +162,7 @@ def test_put_dir_crash_mid_upload_leaves_nothing_complete(aws_env, bucket, tmp_p
     assert s.exists("final/pipeline")
 
     # Crash after the first file of the replacement is uploaded.
-    real = s3mod.create_transfer_manager
+    real = s3_folders.create_transfer_manager
 
     def crashing_manager(client, config):
         tm = real(client, config)
@@ -179,7 +181,7 @@ def test_put_dir_crash_mid_upload_leaves_nothing_complete(aws_env, bucket, tmp_p
         return tm
 
     with monkeypatch.context() as m, pytest.raises(SimulatedCrash):
-        m.setattr(s3mod, "create_transfer_manager", crashing_manager)
+        m.setattr(s3_folders, "create_transfer_manager", crashing_manager)
         s.put_dir(v2, "final/pipeline")
 
     keys = raw_keys(aws_env, bucket, "p/final/pipeline/")
@@ -192,7 +194,7 @@ def test_put_dir_crash_mid_upload_leaves_nothing_complete(aws_env, bucket, tmp_p
             view.get_dir("final/pipeline", tmp_path / "got")
 
     # Crash at the commit: every file is there, and still nothing looks complete.
-    put = s._put
+    put = s.put_object
 
     def crash_at_commit(full: str, data: bytes) -> None:
         if full.endswith(COMPLETE):
@@ -200,7 +202,7 @@ def test_put_dir_crash_mid_upload_leaves_nothing_complete(aws_env, bucket, tmp_p
         put(full, data)
 
     with monkeypatch.context() as m, pytest.raises(SimulatedCrash):
-        m.setattr(s, "_put", crash_at_commit)
+        m.setattr(s, "put_object", crash_at_commit)
         s.put_dir(v2, "final/pipeline")
     assert len(raw_keys(aws_env, bucket, "p/final/pipeline/")) == len(files) + 2
     assert not s.exists("final/pipeline") and s.list("final") == []
@@ -584,7 +586,7 @@ def test_s3_outage_beyond_the_retry_budget_fails_then_resumes(erased, s3_server,
     # An infrastructure failure (exit 1, not "bad input"), with a message that says what to do.
     assert proc.returncode == 1, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("mace_ray.storage.StorageUnavailableError: s3://" + bucket + "/down/"), last
+    assert last.startswith("mace_ray.storage.base.StorageUnavailableError: s3://" + bucket + "/down/"), last
     assert f"S3 at {s3_server.endpoint} unavailable" in last and "rerun the same command to resume" in last
     assert_no_secret(out, err)
     n_done = assert_nothing_half_done(s3_server, bucket, "down")

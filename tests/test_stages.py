@@ -13,8 +13,8 @@ from mace_core.cfr import apply_cfr
 from mace_core.checkpoints import read_erasure
 from mace_core.models import build_tiny_pipeline, get_attn2_weights
 from mace_core.sealed import open_sealed
-from mace_ray.erase import run_erase
-from mace_ray.erase_stages import plan_stages
+from mace_ray.erase.driver import run_erase
+from mace_ray.erase.stages import plan_stages
 
 
 def test_a_stage_list_brings_what_it_needs():

@@ -19,7 +19,8 @@ from mace_core.concepts import ConceptType, read_concept_file
 from mace_core.erasure_report import KVProjection, concept_drifts
 from mace_core.models import get_attn2_weights
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
-from mace_ray.erase import EraseRequest, run_erase
+from mace_ray.erase.driver import run_erase
+from mace_ray.erase.request import EraseRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 CELEBRITIES = read_concept_file(ROOT / "jobs/celebrities/erase.txt", ConceptType.CELEBRITY).concepts

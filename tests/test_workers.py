@@ -9,7 +9,8 @@ import torch
 from helpers import SETTINGS
 
 from mace_core.concepts import Concept, ConceptType
-from mace_ray.workers import ConceptWorker, RunSpec
+from mace_ray.erase.concept_worker import ConceptWorker
+from mace_ray.erase.spec import RunSpec
 
 
 def test_data_before_cfr_then_training_reuses_it(tmp_path):

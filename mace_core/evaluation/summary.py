@@ -1,6 +1,6 @@
 """The Markdown summary of an evaluation report: one column per evaluated model.
 
-Reads only the report dictionary (written by ``mace_ray.evaluate``); the paper column
+Reads only the report dictionary (written by ``mace_ray.eval.driver``); the paper column
 quotes MACE's published numbers on SD v1.4 (its evaluation tables) for context.
 """
 

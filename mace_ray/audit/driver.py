@@ -1,0 +1,175 @@
+"""The audit job: attacks on an erased model's concepts, over a pool of audit workers.
+
+Stages:
+  1. prepare (driver, no models loaded): resolve the audited model (an erase run's folder
+     also names its original model, its concepts and where its stored images are), the
+     original model, the concepts with their variants and the attacks; derive the audit id
+  2. attacks: a baseline job per concept and one job per (concept, attack) on
+     ``AuditWorker``s (``WorkerPool``: bounded in-flight work, dead workers replaced and
+     their job re-run); finished jobs (their marker holds) are reused
+  3. report: report.json, summary.md, plots/*.png (mace_core.audit.report)
+The same driver runs in this process (LocalBackend) or on a Ray cluster (RayBackend).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mace_core.audit.concepts import AuditConcept, read_audit_concepts
+from mace_core.concepts import Concept, ConceptType
+from mace_core.errors import ConceptError, MaceError, ModelLoadError
+from mace_core.evaluation.clip_model import DEFAULT_CLIP, TINY_CLIP
+from mace_core.evaluation.errors import MetricUnavailableError
+from mace_core.families import family_for
+from mace_core.models import TINY_MODEL
+from mace_core.pretrained import looks_like_path
+from mace_ray.audit.layout import AuditLayout
+from mace_ray.audit.request import AuditRequest
+from mace_ray.audit.stages import AUDIT_STAGES, AuditRun
+from mace_ray.engine.staged_job import run_staged_job
+from mace_ray.eval.driver import ResolvedModel, resolve_model
+from mace_ray.storage.base import Storage, write_json
+
+log = logging.getLogger("mace_ray")
+
+# Families whose text side is one CLIP text encoder: what the embedding attacks inject into.
+AUDITABLE_FAMILIES = ("sd1", "sd2")
+
+
+@dataclass
+class PreparedAudit:
+    request: AuditRequest
+    model: ResolvedModel
+    original: str
+    concepts: list[AuditConcept]
+    attacks: tuple[str, ...]
+    clip: str
+    audit_id: str
+    run_output: str | None = None  # the erase run's --output (local), for its stored images
+    run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> AuditLayout:
+        return AuditLayout(self.audit_id)
+
+    def start(self, storage: Storage) -> None:
+        """Before any worker starts: what is audited, in the log, and the audit's inputs, stored."""
+        log.info(
+            "audit %s: %d concepts x %d attacks (%s) of %s against %s",
+            self.audit_id, len(self.concepts), len(self.attacks), ", ".join(self.attacks),
+            self.model.spec, self.original,
+        )  # fmt: skip
+        write_json(storage, self.layout.inputs, self.inputs())
+
+    def inputs(self) -> dict[str, Any]:
+        """audit.json: what the audit id was derived from, readable."""
+        return {
+            "audit_id": self.audit_id,
+            "model": self.model.load,
+            "original": self.original,
+            "concepts": [c.to_dict() for c in self.concepts],
+            "attacks": list(self.attacks),
+            "settings": self.request.settings.to_dict(),
+            "clip": self.clip,
+        }
+
+
+def _erase_run(model: ResolvedModel) -> tuple[str | None, str | None]:
+    """(the erase run's output folder, its run id) when ``model`` is an erase run's pipeline."""
+    if model.manifest is None:
+        return None, None
+    run_dir = Path(model.load).parent.parent  # runs/<run_id>/final/pipeline
+    if run_dir.parent.name != "runs":
+        return None, None
+    return str(run_dir.parent.parent), run_dir.name
+
+
+def _check_family(model: str, what: str) -> None:
+    """Refuse, before any worker starts, a local model the attacks cannot run on (SDXL)."""
+    if model != TINY_MODEL and not (looks_like_path(model) and "://" not in model):
+        return  # hub ids and s3:// folders are checked by the workers, which load them
+    family = family_for(model)
+    if family.name not in AUDITABLE_FAMILIES:
+        raise ModelLoadError(
+            f"{what} {model!r} is a {family.name} model; mace-ray audit supports "
+            f"{', '.join(AUDITABLE_FAMILIES)} (one CLIP text encoder)"
+        )
+
+
+def _same_model(spec: str, load: str) -> bool:
+    try:
+        return resolve_model(spec).load == load
+    except MaceError:  # a folder that is not there (any more, or from here): not the same
+        return False
+
+
+def _concepts(req: AuditRequest, model: ResolvedModel) -> list[AuditConcept]:
+    if req.concept_file:
+        return read_audit_concepts(req.concept_file, req.default_type)
+    if model.manifest is None:
+        raise ConceptError(
+            "give a concept file (CONCEPTS): the audited model is not an erase run, so it names no concepts"
+        )
+    return [
+        AuditConcept(Concept(c["text"], ConceptType(c["type"]), c["anchor"]))
+        for c in model.manifest.get("concepts", [])
+    ]
+
+
+def prepare(req: AuditRequest) -> PreparedAudit:
+    """Stage 1, on the driver: everything that can be wrong with the inputs fails here, before
+    any worker starts or anything is written."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MetricUnavailableError("mace-ray audit plots with matplotlib: pip install 'mace-ray[eval]'")
+    model = resolve_model(req.model)
+    run_output, run_id = _erase_run(model)
+    notes: list[str] = []
+    base = model.manifest["model"] if model.manifest else None
+    if req.original is None and base is None:
+        raise ModelLoadError(
+            "--original MODEL is required: the audited model is not an erase run, so it names no original"
+        )
+    if req.original:
+        original = resolve_model(req.original, "--original").load
+        if base is not None and not _same_model(str(base), original):
+            notes.append(
+                f"--original {original} is not the erase run's model ({base}): its stored images are not used"
+            )
+            run_output = run_id = None
+    else:
+        original = resolve_model(str(base), "the erase run's model (pass --original)").load
+    for m, what in ((model.load, "model"), (original, "--original")):
+        _check_family(m, what)
+    concepts = _concepts(req, model)
+    attacks = req.attack_list
+    clip = req.settings.clip or (TINY_CLIP if original == TINY_MODEL else DEFAULT_CLIP)
+    if req.settings.images and clip == TINY_CLIP:
+        notes.append(
+            "image scorer: the built-in random tiny CLIP; its image leak rates exercise the code, "
+            "they mean nothing"
+        )
+    if not req.settings.images:
+        notes.append("--images 0: mechanistic figures only")
+    key = {
+        "model": model.load,
+        "original": original,
+        "concepts": [c.to_dict() for c in concepts],
+        "attacks": list(attacks),
+        "settings": req.settings.to_dict(),
+        "clip": clip,
+        "run_images": [run_output, run_id],
+    }
+    audit_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return PreparedAudit(req, model, original, concepts, attacks, clip, audit_id, run_output, run_id, notes)
+
+
+def run_audit(req: AuditRequest) -> dict[str, Any]:
+    """Run an audit; returns the report. Raises MaceError on bad input."""
+    return run_staged_job(req, prepare, AuditRun, AUDIT_STAGES)

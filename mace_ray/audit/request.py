@@ -1,0 +1,66 @@
+"""What ``mace-ray audit`` is asked to do: ``AuditRequest``, the audit's method settings
+(``mace_core.audit.settings.AuditSettings``, every attack's group included) beside where and
+how the job runs. Its fields carry their command-line metadata, as ``EraseRequest`` and
+``EvalRequest``'s do (mace_ray/engine/requests.py); mace_ray/cli/build.py builds the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mace_core.audit.attacks import ALL, attack_names, parse_attacks
+from mace_core.audit.settings import AuditSettings
+from mace_core.concepts import ConceptType
+from mace_core.options import Panel, group, option, setting
+from mace_ray.engine.requests import WhereItRuns
+
+
+@dataclass(frozen=True)
+class AuditRequest(WhereItRuns):
+    model: str = field(
+        metadata=option(
+            "The erased model to audit: an erase run's folder (runs/<run_id>: its original model, "
+            "concepts and stored images are used), its final/pipeline folder, a diffusers folder, "
+            "a hub id or 'tiny'.",
+            argument=True,
+        )
+    )
+    # None: the erase run's concepts
+    concept_file: str | None = field(
+        default=None,
+        metadata=option(
+            "Concept file: 'text | type | anchor | aliases | descriptions' per line, aliases and "
+            "descriptions ';'-separated (default: the erase run's concepts).",
+            name="concepts",
+            argument=True,
+        ),
+    )
+    # None: the erase run's --model
+    original: str | None = setting(
+        None,
+        "The model before erasure: hub id, diffusers folder or 'tiny' (default: the erase run's model).",
+        panel=Panel.MODEL,
+    )
+    attacks: str = setting(
+        ALL,
+        f"Attacks to run: {ALL} or a comma-separated list of {', '.join(attack_names())}.",
+        panel=Panel.ATTACKS,
+    )
+    output: str = setting(
+        "mace-runs", "Where audits/ is written: a folder or s3://bucket/prefix.", panel=Panel.MODEL
+    )
+    default_type: ConceptType = setting(
+        ConceptType.OBJECT, "Type of concept-file lines without one.", name="type", panel=Panel.MODEL
+    )
+    settings: AuditSettings = field(default_factory=AuditSettings, metadata=group())
+    resume: bool = setting(
+        True, "Reuse the results of an earlier audit with the same inputs.", panel=Panel.RUN
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_attacks(self.attacks)  # an unknown name is a ValueError: one line, exit 2
+
+    @property
+    def attack_list(self) -> tuple[str, ...]:
+        return parse_attacks(self.attacks)

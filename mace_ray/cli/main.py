@@ -1,0 +1,219 @@
+"""The ``mace-ray`` command line.
+
+Exit codes: 0 success; 1 unexpected failure (a bug or an infrastructure error, with a
+traceback; the run is marked failed and resumes on rerun); 2 bad input or settings (one
+line on stderr naming the input; nothing is marked complete).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mace_core.errors import MaceError
+from mace_core.models import DEFAULT_MODEL
+from mace_ray.cli.audit import audit_command
+from mace_ray.cli.build import annotated, command
+from mace_ray.cli.eval import eval_command
+from mace_ray.cli.options import OneLineErrors, fail
+from mace_ray.engine.logs import setup_logging
+from mace_ray.engine.requests import ADDRESS, EXECUTOR, S3_ENDPOINT, Executor
+from mace_ray.erase.request import EraseRequest
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mass concept erasure (MACE) for Stable Diffusion, on one machine or a Ray cluster.",
+)
+
+# Exit code of a complete run whose erasure report fails --max-residual.
+EXIT_WEAK_ERASURE = 3
+# A run stopped by SIGTERM (128 + 15, as a shell reports it): marked interrupted, resumable.
+EXIT_SIGTERM = 143
+
+# The shared options of the hand-written commands, from the requests' metadata.
+ExecutorOpt = annotated(EXECUTOR, Executor, "executor")
+AddressOpt = annotated(ADDRESS, str | None, "address")
+S3EndpointOpt = annotated(S3_ENDPOINT, str | None, "s3-endpoint")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(version("mace-ray"))
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            fail("mace-ray is not installed (pip install -e .), so it has no version")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the installed version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
+def erase(req: EraseRequest) -> None:
+    """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
+    from mace_core.erasure_report import above_limit
+    from mace_ray.erase.driver import Interrupted, on_sigterm, run_erase
+
+    setup_logging(req.progress)
+    try:
+        with on_sigterm():
+            report = run_erase(req)
+    except (MaceError, ValueError) as e:
+        fail(str(e))
+    except Interrupted as e:
+        fail(f"{e}: the run stopped and is marked interrupted; the same command resumes it", EXIT_SIGTERM)
+    typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
+    # From the per-concept residuals, not the stored list: a complete run reused with a new
+    # --max-residual is judged by the new limit.
+    residuals = {c["text"]: (c.get("erasure") or {}).get("residual") for c in report.get("concepts", [])}
+    above = list(above_limit(residuals, req.max_residual).items())
+    if above:
+        shown = ", ".join(f"{name} ({value:.3f})" for name, value in above[:5])
+        more = f" and {len(above) - 5} more" if len(above) > 5 else ""
+        fail(
+            f"--max-residual {req.max_residual}: {len(above)} concept(s) stay above it: {shown}{more}",
+            code=EXIT_WEAK_ERASURE,
+        )
+
+
+app.command("erase", cls=OneLineErrors)(command(EraseRequest, erase, "erase"))
+
+
+@app.command(cls=OneLineErrors)
+def status(
+    run: Annotated[str, typer.Argument(help="Run id (the folder name under runs/).")],
+    output: Annotated[str, typer.Option(help="The --output the run was written to.")] = "mace-runs",
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Show a run's status and progress from its manifest."""
+    from mace_ray.erase.driver import run_status
+
+    setup_logging(False)
+    try:
+        typer.echo(json.dumps(run_status(output, run, s3_endpoint), indent=2))
+    except MaceError as e:
+        fail(str(e))
+
+
+@app.command(cls=OneLineErrors)
+def gc(
+    output: Annotated[
+        str, typer.Option(help="The --output of the runs (a folder or s3://bucket/prefix).")
+    ] = "mace-runs",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Remove the shared training data (data/<key>/) that no run under OUTPUT refers to."""
+    from mace_ray.erase.gc import collect_garbage
+
+    setup_logging(True)
+    try:
+        typer.echo(json.dumps(collect_garbage(output, s3_endpoint, dry_run)))
+    except MaceError as e:
+        fail(str(e))
+
+
+@app.command("cache-prior", cls=OneLineErrors)
+def cache_prior_cmd(
+    captions: Annotated[Path, typer.Argument(help="Caption file, one caption per line (e.g. MS-COCO).")],
+    model: Annotated[str, typer.Option(help="Hub id, local diffusers folder, or 'tiny'.")] = DEFAULT_MODEL,
+    output: Annotated[str, typer.Option(help="The --output that erase runs will use.")] = "mace-runs",
+    executor: ExecutorOpt = Executor.RAY,
+    address: AddressOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Build the prior statistics C_p of a caption file once, for every later erase to reuse."""
+    from mace_ray.engine.backend import backend_for
+    from mace_ray.erase.prior import cache_prior
+
+    setup_logging(True)
+    try:
+        args = (model, str(captions), output, s3_endpoint)
+        with backend_for(executor, address) as backend:
+            if backend.name == "local":
+                result = cache_prior(*args)
+            else:
+                import ray
+
+                gpus = 1 if backend.gpus_available() else 0
+                task = ray.remote(cache_prior).options(name="cache-prior", num_gpus=gpus)
+                result = backend.get(task.remote(*args))
+    except MaceError as e:
+        fail(str(e))
+    typer.echo(json.dumps(result))
+
+
+@app.command(cls=OneLineErrors)
+def apply(
+    erasure: Annotated[Path, typer.Argument(help="An erasure.safetensors file written by 'erase'.")],
+    output: Annotated[Path, typer.Option(help="Folder for the erased diffusers pipeline.")],
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the one named in the file).")
+    ] = None,
+    other_model: Annotated[
+        bool,
+        typer.Option(
+            "--other-model",
+            help="Apply to a model other than the one the erasure was computed on (its fingerprint differs).",
+        ),
+    ] = False,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for an s3:// --model.")] = None,
+) -> None:
+    """Apply a compact erasure file to its base model and save the erased pipeline."""
+    from mace_core.checkpoints import apply_erasure, read_erasure, save_pipeline
+    from mace_core.models import load_pipeline
+    from mace_ray.storage.model_cache import fingerprint_model, resolve_model
+
+    setup_logging(False)
+    try:
+        if not erasure.is_file():
+            raise MaceError(f"erasure file {str(erasure)!r} does not exist")
+        if output.exists() and not output.is_dir():
+            raise MaceError(f"--output {str(output)!r} is a file; give a folder for the pipeline")
+        data = erasure.read_bytes()
+        _, meta = read_erasure(data, str(erasure))
+        base = model or meta["base_model"]
+        expected = meta.get("model_fingerprint")
+        if expected and not other_model:
+            # The erasure replaces attn2 matrices computed from one model's weights: on any
+            # other weights it would mix two models without a word.
+            now = fingerprint_model(base, s3_endpoint).full
+            if now != expected:
+                raise MaceError(
+                    f"{str(erasure)!r} was computed on a model with fingerprint {expected}; "
+                    f"{base!r} has {now} (pass --other-model to apply it anyway)"
+                )
+        pipe = load_pipeline(resolve_model(base, s3_endpoint))
+        apply_erasure(pipe, data, str(erasure))
+        save_pipeline(pipe, output)
+    except MaceError as e:
+        fail(str(e))
+    typer.echo(str(output))
+
+
+app.command("eval", cls=OneLineErrors)(eval_command)
+app.command("audit", cls=OneLineErrors)(audit_command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""How a command whose job ends in a report (``mace-ray audit``, ``mace-ray eval``) runs it
+and shows the result: logging set up, bad input as one ``mace-ray: error:`` line (exit 2),
+then the report's table and one JSON line naming the job, its status and its folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from mace_core.errors import MaceError
+from mace_ray.cli.options import fail
+from mace_ray.engine.logs import setup_logging
+
+
+def run_reported_job(
+    progress: bool,
+    run: Callable[[], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    id_key: str,
+) -> None:
+    """``run()`` the job, then print ``table(report)`` and ``{id_key, status, root}`` as JSON."""
+    setup_logging(progress)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache line is noise here
+    try:
+        report = run()
+    except (MaceError, ValueError) as e:
+        fail(str(e))
+    typer.echo(table(report))
+    out = report["output"]
+    typer.echo(json.dumps({id_key: report[id_key], "status": report["status"], "root": out["root"]}))

@@ -1,0 +1,65 @@
+"""Where and how a job runs: ``WhereItRuns``, the options every request shares (executor,
+cluster address, workers, GPUs per worker, device, S3 endpoint, progress), declared once.
+
+Every field carries its command-line metadata (mace_core/options.py); mace_ray/cli/build.py
+builds the commands from the request classes that extend it (erase/request.py,
+eval/request.py, audit/request.py). Kept free of the job modules (diffusers, Ray) so that
+``mace-ray --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mace_core.options import Choice, Panel, coerce_choices, option, setting
+
+
+class Executor(Choice):
+    RAY = "ray"  # a Ray cluster, or a local Ray
+    LOCAL = "local"  # everything in this process
+
+
+# Options of both commands: one text each.
+EXECUTOR = option("ray (a cluster, or a local Ray) or local (this process).", panel=Panel.CLUSTER)
+ADDRESS = option("Ray cluster address (default: RAY_ADDRESS, else start a local Ray).", panel=Panel.CLUSTER)
+GPUS_PER_WORKER = option(
+    "GPUs per worker, fractions allowed (default: 1 if the cluster has GPUs).", min=0.0, panel=Panel.CLUSTER
+)
+DEVICE = option("torch device (default: cuda if present, else cpu).", panel=Panel.CLUSTER)
+S3_ENDPOINT = option("S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).", panel=Panel.CLUSTER)
+VERBOSE = option("Progress lines on stderr.", name="verbose", negative="quiet", panel=Panel.RUN)
+
+FILE, FOLDER = "<file>", "<folder>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WhereItRuns:
+    """Where and how a job runs: the options erase, eval and audit share, declared once.
+
+    Keyword-only, so that each request's own fields keep their positions.
+    """
+
+    executor: Executor = field(default=Executor.RAY, metadata=EXECUTOR)
+    # Ray cluster; None: RAY_ADDRESS, else a local Ray
+    address: str | None = field(default=None, metadata=ADDRESS)
+    # None: one per GPU (gpus_per_worker each), else 1
+    workers: int | None = setting(
+        None, "Workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER
+    )
+    # None: 1 if the cluster has GPUs, else 0
+    gpus_per_worker: float | None = field(default=None, metadata=GPUS_PER_WORKER)
+    device: str | None = field(default=None, metadata=DEVICE)
+    s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
+    # Progress bars and lines inside the stages (the CLI's --quiet: off).
+    progress: bool = field(default=True, metadata=VERBOSE)
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, {"executor": (Executor, "executor")})
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    def for_workers(self) -> dict[str, Any]:
+        """What every worker's spec copies from the request: the S3 endpoint of its output,
+        its torch device, whether it draws progress."""
+        return {"s3_endpoint": self.s3_endpoint, "device": self.device, "progress": self.progress}

@@ -1,0 +1,262 @@
+"""The GPU worker of an erase run (``ConceptWorker``), a plain class, and the spec every
+worker of the run is built from (``RunSpec``).
+
+``ConceptWorker`` holds a pipeline (loaded once) and does the per-concept work: images,
+masks, LoRA training, the erasure report, and finally writing the model (the text
+statistics run on CPU workers, ``mace_ray.erase.text_worker``; the sums and solves on the
+statistics actor, ``mace_ray.erase.stats_worker``). It reads its inputs from and writes
+its outputs to storage, so it can be replaced at any time. The local executor
+instantiates it directly; the Ray executor runs it as an actor. It does no maths itself:
+mace_core does.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from mace_core.cfr import apply_cfr
+from mace_core.checkpoints import erasure_bytes, save_pipeline
+from mace_core.concept_job import ConceptBatchWorker
+from mace_core.concepts import Concept
+from mace_core.erasure_report import (
+    KVProjection,
+    attention_mass,
+    kv_drift,
+    kv_gaps,
+    lora_relative_norm,
+)
+from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fingerprint
+from mace_core.masking import load_masker
+from mace_core.models import (
+    TINY_MODEL,
+    get_attn2_weights,
+    load_pipeline,
+    pipeline_prompt_encoder,
+    set_attn2_weights,
+)
+from mace_core.progress import no_progress
+from mace_core.prompts import heldout_captions, prompt_pairs
+from mace_ray.engine.progress import StageProgress
+from mace_ray.engine.worker import PoolWorker
+from mace_ray.erase import artefacts
+from mace_ray.erase.spec import RunSpec, load_checked
+from mace_ray.storage.model_cache import resolve_model
+
+log = logging.getLogger("mace_ray")
+
+T = TypeVar("T")
+
+
+class ConceptWorker(PoolWorker[RunSpec]):
+    """Per-concept work on one device; loads the pipeline once and serves many batches."""
+
+    def load(self) -> dict[str, Any]:
+        """The pipeline and the masker, once; adds the batch plan to where this worker runs."""
+        spec = self.spec
+        self.layout = spec.layout
+        self.pipe = self._load_checked()
+        self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
+        self.original = get_attn2_weights(self.pipe.unet)
+        self.masker = load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
+        # Refined weights come with set_cfr; images and masks need only the original model.
+        self.batch_worker = ConceptBatchWorker(
+            self.pipe, spec.settings, self.device, self.original, None, masker=self.masker
+        )
+        # With the models loaded, what is left of the GPU's memory sets the batch sizes.
+        self.plan = self.batch_worker.plan()
+        return {"batch_plan": self.plan.to_dict()}
+
+    def _load_checked(self) -> Any:
+        """The run's pipeline, refused if its files are not the ones the run fingerprinted."""
+        spec = self.spec
+        if spec.model == TINY_MODEL:  # built, not read: hash what was built
+            pipe = load_pipeline(TINY_MODEL)
+            if spec.model_fingerprint:
+                expect_fingerprint(spec.model, spec.model_fingerprint, pipeline_fingerprint(pipe))
+            return pipe.to(self.device)
+        return load_checked(spec, lambda: load_pipeline(resolve_model(spec.model, spec.s3_endpoint))).to(
+            self.device
+        )
+
+    def batch_plan(self) -> dict[str, Any]:
+        """Concepts per batch and images per diffusion batch this worker's memory holds."""
+        return self.plan.to_dict()
+
+    # ------------------------------------------------------------ training
+
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        return self.original
+
+    def set_cfr(self, M: torch.Tensor) -> None:
+        """W' = W M (Eq. 2), the weights the LoRAs train on."""
+        self.batch_worker.refined = apply_cfr(self.original, M)
+
+    def _pending(self, concepts: list[Concept]) -> list[Concept]:
+        done = artefacts.done_slugs(self.storage, self.layout)
+        return [c for c in concepts if c.slug not in done]
+
+    @contextmanager
+    def _progress(self, stage: str, concepts: list[Concept]) -> Iterator[None]:
+        """Progress bars for one job (image steps, masks, training steps), closed after it."""
+        label = f"{stage}[{concepts[0].slug}+{len(concepts) - 1}]" if concepts else stage
+        shown = StageProgress(label, self.spec.progress, under_ray=self.spec.metrics == "ray")
+        self.batch_worker.progress = shown.update
+        try:
+            yield
+        finally:
+            shown.close()
+            self.batch_worker.progress = no_progress
+
+    def prepare_data(self, concepts: list[Concept]) -> list[str]:
+        """Images and masks of a batch, stored; runs before CFR is solved. Returns new slugs."""
+        spec = self.spec
+        todo = [c for c in self._pending(concepts) if not self.storage.exists(spec.data_layout(c).marker)]
+        if not todo:
+            return []
+        with self._progress("data", todo):
+            for d in self.batch_worker.data(todo):
+                artefacts.write_data(self.storage, spec.data_layout(d.concept), d)
+        return [c.slug for c in todo]
+
+    def train(self, concepts: list[Concept]) -> list[str]:
+        """The LoRAs of a batch; each concept's DONE marker written last.
+
+        Concepts already DONE are skipped; stored images and masks are used, and any
+        concept without them gets them here first (same seeds, same images).
+        """
+        if self.batch_worker.refined is None:
+            raise RuntimeError("set_cfr must be called before train")
+        todo = self._pending(concepts)
+        if not todo:
+            return []
+        spec = self.spec
+        stored = {c.slug: artefacts.read_data(self.storage, spec.data_layout(c), c) for c in todo}
+        missing = [c for c in todo if stored[c.slug] is None]
+        with self._progress("train", todo):
+            for d in self.batch_worker.data(missing) if missing else []:
+                artefacts.write_data(self.storage, spec.data_layout(d.concept), d)
+                stored[d.concept.slug] = d
+            arts = self.batch_worker.finish([stored[c.slug] for c in todo])
+        for art in arts:
+            art.notes["where"] = self.where
+            artefacts.write_result(self.storage, self.layout, art)
+        return [a.concept.slug for a in arts]
+
+    # ------------------------------------------------------------ output
+
+    def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+        """The erased diffusers folder (visible at once), the compact erasure file, and the
+        compact file of the CFR-refined weights (what each concept's LoRA applies to).
+
+        Returns the SHA-256 of every file written, by storage key: the run records them, and
+        a rerun of a complete run checks them before it says "already complete".
+        """
+        unet = self.pipe.unet
+        set_attn2_weights(unet, fused)
+        sums: dict[str, str] = {}
+        try:
+            with tempfile.TemporaryDirectory(prefix="mace-final-") as tmp:
+                save_pipeline(self.pipe, Path(tmp))
+                for f in sorted(Path(tmp).rglob("*")):
+                    if f.is_file():
+                        sums[f"{self.layout.final_pipeline}/{f.relative_to(tmp).as_posix()}"] = file_sha256(f)
+                self.storage.put_dir(Path(tmp), self.layout.final_pipeline)
+        finally:
+            set_attn2_weights(unet, self.original)
+        data = erasure_bytes(fused, metadata)
+        self.storage.write_bytes(self.layout.erasure, data)
+        sums[self.layout.erasure] = artefacts.sha256(data)
+        if self.batch_worker.refined is not None:  # a LoRA of the run loads onto these weights
+            cfr = erasure_bytes(self.batch_worker.refined, {**metadata, "weights": "cfr"})
+            self.storage.write_bytes(self.layout.cfr_erasure, cfr)
+            sums[self.layout.cfr_erasure] = artefacts.sha256(cfr)
+        return sums
+
+    # ------------------------------------------------------------ erasure report
+
+    def _projections(self, fused: dict[str, torch.Tensor]) -> dict[str, KVProjection]:
+        if self.batch_worker.refined is None:
+            raise RuntimeError("set_cfr must be called before the erasure report")
+        return {
+            "original": KVProjection(self.original, self.device),
+            "cfr": KVProjection(self.batch_worker.refined, self.device),
+            "final": KVProjection(fused, self.device),
+        }
+
+    def erasure_report(
+        self, concepts: list[Concept], fused: dict[str, torch.Tensor]
+    ) -> dict[str, dict[str, Any]]:
+        """Per concept: residual after CFR and after fusion, attention mass in its masks for
+        the original and the erased UNet (``mace_core.erasure_report``)."""
+        kv = self._projections(fused)
+        out: dict[str, dict[str, Any]] = {}
+        for c in concepts:
+            gap, residual = kv_gaps(self.encoder, c, kv["original"], {"cfr": kv["cfr"], "final": kv["final"]})
+            train_pairs = prompt_pairs(c, self.spec.settings.prompts_per_concept)
+            final = {"final": kv["final"]}
+            gap_train, on_train = kv_gaps(self.encoder, c, kv["original"], final, train_pairs)
+            entry: dict[str, Any] = {
+                "residual_cfr": residual["cfr"],
+                "residual": residual["final"],
+                "residual_train": on_train["final"],
+                "gap": gap,
+                "gap_train": gap_train,
+                "lora_relative_norm": None,
+            }
+            mace = self.spec.method == "mace"
+            if mace:
+                lora = artefacts.read_lora(self.storage, self.layout, c.slug)
+                entry["lora_relative_norm"] = lora_relative_norm(lora, self.original)
+            data = artefacts.read_data(self.storage, self.spec.data_layout(c), c) if mace else None
+            if data is None:
+                entry["attention_mass"] = None
+                entry["attention_mass_missing"] = (
+                    "the concept's stored images or masks are incomplete"
+                    if mace
+                    else "a closed-form-only run makes no images or masks"
+                )
+            else:
+                mass = attention_mass(
+                    self.pipe.unet,
+                    self.pipe.vae,
+                    self.batch_worker.noise_scheduler,
+                    self.encoder,
+                    c,
+                    data.images,
+                    data.masks,
+                    {"original": self.original, "erased": fused},
+                    self.device,
+                    seed=self.spec.settings.train.seed,
+                )
+                entry["attention_mass"] = mass
+            out[c.slug] = entry
+        return out
+
+    def drift_report(self, fused: dict[str, torch.Tensor], retain_prompts: list[str]) -> dict[str, Any]:
+        """Drift of held-out generic captions (and of the retained set's held-out prompts)
+        after CFR and after fusion."""
+        kv = self._projections(fused)
+        captions = list(heldout_captions())
+        out: dict[str, Any] = {
+            "prior_drift_cfr": kv_drift(self.encoder, captions, kv["original"], kv["cfr"]),
+            "prior_drift": kv_drift(self.encoder, captions, kv["original"], kv["final"]),
+            "heldout_captions": len(captions),
+        }
+        if retain_prompts:
+            out["retain_drift_cfr"] = kv_drift(self.encoder, retain_prompts, kv["original"], kv["cfr"])
+            out["retain_drift"] = kv_drift(self.encoder, retain_prompts, kv["original"], kv["final"])
+            out["retain_prompts"] = len(retain_prompts)
+        return out
+
+    def teardown(self) -> None:
+        self.batch_worker = None
+        self.pipe = None
+        self.masker = None
+        super().teardown()

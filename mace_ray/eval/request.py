@@ -1,0 +1,103 @@
+"""What ``mace-ray eval`` is asked to do: ``EvalRequest``, the generation settings
+(mace_core/evaluation/generation.py) nested beside where and how the job runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mace_core.evaluation.clip_model import clip_setting
+from mace_core.evaluation.generation import GenerationSettings
+from mace_core.evaluation.recognition import CLIP_RECOGNIZER
+from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
+from mace_ray.engine.requests import FILE, FOLDER, WhereItRuns
+
+
+class SuiteName(Choice):
+    OBJECTS = "objects"
+    CELEBRITIES = "celebrities"
+    STYLES = "styles"
+    EXPLICIT = "explicit"
+    COCO = "coco"
+
+
+@dataclass(frozen=True)
+class EvalRequest(WhereItRuns):
+    model: str = field(
+        metadata=option(
+            "Model to evaluate: hub id, local diffusers folder, 'tiny', or an erase run's final/pipeline "
+            "folder (or its runs/<run_id> folder: erased and retained concepts come from it).",
+            argument=True,
+        )
+    )
+    suite: SuiteName = field(metadata=option("Evaluation protocol (paper Sec. 4).", panel=Panel.SUITE))
+    # The original model: evaluated in the same run, printed beside.
+    baseline: str | None = setting(
+        None, "The original model, evaluated in the same run and printed beside MODEL.", panel=Panel.MODEL
+    )
+    output: str = setting(
+        "mace-runs", "Where evals/ is written: a folder or s3://bucket/prefix.", panel=Panel.MODEL
+    )
+    # Concept files; default: the erase run's concepts and retained set.
+    erased_file: str | None = setting(
+        None,
+        "Concept file of the erased concepts (objects/celebrities/styles; default: the erase run's).",
+        name="erased",
+        panel=Panel.SUITE,
+        metavar=FILE,
+    )
+    retained_file: str | None = setting(
+        None,
+        "Concept file of retained celebrities/artists (default: the erase run's --retain set).",
+        name="retained",
+        panel=Panel.SUITE,
+        metavar=FILE,
+    )
+    prompts_csv: str | None = setting(
+        None,
+        "explicit: I2P CSV (column prompt; sd_seed, sd_guidance_scale, ... used when present); "
+        "coco: captions CSV (column caption; image_id optional).",
+        panel=Panel.SUITE,
+        metavar=FILE,
+    )
+    reference_images: str | None = setting(
+        None, "coco: folder of real images (e.g. MS-COCO val) for FID.", panel=Panel.SUITE, metavar=FOLDER
+    )
+    limit: int | None = setting(None, "Only the first N rows of --prompts-csv.", min=1, panel=Panel.SUITE)
+    # None: the suite's default (the paper's)
+    images_per_prompt: int | None = setting(
+        None,
+        "Images (seeds) per prompt (default: objects 200, celebrities/styles 5, else 1).",
+        name="images",
+        aliases=("images-per-prompt",),
+        min=1,
+        panel=Panel.SUITE,
+    )
+    seeds: tuple[int, ...] | None = setting(
+        None, "Exact seeds, repeatable (--seeds 0 --seeds 1): every prompt once per seed.", panel=Panel.SUITE
+    )
+    seed: int = setting(0, "Base of the derived per-prompt seeds.", panel=Panel.SUITE)
+    generation: GenerationSettings = field(
+        default_factory=GenerationSettings, metadata=group(panel=Panel.GENERATION)
+    )
+    clip: str | None = clip_setting("CLIP for scoring")
+    recognizer: str = setting(
+        CLIP_RECOGNIZER,
+        "celebrities: 'clip' (zero-shot over the names) or 'module:factory'.",
+        panel=Panel.SCORING,
+    )
+    fid_weights: str | None = setting(
+        None,
+        "coco: FID Inception-v3 weights, a .safetensors file (default: FID on CLIP features).",
+        panel=Panel.SCORING,
+        metavar=FILE,
+    )
+    shard_size: int = setting(32, "Images per worker job.", min=1, panel=Panel.CLUSTER)
+    resume: bool = setting(True, "Reuse images stored by an earlier eval.", panel=Panel.RUN)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        coerce_choices(self, {"suite": (SuiteName, "suite")})
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.seeds and self.images_per_prompt is not None:
+            raise ValueError("give --seeds or --images, not both (one image per listed seed)")

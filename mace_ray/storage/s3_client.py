@@ -1,0 +1,149 @@
+"""Addressing S3: ``s3://bucket/prefix`` URLs (``parse_s3_url``), endpoints as messages show them
+(``safe_endpoint``), and the boto3 client every S3 user of mace-ray builds (``make_client``):
+credentials, region and endpoint from the standard AWS configuration, path-style addressing
+for any endpoint that is not AWS (MACE_S3_ADDRESSING_STYLE overrides), and the retry budget
+(MACE_S3_RETRY_SECONDS).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ProfileNotFound
+
+from mace_ray.storage.base import StorageError, check_key
+from mace_ray.storage.s3_retry import RetryPolicy
+
+# AWS bucket naming rules (3-63 chars, lowercase letters, digits, dots, hyphens).
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_AWS_HOST = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$|(^|\.)api\.aws$")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or "a/b" (no leading or trailing slash)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """``s3://bucket[/prefix]`` -> S3Location; StorageError naming ``url`` when malformed."""
+    if url[:5].lower() != "s3://":
+        raise StorageError(f"{url!r} is not an s3:// URL")
+    rest = url[5:]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"S3 URL {url!r} has no bucket (expected s3://bucket/prefix)")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise StorageError(
+            f"S3 URL {url!r}: {bucket!r} is not a valid bucket name "
+            "(3-63 lowercase letters, digits, '.' or '-')"
+        )
+    prefix = prefix.strip("/")
+    if prefix:
+        try:
+            check_key(prefix)
+        except StorageError:
+            raise StorageError(
+                f"S3 URL {url!r}: invalid prefix {prefix!r} (empty, '.' or '..' parts)"
+            ) from None
+    return S3Location(bucket, prefix)
+
+
+def safe_endpoint(url: str | None) -> str:
+    """The endpoint for messages: no user:password@ part, 'AWS' when unset."""
+    if not url:
+        return "AWS"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a malformed port: still never echo a password
+        return url.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def addressing_style() -> str | None:
+    style = os.environ.get("MACE_S3_ADDRESSING_STYLE", "").strip().lower()
+    if style and style not in ("path", "virtual", "auto"):
+        raise StorageError(f"MACE_S3_ADDRESSING_STYLE={style!r}: expected path, virtual or auto")
+    return style or None
+
+
+def retry_budget() -> float:
+    raw = os.environ.get("MACE_S3_RETRY_SECONDS", "")
+    if not raw:
+        return RetryPolicy.budget_s
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StorageError(f"MACE_S3_RETRY_SECONDS={raw!r}: expected a number of seconds") from None
+    if value < 0:
+        raise StorageError(f"MACE_S3_RETRY_SECONDS={raw!r}: must not be negative")
+    return value
+
+
+def make_client(
+    url: str,
+    s3_endpoint: str | None,
+    style: str | None,
+    pool: int,
+    *,
+    connect_timeout: float = 5,
+    read_timeout: float = 60,
+    max_attempts: int = 3,
+) -> Any:
+    """A boto3 S3 client from the standard AWS configuration; errors name ``url``.
+
+    The timeouts and botocore's attempt count suit long runs; the preflight probe
+    (``mace_ray.storage.probe``) passes short ones so that a dead endpoint fails in seconds.
+    """
+
+    def build(addressing: str) -> Any:
+        config = Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=pool,
+            s3={"addressing_style": addressing},
+            user_agent_extra="mace-ray",
+        )
+        return boto3.session.Session().client("s3", endpoint_url=s3_endpoint or None, config=config)
+
+    def is_aws(endpoint: str) -> bool:
+        return bool(_AWS_HOST.search(urlsplit(endpoint).hostname or ""))
+
+    try:
+        if style is None and s3_endpoint:
+            style = "auto" if is_aws(s3_endpoint) else "path"
+        client = build(style or "auto")
+        # An endpoint from the environment or a profile is known only once botocore has
+        # resolved it: rebuild path-style if it is not AWS.
+        if style is None and not is_aws(client.meta.endpoint_url):
+            client = build("path")
+    except ProfileNotFound as e:
+        raise StorageError(f"{url}: AWS profile {e.kwargs.get('profile')!r} is not configured") from None
+    except ValueError as e:  # botocore: "Invalid endpoint: ..."
+        raise StorageError(
+            f"{url}: S3 endpoint {safe_endpoint(s3_endpoint)!r} is not a valid URL "
+            f"(expected http(s)://host:port): {str(e).splitlines()[0][:200]}"
+        ) from None
+    except BotoCoreError as e:
+        raise StorageError(f"{url}: cannot configure the S3 client: {type(e).__name__}") from None
+    return client
