@@ -1,7 +1,10 @@
 """The cross-attention (attn2) to_k / to_v projections of a UNet: where MACE edits a model.
 
 Every UNet2DConditionModel family (SD 1.x, 2.x, XL) names them alike, so one rule serves
-them all (``mace_core.families.base.ModelFamily.attn2_projections``).
+them all (``mace_core.families.base.ModelFamily.attn2_projections``). What a family edits is
+its ``edited_projections`` (``mace_core.projections``): this rule for the UNet families; an
+MMDiT (FLUX.1, SD 3.x, whose SD 3.5 blocks have an image-only self-attention named attn2)
+declares its text projections instead.
 """
 
 from __future__ import annotations

@@ -33,3 +33,23 @@ def sample_timesteps(
     return torch.multinomial(
         cfis_density(t1, t2, gamma, num_timesteps), n, replacement=True, generator=generator
     )
+
+
+# The DDPM schedule of the paper's model (SD v1.4: scaled-linear betas, 1000 steps): Eq. 5's
+# t1, t2 are timesteps of it.
+SD_BETA_START, SD_BETA_END = 0.00085, 0.012
+
+
+def flow_sigmas(num_timesteps: int = 1000) -> torch.Tensor:
+    """For every DDPM timestep t of SD's schedule, the rectified-flow noise level s_t with the
+    same signal-to-noise ratio: x_t = (1 - s) x_0 + s n has SNR ((1 - s) / s)^2, the DDPM
+    x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n has a_t / (1 - a_t), so
+    s_t = sqrt(1 - a_t) / (sqrt(a_t) + sqrt(1 - a_t)).
+
+    This is how CFIS (Eq. 5) carries over to FLUX.1 / SD 3.x: t is drawn from Eq. 5's
+    density exactly as for SD and the latent is noised to s_t, so the window [t1, t2]
+    = [200, 400] is the same band of noise levels, s in about [0.36, 0.54] (float32, (T,)).
+    """
+    betas = torch.linspace(SD_BETA_START**0.5, SD_BETA_END**0.5, num_timesteps, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, dim=0)
+    return ((1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())).float()

@@ -1,18 +1,18 @@
-"""The erased model on disk: compact erasure file and diffusers folder (save/load symmetric).
+"""The compact erasure file: only the replaced matrices, keyed by their state-dict names
+inside the edited component (``component`` in its metadata: the family's
+``edited_component``), with metadata naming the base model.
 
-The compact file holds only the replaced attn2 to_k / to_v matrices, keyed by their
-state-dict names, with metadata naming the base model; ``apply_erasure`` puts them into
-a pipeline of that base model and reproduces the erased weights exactly.
+``apply_erasure`` puts them into a loaded pipeline of that base model and reproduces the
+erased weights exactly. The erased diffusers folder is not a loaded pipeline saved again:
+it is the source folder with those tensors replaced (``mace_core.erased_folder``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from mace_core.attn2 import set_attn2_weights
 from mace_core.errors import ArtefactError
+from mace_core.models import pipeline_projections
 from mace_core.sealed import open_sealed, sealed_bytes
 
 FORMAT = "mace-erasure/1"
@@ -32,12 +32,9 @@ def read_erasure(data: bytes, what: str = "erasure file") -> tuple[dict[str, tor
 
 
 def apply_erasure(pipe, data: bytes, what: str = "erasure file") -> dict[str, str]:
-    """Put the erased attn2 matrices into ``pipe`` (in place); returns the file's metadata."""
+    """Put the erased matrices (the family's edited projections) into ``pipe`` (in place);
+    returns the file's metadata."""
     tensors, meta = read_erasure(data, what)
-    set_attn2_weights(pipe.unet, tensors)
+    projections = pipeline_projections(pipe)
+    projections.set_weights(projections.from_component_tensors(tensors))
     return meta
-
-
-def save_pipeline(pipe, folder: str | Path) -> None:
-    """A diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads."""
-    pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
-from mace_core.attn2 import attn2_weights
 from mace_core.batching import BatchPlan, halve_on_oom, plan_batches, shrink_on_oom
 from mace_core.concepts import Concept
 from mace_core.datagen import generate_images, image_size, images_to_tensor
+from mace_core.families import family_of_pipeline
 from mace_core.lora import LoraFactors
 from mace_core.masking import Masker
 from mace_core.masks import whole_image_masks
 from mace_core.models import pipeline_prompt_encoder
 from mace_core.progress import Progress, no_progress
+from mace_core.projections import Projections
 from mace_core.prompts import concept_prompts
 from mace_core.settings import TYPE_DEFAULTS, EraseSettings, ResolvedTrain
 from mace_core.train import TrainJob, train_loras
@@ -58,7 +58,9 @@ class ConceptArtefacts:
 class ConceptBatchWorker:
     """Generation (original weights W), masks, and LoRA training (refined weights W') for batches.
 
-    ``refined``: W' = W M; None until CFR is solved (images and masks do not need it).
+    ``original`` and ``refined`` are statistics weights of the family's edited projections
+    (``mace_core.projections``). ``refined``: W' = W M; None until CFR is solved (images and
+    masks do not need it).
     ``masker``: from ``mace_core.masking.load_masker``, loaded once per worker; None means
     whole-image masks for every concept. ``max_batch_images``: at most this many images
     per diffusion batch, ``concepts_per_batch``: at most this many LoRAs per UNet batch
@@ -76,13 +78,21 @@ class ConceptBatchWorker:
     max_batch_images: int | None = None
     concepts_per_batch: int | None = None
     progress: Progress = no_progress
-    # From the pipeline: its prompt encoder and the training noise schedule.
+    # From the pipeline: its prompt encoder, denoiser, edited projections and the training
+    # noise schedule (a DDPM scheduler for SD, ``mace_core.noise.FlowSchedule`` for an MMDiT).
     encoder: Any = field(init=False, repr=False)
-    noise_scheduler: DDPMScheduler = field(init=False, repr=False)
+    denoiser: Any = field(init=False, repr=False)
+    projections: Projections = field(init=False, repr=False)
+    noise_scheduler: Any = field(init=False, repr=False)
+    half_dtype: torch.dtype = field(init=False, repr=False)  # generation's autocast on GPUs
 
     def __post_init__(self) -> None:
+        family = family_of_pipeline(self.pipe)
+        self.half_dtype = family.half_dtype
         self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.denoiser = family.denoiser(self.pipe)
+        self.projections = family.edited_projections(self.denoiser)
+        self.noise_scheduler = family.training_schedule(self.pipe)
 
     @property
     def mixed_precision(self) -> bool:
@@ -96,17 +106,18 @@ class ConceptBatchWorker:
         caller makes bigger than what fits is split when it runs out of memory.
         """
         latent = image_size(self.pipe, self.settings.data) // self.pipe.vae_scale_factor
-        plan = plan_batches(self.device, self.pipe.unet, latent, self.mixed_precision)
+        plan = plan_batches(self.device, self.denoiser, latent, self.mixed_precision)
         self.max_batch_images = plan.max_batch_images
         return plan
 
     def generate(self, concepts: list[Concept]) -> list[np.ndarray]:
-        """Images of the original model W; fp16 autocast on GPUs (``precision`` auto)."""
+        """Images of the original model W; half-precision autocast on GPUs (``precision`` auto:
+        fp16, bf16 for the T5-conditioned families)."""
 
         def attempt(max_images: int | None) -> list[np.ndarray]:
             with (
-                attn2_weights(self.pipe.unet, self.original),
-                torch.autocast(self.device.type, dtype=torch.float16, enabled=self.mixed_precision),
+                self.projections.weights_set(self.original),
+                torch.autocast(self.device.type, dtype=self.half_dtype, enabled=self.mixed_precision),
             ):
                 return generate_images(self.pipe, concepts, self.settings.data, max_images, self.progress)
 
@@ -162,7 +173,7 @@ class ConceptBatchWorker:
                 for i in idx
             ]
             results = train_loras(
-                self.pipe.unet,
+                self.denoiser,
                 self.pipe.vae,
                 self.noise_scheduler,
                 self.encoder,
@@ -178,7 +189,7 @@ class ConceptBatchWorker:
         def shrink(size: int) -> None:
             self.concepts_per_batch = size
 
-        with attn2_weights(self.pipe.unet, self.refined):
+        with self.projections.weights_set(self.refined):
             for resolved, idx in groups.items():
                 size = min(len(idx), self.concepts_per_batch or len(idx))
                 results = shrink_on_oom(idx, size, lambda part, r=resolved: run(r, part), shrink)

@@ -140,7 +140,8 @@ def concept_file_lines(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ConceptError(f"concept file {str(path)!r} does not exist or is not a file")
     try:
-        text = p.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Notepad, Excel) is not part of the first concept.
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConceptError(f"concept file {str(path)!r} cannot be read: {e}") from None
     return text.splitlines()

@@ -25,7 +25,7 @@ from mace_core.train import concept_seed
 def image_size(pipe, settings: DataSettings) -> int:
     if settings.resolution is not None:
         return settings.resolution
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return family_of_pipeline(pipe).native_size(pipe)
 
 
 def image_seeds(concept: Concept, settings: DataSettings) -> list[int]:

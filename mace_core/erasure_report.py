@@ -1,8 +1,10 @@
 """The erasure report: how far each concept moved, and what else moved, measured cheaply.
 
 All figures use prompts that no training or statistics step saw (the held-out templates
-and captions of ``mace_core.prompts``) and compare models through their attn2 to_k/to_v
-projections, where MACE edits them (CFR Eq. 2, fusion Eq. 7):
+and captions of ``mace_core.prompts``) and compare models through the projections MACE edits
+(CFR Eq. 2, fusion Eq. 7; ``mace_core.projections``): attn2 to_k/to_v of SD, context_embedder
+and the pooled text projection of FLUX.1 / SD 3.x. A projection's bias is never edited and
+cancels in every difference below, so they compare W e alone:
 
 - residual: the share of the squared gap between a concept prompt's keys/values and the
   ORIGINAL model's keys/values of its anchor twin that is left, over the aligned
@@ -26,24 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from mace_core.alignment import align_tokens
-from mace_core.attention import cross_attention_probes
 from mace_core.attention_loss import masked_attention_share
-from mace_core.attn2 import attn2_weights
 from mace_core.concepts import Concept
 from mace_core.datagen import images_to_tensor
 from mace_core.families.base import PromptEncoder, conditioning_to
 from mace_core.lora import LoraFactors
+from mace_core.noise import training_schedule
 from mace_core.prompts import PromptPair, heldout_pairs, heldout_prompts, heldout_templates
-from mace_core.train import concept_seed, concept_token_mask, encode_latents, noised
+from mace_core.train import concept_seed, concept_token_mask, encode_latents
 
 # Fixed timesteps of the attention-mass probe: across the trajectory, CFIS's focus included.
 MASS_TIMESTEPS = (250, 500, 750)
 
 
 class KVProjection:
-    """Every attn2 to_k/to_v of one model stacked into one matrix: one product gives all
-    keys and values of a batch of token states (float32, on ``device``)."""
+    """Every edited projection of one model (statistics weights) stacked into one matrix: one
+    product gives all keys and values (an MMDiT's embedded context) of a batch of token
+    states (float32, on ``device``)."""
 
     def __init__(self, weights: dict[str, torch.Tensor], device: torch.device) -> None:
         self.keys = sorted(weights)
@@ -73,7 +74,7 @@ def kv_gaps(
     gap = 0.0
     left = dict.fromkeys(models, 0.0)
     for pair, ef, eg in zip(pairs, ef_all, eg_all, strict=True):
-        al = align_tokens(encoder.ids(pair.concept), encoder.ids(pair.anchor), encoder.max_length)
+        al = encoder.align(pair.concept, pair.anchor)
         f = ef[al.concept_positions]
         target = original(eg[al.anchor_positions])
         gap += _sq(original(f) - target)
@@ -127,7 +128,8 @@ def attention_mass(
     n_images: int = 2,
     timesteps: Sequence[int] = MASS_TIMESTEPS,
 ) -> dict[str, float]:
-    """Attention mass of ``concept`` for each model of ``models`` (name -> attn2 weights).
+    """Attention mass of ``concept`` for each model of ``models`` (name -> statistics weights of
+    the edited projections, ``mace_core.projections``).
 
     The concept's first ``n_images`` training images (uint8 N,H,W,3) and masks, each with
     a held-out prompt, noised at every timestep of ``timesteps`` with fixed noise: the
@@ -143,14 +145,16 @@ def attention_mass(
     noise = torch.randn((n * len(timesteps), *lat.shape[1:]), generator=g).to(device)
     idx = torch.arange(n, device=device).repeat_interleave(len(timesteps))
     t = torch.tensor(list(timesteps) * n, device=device)
-    x = noised(lat[idx], t, noise, noise_scheduler.alphas_cumprod.to(device))
+    schedule = training_schedule(noise_scheduler).to(device)
+    x = schedule.noised(lat[idx], t, noise)
     m = torch.from_numpy(np.asarray(masks[:n])).to(device)[idx]
     dtype = next(unet.parameters()).dtype
     batch = {key: v[idx].to(dtype) for key, v in cond.items()}
+    projections = encoder.edited_projections(unet)
     out = {}
     for name, weights in models.items():
-        with attn2_weights(unet, weights), cross_attention_probes(unet) as store:
-            encoder.unet_forward(unet, x.to(dtype), t, batch)
+        with projections.weights_set(weights), encoder.attention_probes(unet) as store:
+            encoder.unet_forward(unet, x.to(dtype), schedule.model_time(t), batch)
             out[name] = float(masked_attention_share(store, m, tok[idx], tuple(lat.shape[-2:])).mean())
     return out
 
@@ -202,6 +206,7 @@ def summarize(
         "residual_cfr": _residual_stats(per_concept, "residual_cfr"),
         "residual": _residual_stats(per_concept, "residual"),
         "residual_train": _residual_stats(per_concept, "residual_train", "gap_train"),
+        **_pooled_stats(per_concept),
         "lora_relative_norm": _stats(col("lora_relative_norm")),
         "attention_mass": {
             name: sum(m[name] for m in masses) / len(masses) for name in ("original", "erased")
@@ -221,6 +226,17 @@ def summarize(
     return out
 
 
+def _pooled_stats(per_concept: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and max of the pooled text projection's residuals (FLUX.1 / SD 3.x), reported
+    beside the context's; nothing for a family without one."""
+    out = {}
+    for key in ("residual_pooled_cfr", "residual_pooled"):
+        values = [e[key] for e in per_concept.values() if e.get(key) is not None]
+        if values:
+            out[key] = _stats(values)
+    return out
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -230,7 +246,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "residual", "residual_cfr", "residual_train", "prior_drift", "prior_drift_cfr", "retain_drift",
         "retain_drift_cfr", "retain_drift_missing", "lora_relative_norm", "attention_mass", "max_residual",
-        "above_max_residual",
+        "above_max_residual", "residual_pooled", "residual_pooled_cfr", "prior_drift_pooled",
+        "prior_drift_pooled_cfr",
     )  # fmt: skip
     return {k: summary[k] for k in keys if k in summary}
 
@@ -250,6 +267,12 @@ def summary_line(summary: dict[str, Any]) -> str:
     if mass:
         before, after = _fmt(mass.get("original"), ".4f"), _fmt(mass.get("erased"), ".4f")
         parts.append(f"attention mass {before} -> {after}")
+    pooled = summary.get("residual_pooled")
+    if pooled:
+        parts.append(
+            f"pooled projection residual {_fmt(pooled.get('mean'))} mean, "
+            f"drift {_fmt(summary.get('prior_drift_pooled'), '.4f')}"
+        )
     above = summary.get("above_max_residual") or []
     if above:
         parts.append(f"{len(above)} above --max-residual {summary.get('max_residual')}")

@@ -1,4 +1,9 @@
-"""Errors that name the input at fault; the CLI prints them as one line."""
+"""Errors that name the input at fault; the CLI prints them as one line.
+
+Only these classes are "bad input" (exit 2, one line): anything else that escapes a run is a
+bug (exit 1, with its traceback), even a ValueError. So every check of something a user gave
+(a file, a flag, a setting) raises one of them, naming the input.
+"""
 
 
 class MaceError(Exception):
@@ -7,6 +12,15 @@ class MaceError(Exception):
 
 class ConceptError(MaceError):
     """A concept list or a single concept is malformed."""
+
+
+class SettingError(MaceError, ValueError):
+    """A setting or a command-line value is out of range or unknown.
+
+    Also a ValueError, so that code which validates values the Python way (``except
+    ValueError`` around a conversion) keeps working; the CLI tells it from a bug by its
+    MaceError side.
+    """
 
 
 class ModelLoadError(MaceError):

@@ -31,17 +31,30 @@ import torch
 
 from mace_core.errors import ModelLoadError
 
-# The components a run loads (safety_checker and feature_extractor are never loaded); the
-# ``*_2`` pair is SDXL's second text encoder, absent from SD 1.x/2.x folders.
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
-# What every pipeline folder has; the second text encoder only SDXL's.
-REQUIRED = ("unet", "text_encoder", "tokenizer")
-SECOND_TEXT = ("text_encoder_2", "tokenizer_2")
+# The components a run loads (safety_checker and feature_extractor are never loaded): the
+# denoiser (a UNet, or FLUX.1's / SD 3.x's MMDiT ``transformer``), the ``*_2`` pair (SDXL's
+# and FLUX.1's second text encoder) and the ``*_3`` pair (SD 3.x's T5) only where a family has them.
+COMPONENTS = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+    "scheduler",
+)
+# What every pipeline folder has, and one of DENOISERS; the other text encoders only some families'.
+REQUIRED = ("text_encoder", "tokenizer")
+DENOISERS = ("unet", "transformer")
+SECOND_TEXT = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 # The text side's key counts the *_2 pair only where present, so a one-encoder model's
 # prior-cache key is what it was before SDXL was supported.
 TEXT_SIDE = ("text_encoder", "tokenizer", *SECOND_TEXT)
 # Weight formats the loaders never read (safetensors only): changing them changes no result.
-_UNREAD_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
+UNREAD_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
 
 
 class ModelChangedError(ModelLoadError):
@@ -107,7 +120,7 @@ def is_fingerprinted(rel: str) -> bool:
     part, _, name = rel.partition("/")
     if part not in COMPONENTS or not name or any(p.startswith(".") for p in rel.split("/")):
         return False
-    if name.endswith(_UNREAD_WEIGHTS):
+    if name.endswith(UNREAD_WEIGHTS):
         return False
     return not (name.endswith(".safetensors") and "." in name[: -len(".safetensors")])
 
@@ -170,6 +183,8 @@ def folder_fingerprint(folder: str | Path, cache: Path | None = None) -> ModelFi
                 entries[rel] = file_digest(p, cache)
             except OSError as e:
                 raise ModelLoadError(f"model {str(folder)!r}: cannot read {rel}: {e.strerror}") from None
+    if not any(rel.startswith(d + "/") for d in DENOISERS for rel in entries):
+        raise ModelLoadError(f"model {str(folder)!r}: no unet/ or transformer/ in the pipeline folder")
     for part in REQUIRED:
         if not any(rel.startswith(part + "/") for rel in entries):
             raise ModelLoadError(f"model {str(folder)!r}: no {part}/ in the pipeline folder")
@@ -233,7 +248,7 @@ def _hub_snapshot(repo_id: str) -> str:
         return snapshot_download(
             repo_id,
             allow_patterns=["model_index.json", *(f"{c}/*" for c in COMPONENTS)],
-            ignore_patterns=[f"*{s}" for s in _UNREAD_WEIGHTS] + ["*.fp16.*", "*.non_ema.*", "*.ema.*"],
+            ignore_patterns=[f"*{s}" for s in UNREAD_WEIGHTS] + ["*.fp16.*", "*.non_ema.*", "*.ema.*"],
             local_files_only=offline,
         )
     except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)

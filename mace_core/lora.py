@@ -1,4 +1,5 @@
-"""Rank-r LoRA on attn2 to_k / to_v, one adapter per concept, batched per sample.
+"""Rank-r LoRA on the edited projections (attn2 to_k / to_v of SD; an MMDiT's context_embedder),
+one adapter per concept, batched per sample.
 
 dW = B A (A: r x d_in, B: d_out x r), the usual LoRA with scale 1 (alpha = r), B = 0 at
 the start. A starts Gaussian with std 1/r, as diffusers' LoRALinearLayer draws it and
@@ -12,25 +13,43 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mace_core.errors import ArtefactError
+from mace_core.projections import pad_columns
 from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.settings import LORA_INITS
 
 
 @dataclass
 class LoraFactors:
-    """One concept's LoRA: ``factors[proj_key] = (A, B)`` with dW = B @ A (float32, CPU)."""
+    """One concept's LoRA: ``factors[proj_key] = (A, B)`` with dW = B @ A (float32, CPU).
+
+    A is in the token-state space of the closed forms (``mace_core.projections``): for a
+    projection that reads only a block of it (an MMDiT's context_embedder), A is zero outside
+    that block, recorded in ``columns`` as (start, stop, width); the file holds the layer's
+    own A (its input width), so diffusers / PEFT load it. ``component``: the pipeline
+    component the LoRA's layers are in (the family's ``edited_component``).
+    """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    component: str = "unet"
+    columns: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def delta(self, key: str) -> torch.Tensor:
         A, B = self.factors[key]
         return B @ A
+
+    def layer_factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one layer with A at the layer's own input width."""
+        A, B = self.factors[key]
+        if key in self.columns:
+            start, stop, _ = self.columns[key]
+            A = A[:, start:stop]
+        return A, B
 
     @property
     def rank(self) -> int:
@@ -41,38 +60,57 @@ class LoraFactors:
         ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and the adapter config under
         ``lora_adapter_metadata``, so ``pipe.load_lora_weights(path)`` loads it as a UNet
         adapter (diffusers reads it through PEFT)."""
+        prefix = f"{self.component}."
         t = {}
-        for k, (A, B) in self.factors.items():
-            t[peft_key(k, "lora_A")] = A.contiguous()
-            t[peft_key(k, "lora_B")] = B.contiguous()
-        meta = {"format": "pt", LORA_METADATA: adapter_config(self.rank, self.factors), **(metadata or {})}
-        return sealed_bytes(t, meta)
+        for k in self.factors:
+            A, B = self.layer_factors(k)
+            t[peft_key(k, "lora_A", prefix)] = A.contiguous()
+            t[peft_key(k, "lora_B", prefix)] = B.contiguous()
+        meta = {"format": "pt", LORA_METADATA: adapter_config(self.rank, self.factors, prefix)}
+        if self.columns:  # only where A is padded: an SD LoRA file is what it always was
+            meta[COLUMNS_METADATA] = json.dumps(self.columns, sort_keys=True)
+        return sealed_bytes(t, {**meta, **(metadata or {})})
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "LoRA") -> LoraFactors:
-        t, _ = open_sealed(data, what)
+        t, meta = open_sealed(data, what)
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in t})
+        components = {m.split(".", 1)[0] for m in modules}
+        if len(components) > 1:
+            raise ArtefactError(f"{what} holds layers of several components: {sorted(components)}")
+        component = components.pop() if components else "unet"
         try:
-            factors = {
-                f"{m.removeprefix(UNET_PREFIX)}.weight": (t[f"{m}.lora_A.weight"], t[f"{m}.lora_B.weight"])
-                for m in modules
-            }
+            columns = {k: tuple(v) for k, v in json.loads(meta.get(COLUMNS_METADATA, "{}")).items()}
+            factors = {}
+            for m in modules:
+                key = f"{m.removeprefix(component + '.')}.weight"
+                A, B = t[f"{m}.lora_A.weight"], t[f"{m}.lora_B.weight"]
+                if key in columns:
+                    start, stop, width = columns[key]
+                    A = pad_columns(A, (start, stop), width)
+                factors[key] = (A, B)
         except KeyError as e:
             raise ArtefactError(f"{what} lacks tensor {e}") from None
-        return cls(factors)
+        except (ValueError, TypeError, RuntimeError):
+            raise ArtefactError(f"{what} has malformed {COLUMNS_METADATA} metadata") from None
+        return cls(factors, component, columns)
 
 
-# The diffusers/PEFT naming of a UNet LoRA (what StableDiffusionPipeline.load_lora_weights reads).
+# The diffusers/PEFT naming of a UNet LoRA (what StableDiffusionPipeline.load_lora_weights reads);
+# an MMDiT's LoRA is named by its component the same way ("transformer.").
 UNET_PREFIX = "unet."
 LORA_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata key for the adapter config
+COLUMNS_METADATA = "mace_columns"  # where a padded A's block is (LoraFactors.columns)
 
 
-def peft_key(weight_key: str, part: str) -> str:
+def peft_key(weight_key: str, part: str, prefix: str = UNET_PREFIX) -> str:
     """``down...attn2.to_k.weight`` -> ``unet.down...attn2.to_k.lora_A.weight``."""
-    return f"{UNET_PREFIX}{weight_key.removesuffix('.weight')}.{part}.weight"
+    return f"{prefix}{weight_key.removesuffix('.weight')}.{part}.weight"
 
 
-def adapter_config(rank: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+def adapter_config(
+    rank: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str = UNET_PREFIX
+) -> str:
     """The PEFT LoraConfig of these factors, as diffusers stores it: scale alpha / r = 1 (dW =
     B A), on exactly these modules. Built through PEFT so that every field is one it accepts."""
     from peft import LoraConfig
@@ -81,7 +119,7 @@ def adapter_config(rank: int, factors: dict[str, tuple[torch.Tensor, torch.Tenso
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights="gaussian")
     kept = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": modules}
     kept["init_lora_weights"] = config.init_lora_weights
-    return json.dumps({f"{UNET_PREFIX}{k}": v for k, v in kept.items()}, sort_keys=True)
+    return json.dumps({f"{prefix}{k}": v for k, v in kept.items()}, sort_keys=True)
 
 
 def init_lora_a(rank: int, d_in: int, g: torch.Generator, init: str = "gaussian") -> torch.Tensor:
@@ -99,7 +137,8 @@ def init_lora_a(rank: int, d_in: int, g: torch.Generator, init: str = "gaussian"
 
 
 class LoraBank(nn.Module):
-    """K stacked rank-r adapters for each attn2 projection (keys as in ``attn2_projections``)."""
+    """K stacked rank-r adapters for each trained projection (keys as in ``Projections``), at
+    each layer's own input width."""
 
     def __init__(
         self,

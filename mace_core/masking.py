@@ -17,6 +17,7 @@ Backends (``MaskSettings.masker``): ``grounded-sam`` (transformers Grounding DIN
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,26 +127,71 @@ def check_masker(name: str) -> str:
     return name
 
 
-def check_masker_sources(settings: MaskSettings, tiny: bool = False) -> None:
-    """Fail fast, without loading anything, on local detector/segmenter paths that are not there.
+def masker_specs(settings: MaskSettings, tiny: bool = False) -> tuple[str, str | None]:
+    """(detector, segmenter) a grounded masker loads: the settings', else the defaults for the
+    model (the built-in tiny ones for the tiny model, the hub's otherwise; segment-anything
+    has no default segmenter)."""
+    detector = settings.detector or (TINY if tiny else DEFAULT_DETECTOR)
+    if settings.masker == "segment-anything":
+        return detector, settings.segmenter or (TINY if tiny else None)
+    return detector, settings.segmenter or (TINY if tiny else DEFAULT_SEGMENTER)
 
-    The driver calls this before a run starts; hub ids can only be checked by loading them.
+
+def check_masker_sources(settings: MaskSettings, tiny: bool = False) -> None:
+    """Fail fast, without loading a model, on a detector or segmenter the workers could not load.
+
+    The driver calls this before a run writes anything: a local path must be a model folder
+    (or, for segment-anything, a SAM .pth file); a hub id must be in the local Hugging Face
+    cache or, unless HF_HUB_OFFLINE is set, on the hub (one request each). The defaults of a
+    model that is not ``tiny`` are hub ids, checked the same way: an offline machine learns
+    at once that it needs --detector/--segmenter (or --masker whole-image).
     """
     name = check_masker(settings.masker)
     if name == "whole-image":
         return
-    if settings.detector and settings.detector != TINY and looks_like_path(settings.detector):
-        resolve_pretrained(settings.detector, "detector")
-    seg = settings.segmenter
+    detector, seg = masker_specs(settings, tiny)
+    if detector != TINY:
+        _check_source(detector, "detector", "--detector")
     if name == "segment-anything":
-        if seg is None and not tiny:
+        if seg is None:
             raise MaskerError(
                 "the segment-anything masker needs --segmenter = the path of an original SAM .pth"
             )
-        if seg and seg != TINY and not Path(seg).expanduser().is_file():
+        if seg != TINY and not Path(seg).expanduser().is_file():
             raise MaskerError(f"SAM checkpoint {seg!r}: no such file")
-    elif seg and seg != TINY and looks_like_path(seg):
-        resolve_pretrained(seg, "segmenter")
+    elif seg is not None and seg != TINY:
+        _check_source(seg, "segmenter", "--segmenter")
+
+
+def _check_source(spec: str, what: str, flag: str) -> None:
+    """A local folder that is a transformers model, or a hub id that can be fetched."""
+    if looks_like_path(spec):
+        resolve_pretrained(spec, what)
+        return
+    problem = hub_problem(spec)
+    if problem is not None:
+        raise MaskerError(
+            f"{what} hub id {spec!r} {problem}; pass {flag} a local model folder (or 'tiny' for a "
+            "test), or --masker whole-image"
+        )
+
+
+def hub_problem(repo_id: str) -> str | None:
+    """Why a transformers model on the hub cannot be loaded from here, or None when it can:
+    its config is in the local cache, or (online) the hub has it."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return None
+    # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, when imported).
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    try:
+        found = HfApi().file_exists(repo_id, "config.json")
+    except Exception as e:  # no network, DNS, auth, gated: many kinds; one request, no retries
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return f"is not in the local Hugging Face cache and the hub cannot be reached ({first})"
+    return None if found else "is not a model on the Hugging Face hub (no config.json)"
 
 
 def load_masker(settings: MaskSettings, device: torch.device, tiny: bool = False) -> Masker:
@@ -159,17 +205,15 @@ def load_masker(settings: MaskSettings, device: torch.device, tiny: bool = False
     name = check_masker(settings.masker)
     if name == "whole-image":
         return WholeImageMasker()
-    detector_spec = settings.detector or (TINY if tiny else DEFAULT_DETECTOR)
-    if name == "grounded-sam":
-        segmenter: BoxSegmenter = load_transformers_sam(
-            settings.segmenter or (TINY if tiny else DEFAULT_SEGMENTER), device
+    detector_spec, segmenter_spec = masker_specs(settings, tiny)
+    if segmenter_spec is None:
+        raise MaskerError(
+            "the segment-anything masker needs segmenter = the path of an original SAM .pth checkpoint"
         )
-    else:
-        spec = settings.segmenter or (TINY if tiny else None)
-        if spec is None:
-            raise MaskerError(
-                "the segment-anything masker needs segmenter = the path of an original SAM .pth checkpoint"
-            )
-        segmenter = load_segment_anything(spec, device)
+    segmenter: BoxSegmenter = (
+        load_transformers_sam(segmenter_spec, device)
+        if name == "grounded-sam"
+        else load_segment_anything(segmenter_spec, device)
+    )
     detector = load_grounding_dino(detector_spec, device, settings.box_threshold, settings.text_threshold)
     return GroundedSam(name, detector, segmenter, device, default_autocast(device))

@@ -1,6 +1,6 @@
 """Model entry points: loading a pipeline, the built-in tiny pipeline, devices, attn2 access.
 
-Pipelines load through their family (``mace_core/families/``: SD 1.x, SD 2.x) from a hub
+Pipelines load through their family (``mace_core/families/``: SD 1.x, 2.x, XL, FLUX.1, SD 3.x) from a hub
 id or a local diffusers folder. ``tiny`` is a seeded random SD-1.x pipeline with the real
 CLIP tokenizer, built offline in about a second, for demos and tests: it runs every stage
 of the method, its images are noise. attn2 access lives in ``mace_core/attn2.py`` and the
@@ -16,13 +16,13 @@ from mace_core.attn2 import attn2_projections, attn2_weights, get_attn2_weights,
 from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer, write_clip_tokenizer_files
 from mace_core.errors import ModelLoadError
 from mace_core.families import family_for, family_of_pipeline
-from mace_core.families.base import PromptEncoder
+from mace_core.families.base import TEXT_DTYPE, PromptEncoder
 from mace_core.families.model_index import TINY_MODEL, resolve_source
 from mace_core.families.sd1 import build_tiny_pipeline
+from mace_core.projections import Projections
 
 # What callers import from here (mace_ray, benchmarks, tests); each lives in its own module.
 __all__ = [
-    "DEFAULT_MODEL",
     "TINY_CLIP_TEXT",
     "TINY_MODEL",
     "attn2_projections",
@@ -34,13 +34,12 @@ __all__ = [
     "load_prompt_encoder",
     "load_text_components",
     "pick_device",
+    "pipeline_projections",
     "pipeline_prompt_encoder",
     "resolve_source",
     "set_attn2_weights",
     "write_clip_tokenizer_files",
 ]
-
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -83,12 +82,23 @@ def load_text_components(model: str):  # -> (CLIPTokenizer, CLIPTextModel) for S
 
 def load_prompt_encoder(model: str, device: torch.device) -> PromptEncoder:
     """The text side of ``model`` alone (tokenizers and text encoders, on ``device``) as its
-    family's prompt encoder: what text statistics need, without the UNet or VAE."""
+    family's prompt encoder: what text statistics need, without the UNet or VAE.
+
+    The encoders are in TEXT_DTYPE whatever dtype the checkpoint was saved in, as in the
+    GPU workers' pipelines (``load_pipeline``'s default), so both encode prompts alike.
+    """
     family = family_for(model)
     parts = family.load_text_components(model)
     return family.prompt_encoder(
-        tuple(p.to(device) if isinstance(p, nn.Module) else p for p in parts), device
+        tuple(p.to(device, TEXT_DTYPE) if isinstance(p, nn.Module) else p for p in parts), device
     )
+
+
+def pipeline_projections(pipe) -> Projections:
+    """The projections MACE edits in a loaded pipeline (its family's declaration): their
+    ``weights()`` are what the closed forms take, ``set_weights`` puts such weights back."""
+    family = family_of_pipeline(pipe)
+    return family.edited_projections(family.denoiser(pipe))
 
 
 def pipeline_prompt_encoder(pipe, device: torch.device) -> PromptEncoder:

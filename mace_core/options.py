@@ -21,11 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mace_core.errors import SettingError
+
 CLI = "cli"  # the metadata key
 
 
 class Panel:
-    """Sections of ``--help`` (typer's rich help panels), in the order they are shown."""
+    """Sections of ``--help``, in the order they are shown."""
 
     MODEL = "Model and output"
     SUITE = "Suite"
@@ -48,12 +50,14 @@ class Option:
     """A field set from the command line.
 
     ``name``: the option (``--name``), argument or ``--config`` key; default: the field name
-    with dashes, after the enclosing group's prefix. ``help`` may say ``{group}`` for the
-    enclosing group's title. ``shared``: the same name feeds every field that declares it
-    (all must say so, with the same type and default); one of them carries the help.
-    ``negative``: a bool's off switch (default ``no-<name>``). ``none_as``: the word that
-    spells None on the command line (e.g. ``auto``). ``aliases``: hidden deprecated names.
-    ``min`` / ``max``: bounds checked while parsing.
+    with dashes, after the enclosing group's prefix. A bool is one flag that turns its default
+    around: ``--<name>`` for a False default, ``--no-<name>`` for a True one (``name`` names
+    that flag, e.g. ``quiet``). ``help`` may say ``{group}`` for the enclosing group's title.
+    ``shared``: the same name feeds every field that declares it (all must say so, with the
+    same type and default); one of them carries the help. ``none_as``: the word that spells
+    None on the command line (e.g. ``auto``). ``aliases``: hidden deprecated names. ``min`` /
+    ``max``: bounds checked while parsing. ``basic``: in the command's short ``--help`` (what a
+    first run needs); every option is in ``--help-all``.
     """
 
     help: str = ""
@@ -62,11 +66,11 @@ class Option:
     min: float | None = None
     max: float | None = None
     shared: bool = False
-    negative: str | None = None
     none_as: str | None = None
     argument: bool = False
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
+    basic: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class Choice(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"unknown {what} {value!r} (valid: {', '.join(cls.values())})") from None
+            raise SettingError(f"unknown {what} {value!r} (valid: {', '.join(cls.values())})") from None
 
 
 C = TypeVar("C", bound=Choice)

@@ -8,11 +8,17 @@ its anchor; CFR maps the first onto the second. A second, disjoint set of templa
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from mace_core.concepts import Concept, ConceptType
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 # Stage 2 data generation prompts: one fixed prompt per type.
 GENERATION_PROMPTS: dict[ConceptType, str] = {
@@ -99,3 +105,34 @@ def domain_prompts(texts: list[str], type_: ConceptType, n: int | None = None) -
     ts = templates(type_)
     ts = ts if n is None else ts[:n]
     return [t.format(x) for x in texts for t in ts]
+
+
+# Every packaged file a prompt is made from: what a run's result depends on besides the model,
+# the concepts and the settings (the built-in prior captions are keyed by their content
+# wherever they are used).
+PROMPT_FILES: tuple[str, ...] = (
+    *(f"templates/{t.value}.txt" for t in ConceptType),
+    *(f"heldout/{t.value}.txt" for t in ConceptType),
+    "heldout_captions.txt",
+)
+
+
+def prompt_data_digest(root: Traversable | None = None) -> str:
+    """Content hash of the prompt files (``PROMPT_FILES`` under ``root``, default the packaged
+    ``mace_core/data``) and the generation prompts: part of every run id, so that a run made
+    with other templates or held-out prompts is another run, never resumed as this one."""
+    if root is None:
+        return _packaged_prompt_digest()
+    h = hashlib.sha256()
+    for rel in PROMPT_FILES:
+        data = root.joinpath(rel).read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    h.update(json.dumps({t.value: p for t, p in GENERATION_PROMPTS.items()}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+@cache
+def _packaged_prompt_digest() -> str:
+    """The packaged files, hashed once per process (they cannot change under a running one)."""
+    return prompt_data_digest(resources.files("mace_core").joinpath("data"))

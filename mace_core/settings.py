@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mace_core.concepts import ConceptType
+from mace_core.errors import SettingError
 from mace_core.options import Choice, Panel, coerce_choices, group, internal, plain, setting
 
 
@@ -58,7 +59,7 @@ class ClosedFormSettings:
         for name in ("prior_weight", "domain_weight", "ridge", "retain_weight"):
             value = getattr(self, name)
             if value is not None and not value >= 0:  # also refuses NaN
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise SettingError(f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,12 @@ class TrainSettings:
     # Eq. 3 squares the Frobenius norm; the authors' experiments used the plain norm.
     squared_loss: bool = setting(False, "Square the Frobenius norm of Eq. 3.")
     # The experiments also penalise attention to end-of-text/padding positions.
-    penalize_eot: bool = setting(True, "Also suppress attention to end-of-text/padding positions.")
+    penalize_eot: bool = setting(
+        True,
+        "Suppress attention to the concept's tokens only (by default also to end-of-text and "
+        "padding positions, as the reference experiments did).",
+        name="no-penalize-eot",
+    )
     cfis_t1: int = field(default=200, metadata=internal("the paper's CFIS schedule"))
     cfis_t2: int = field(default=400, metadata=internal("the paper's CFIS schedule"))
     cfis_gamma: float = field(default=0.05, metadata=internal("the paper's CFIS schedule"))
@@ -115,11 +121,11 @@ class TrainSettings:
     def __post_init__(self) -> None:
         coerce_choices(self, {"lora_init": (LoraInit, "lora_init")})
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise SettingError(f"rank must be >= 1, got {self.rank}")
         if self.steps is not None and self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+            raise SettingError(f"steps must be >= 0, got {self.steps}")
         if not 0 <= self.cfis_t1 < self.cfis_t2 <= 999:
-            raise ValueError(f"need 0 <= cfis_t1 < cfis_t2 <= 999, got {self.cfis_t1}, {self.cfis_t2}")
+            raise SettingError(f"need 0 <= cfis_t1 < cfis_t2 <= 999, got {self.cfis_t1}, {self.cfis_t2}")
 
     def resolve(self, type_: ConceptType) -> ResolvedTrain:
         d = TYPE_DEFAULTS[type_]
@@ -150,7 +156,7 @@ class DataSettings:
 
     def __post_init__(self) -> None:
         if self.images_per_concept < 1:
-            raise ValueError(f"images_per_concept must be >= 1, got {self.images_per_concept}")
+            raise SettingError(f"images_per_concept must be >= 1, got {self.images_per_concept}")
 
 
 class Precision(Choice):
@@ -195,7 +201,7 @@ class MaskSettings:
         coerce_choices(self, {"masker": (Masker, "masker")})
         for name in ("box_threshold", "text_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise SettingError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -225,8 +231,9 @@ class EraseSettings:
     # Eq. 2 reads. Only used for weights left at None.
     cfr_scale_squared: bool = setting(
         True,
-        "Paper defaults: apply the prior/domain scale squared in CFR, as the reference "
-        "experiments did (--no-cfr-scale-squared: once, as Eq. 2 reads).",
+        "With the paper's weights, apply the prior/domain scale once in CFR, as Eq. 2 reads "
+        "(by default squared, as the reference experiments did).",
+        name="no-cfr-scale-squared",
         panel=Panel.CLOSED_FORMS,
     )
     precision: Precision = setting(
@@ -237,7 +244,7 @@ class EraseSettings:
 
     def __post_init__(self) -> None:
         if self.prompts_per_concept is not None and self.prompts_per_concept < 1:
-            raise ValueError(f"prompts_per_concept must be >= 1, got {self.prompts_per_concept}")
+            raise SettingError(f"prompts_per_concept must be >= 1, got {self.prompts_per_concept}")
         coerce_choices(self, {"precision": (Precision, "precision")})
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from mace_core.alignment import align_tokens
+from mace_core import version
 from mace_core.concepts import Concept
 from mace_core.errors import ArtefactError, ConceptError, quoted
-from mace_core.families.base import PromptEncoder
+from mace_core.families.base import TEXT_DTYPE, PromptEncoder
 
 # SD 1.x / 2.x's PromptEncoder, still importable from here for mace_ray (new code gets a
 # model's encoder from its family: mace_core.families).
@@ -84,7 +84,7 @@ def mapping_stats(encoder: PromptEncoder, pairs: list[PromptPair]) -> MappingSta
     eg_all = encoder.encode([p.anchor for p in pairs])
     stats = MappingStats.zeros(encoder.dim)
     for pair, ef, eg in zip(pairs, ef_all, eg_all, strict=True):
-        al = align_tokens(encoder.ids(pair.concept), encoder.ids(pair.anchor), encoder.max_length)
+        al = encoder.align(pair.concept, pair.anchor)  # by position, per the family's token layout
         f = ef[al.concept_positions].double()
         g = eg[al.anchor_positions].double()
         stats += MappingStats(g.T @ f, f.T @ f, f.shape[0])
@@ -147,7 +147,8 @@ def read_captions(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ConceptError(f"caption file {str(path)!r} does not exist")
     try:
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        # utf-8-sig: a byte-order mark is not part of the first caption.
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
         raise ConceptError(f"caption file {str(path)!r} cannot be read: {e}") from None
     caps = [ln for ln in lines if ln]
@@ -162,9 +163,12 @@ def default_captions_path() -> Path:
     return Path(str(resources.files("mace_core").joinpath("data/captions.txt")))
 
 
-def prior_cache_key(text_fingerprint: str, captions: Sequence[str]) -> str:
-    """Cache key: the text side's fingerprint (``ModelFingerprint.text``) and the exact caption list."""
+def prior_cache_key(text_fingerprint: str, captions: Sequence[str], dtype: torch.dtype = TEXT_DTYPE) -> str:
+    """Cache key: the text side's fingerprint (``ModelFingerprint.text``), the dtype its token
+    states are computed in (``TEXT_DTYPE``, whatever the checkpoint's) and the exact caption list."""
     h = hashlib.sha256(text_fingerprint.encode())
+    h.update(f"\0{dtype}".encode())
+    h.update(f"\0method {version.METHOD_VERSION}".encode())  # mace_core/version.py: a new method, a new prior
     for c in captions:
         h.update(b"\n" + c.encode())
     return h.hexdigest()[:16]

@@ -3,6 +3,10 @@
 K concepts with the same resolved settings train together in one UNet batch, sample j
 carrying adapter j. Each concept draws its images, prompts, timesteps and noise from its
 own generator, so its adapter is the same whatever batch it lands in.
+
+The denoiser is a family's (an SD UNet, a FLUX.1 / SD 3.x transformer): the projections the
+adapters sit on, the attention probes, the call and how latents are noised come from the
+family's PromptEncoder and training schedule (``mace_core.noise``).
 """
 
 from __future__ import annotations
@@ -12,15 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mace_core.attention import cross_attention_probes
 from mace_core.attention_loss import attention_loss
-from mace_core.attn2 import attn2_projections
 from mace_core.cfis import sample_timesteps
 from mace_core.concepts import Concept
 from mace_core.errors import ConceptError
 from mace_core.families.base import PromptEncoder, conditioning_to, stack_rows
 from mace_core.lora import LoraBank, LoraFactors
+from mace_core.noise import NoiseSchedule, training_schedule
 from mace_core.progress import Progress, no_progress
+from mace_core.projections import Projections, pad_columns
 from mace_core.settings import ResolvedTrain, TrainSettings
 
 
@@ -46,31 +50,12 @@ def concept_seed(base: int, concept: Concept, purpose: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def find_subsequences(ids: list[int], sub: list[int]) -> list[int]:
-    """Start of every non-overlapping occurrence of ``sub`` in ``ids``, in order."""
-    out, i = [], 0
-    while sub and i <= len(ids) - len(sub):
-        if ids[i : i + len(sub)] == sub:
-            out.append(i)
-            i += len(sub)
-        else:
-            i += 1
-    return out
-
-
-def concept_token_mask(
-    encoder: PromptEncoder, prompt: str, concept: Concept, ids: list[int] | None = None
-) -> torch.Tensor:
-    """(max_length,) bool: every position of every occurrence of the concept's tokens
-    (``ids``: the prompt's token ids, when the caller has them already)."""
-    ids = encoder.ids(prompt) if ids is None else ids
-    sub = encoder.ids(concept.text)[1:-1]  # without start/end tokens
-    starts = find_subsequences(ids, sub)
-    if not starts:
+def concept_token_mask(encoder: PromptEncoder, prompt: str, concept: Concept) -> torch.Tensor:
+    """(tokens,) bool: every position of every occurrence of the concept's tokens in the
+    text the denoiser attends to (``PromptEncoder.concept_mask``)."""
+    mask = encoder.concept_mask(prompt, concept.text)
+    if mask is None:
         raise ConceptError(f"concept {concept.text!r}: its tokens are not found in prompt {prompt!r}")
-    mask = torch.zeros(encoder.max_length, dtype=torch.bool)
-    for start in starts:
-        mask[start : start + len(sub)] = True
     return mask
 
 
@@ -79,21 +64,31 @@ def loss_token_mask(
 ) -> torch.Tensor:
     """Token positions whose attention Eq. 3 suppresses: every occurrence of the concept's
     tokens (and, with ``penalize_eot``, end-of-text and the padding after it)."""
-    ids = encoder.ids(prompt)
-    mask = concept_token_mask(encoder, prompt, concept, ids)
-    if penalize_eot:
-        # End-of-text and all padding after it, by position: the pad token may be anything
-        # (SD 2.x pads with '!', id 0, which a prompt can contain too).
-        mask[len(ids) - 1 :] = True
-    return mask
+    mask = concept_token_mask(encoder, prompt, concept)
+    return mask | encoder.end_mask(prompt) if penalize_eot else mask
 
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """VAE posterior means of the images, scaled as the UNet expects (encoded once, reused)."""
+    """VAE posterior means of the images, shifted and scaled as the denoiser expects (encoded
+    once, reused): (z - shift_factor) * scaling_factor; SD's VAEs have no shift."""
     dtype = next(vae.parameters()).dtype
     lat = vae.encode(images.to(device, dtype)).latent_dist.mode()
+    shift = vae.config.get("shift_factor")
+    if shift:
+        lat = lat - shift
     return (lat * vae.config.scaling_factor).float()
+
+
+def padded_factors(factors: LoraFactors, projections: Projections, component: str) -> LoraFactors:
+    """A bank's factors (A at each layer's width) with A in the closed forms' token-state
+    space (``LoraFactors``): zero outside the columns its layer reads."""
+    columns = {k: c for k, c in projections.columns().items() if k in factors.factors}
+    out = {
+        k: ((pad_columns(A, columns[k][:2], columns[k][2]) if k in columns else A), B)
+        for k, (A, B) in factors.factors.items()
+    }
+    return LoraFactors(out, component, columns)
 
 
 def draw(
@@ -115,24 +110,20 @@ def draw(
     return i, p, t, noise
 
 
-def noised(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """x_t ~ q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, for a batch of (x0, t, noise)."""
-    a = alphas[t].view(-1, *([1] * (x0.ndim - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
 def draw_sample(
     g: torch.Generator,
     latents: torch.Tensor,
     n_prompts: int,
-    alphas: torch.Tensor,
+    schedule: NoiseSchedule,
     cfis: bool,
     settings: TrainSettings,
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """One draw (``draw``) and its noised latent x_t, on the latents' device."""
-    i, p, t, noise = draw(g, len(latents), n_prompts, latents.shape[1:], len(alphas), cfis, settings)
+    i, p, t, noise = draw(
+        g, len(latents), n_prompts, latents.shape[1:], schedule.num_timesteps, cfis, settings
+    )
     t = t.to(latents.device)
-    return i, p, t, noised(latents[i][None], t, noise.to(latents.device)[None], alphas)[0]
+    return i, p, t, schedule.noised(latents[i][None], t, noise.to(latents.device)[None])[0]
 
 
 def train_loras(
@@ -149,16 +140,17 @@ def train_loras(
 ) -> list[TrainResult]:
     """Train one LoRA per job, all jobs in one UNet batch (per-sample LoRA, exact gradients).
 
-    The UNet must already carry the CFR-refined weights W'. Only the adapters train: the
-    UNet's own parameters are never handed to the optimizer and stay unchanged.
+    The UNet (the family's denoiser) must already carry the CFR-refined weights W'. Only the
+    adapters train: the UNet's own parameters are never handed to the optimizer and stay
+    unchanged. ``noise_scheduler``: a DDPM scheduler or the family's ``training_schedule``.
     ``autocast`` (bf16 on GPUs) runs the forward pass in that precision; the adapters,
     their gradients and AdamW's state stay float32, the loss is summed in float32.
     """
     if not jobs:
         return []
     k = len(jobs)
-    projs = attn2_projections(unet)
-    shapes = {key: tuple(m.weight.shape) for key, m in projs.items()}
+    projections = encoder.edited_projections(unet)
+    shapes = {key: tuple(m.weight.shape) for key, m in projections.trained().items()}
     gens = [torch.Generator().manual_seed(concept_seed(settings.seed, j.concept, "train")) for j in jobs]
     init_gens = [torch.Generator().manual_seed(concept_seed(settings.seed, j.concept, "init")) for j in jobs]
     bank = LoraBank(shapes, k, settings.rank, init_gens, device, settings.lora_init)
@@ -174,7 +166,7 @@ def train_loras(
         for j in jobs
     ]
     masks = [j.masks.to(device) for j in jobs]
-    alphas = noise_scheduler.alphas_cumprod.to(device)
+    schedule = training_schedule(noise_scheduler).to(device)
 
     # Every step's draws made ahead (each concept from its own generator, in draw's order)
     # and copied to the device once: a copy from pageable CPU memory per step would make the
@@ -186,7 +178,7 @@ def train_loras(
                 len(latents[j]),
                 len(jobs[j].prompts),
                 latents[j].shape[1:],
-                len(alphas),
+                schedule.num_timesteps,
                 resolved.cfis,
                 settings,
             )
@@ -203,19 +195,19 @@ def train_loras(
     results = [TrainResult(LoraFactors({})) for _ in jobs]
     unet_dtype = next(unet.parameters()).dtype
     history: list[torch.Tensor] = []  # per step (K,) losses, kept on the device until the end
-    with cross_attention_probes(unet, bank) as store:
+    with encoder.memory_saving(unet, device), encoder.attention_probes(unet, bank) as store:
         for step in range(resolved.steps):
             i = [a[step][0] for a in ahead]
             p = [a[step][1] for a in ahead]
             t = all_t[step]
             x0 = torch.stack([latents[j][i[j]] for j in range(k)])
-            x = noised(x0, t, all_noise[step], alphas)
+            x = schedule.noised(x0, t, all_noise[step])
             c = conditioning_to(stack_rows(conds, p), unet_dtype)
             m = torch.stack([masks[j][i[j]] for j in range(k)])
             tm = torch.stack([tok_masks[j][p[j]] for j in range(k)])
             store.clear()
             with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                encoder.unet_forward(unet, x.to(unet_dtype), t, c)
+                encoder.unet_forward(unet, x.to(unet_dtype), schedule.model_time(t), c)
             losses = attention_loss(store, m, tm, latent_hw, settings.squared_loss)
             losses.sum().backward()
             bank.clip_grad_per_adapter(settings.grad_clip)
@@ -229,7 +221,7 @@ def train_loras(
             results[j].losses = [row[j] for row in per_step]
     store.clear()
     for j in range(k):
-        results[j].lora = bank.factors(j)
+        results[j].lora = padded_factors(bank.factors(j), projections, encoder.component)
     return results
 
 
@@ -246,24 +238,26 @@ def evaluate_attention_loss(
     n: int = 16,
 ) -> float:
     """Mean Eq. 3 loss over n fixed (image, prompt, t, noise) draws, with or without a LoRA."""
-    projs = attn2_projections(unet)
-    shapes = {key: tuple(m.weight.shape) for key, m in projs.items()}
+    projections = encoder.edited_projections(unet)
+    shapes = {key: tuple(m.weight.shape) for key, m in projections.trained().items()}
     bank = LoraBank(shapes, 1, settings.rank, [torch.Generator().manual_seed(0)], device)
     if lora is not None:
-        for key, (A, B) in lora.factors.items():
+        for key in lora.factors:
+            A, B = lora.layer_factors(key)
             bank.A[bank.index[key]].data[0] = A.to(device)
             bank.B[bank.index[key]].data[0] = B.to(device)
     bank.slot = torch.zeros(1, dtype=torch.long, device=device)
     g = torch.Generator().manual_seed(concept_seed(settings.seed, job.concept, "eval"))
     lat = encode_latents(vae, job.images, device)
     cond = conditioning_to(encoder.conditioning(job.prompts), device)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
+    schedule = training_schedule(noise_scheduler).to(device)
     total = 0.0
-    with cross_attention_probes(unet, bank) as store:
+    with encoder.attention_probes(unet, bank) as store:
         for _ in range(n):
-            i, p, t, x = draw_sample(g, lat, len(job.prompts), alphas, True, settings)
+            i, p, t, x = draw_sample(g, lat, len(job.prompts), schedule, True, settings)
             store.clear()
-            encoder.unet_forward(unet, x[None], t, {key: v[p][None] for key, v in cond.items()})
+            c = {key: v[p][None] for key, v in cond.items()}
+            encoder.unet_forward(unet, x[None], schedule.model_time(t), c)
             tm = loss_token_mask(encoder, job.prompts[p], job.concept, settings.penalize_eot)[None].to(device)
             total += float(attention_loss(store, job.masks[i][None].to(device), tm, tuple(lat.shape[-2:]))[0])
     return total / n

@@ -184,5 +184,28 @@ def test_every_audit_setting_is_an_option():
         "indirect-misspellings",
         "budget",
     } <= names
-    r = CliRunner().invoke(app, ["audit", "--help"], env={"COLUMNS": "250"})
-    assert r.exit_code == 0 and "─ Attacks " in r.stdout and "<teacher|images>" in r.stdout
+    r = CliRunner().invoke(app, ["audit", "--help-all"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "\nAttacks:\n" in r.stdout and "[teacher|images]" in r.stdout
+
+
+def test_an_audited_folder_changed_in_place_is_a_new_audit(tiny_model_folder, tmp_path):
+    """The audit id (whose finished jobs and images are reused) is keyed by the models'
+    content, not their paths: an erased folder rewritten in place is audited anew."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mace_ray.audit.driver import prepare
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, model)
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("airplane | object | sky\n")
+    req = AuditRequest(model=str(model), concept_file=str(concepts), original="tiny", output=str(tmp_path))
+    first = prepare(req).audit_id
+    assert prepare(req).audit_id == first
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(unet)
+    weights["conv_in.weight"] = weights["conv_in.weight"] + 0.25
+    save_file(weights, unet)
+    assert prepare(req).audit_id != first

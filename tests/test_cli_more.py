@@ -112,3 +112,40 @@ def test_eval_config_file_supplies_options_and_cli_overrides(tmp_path, monkeypat
     cfg.write_text("model: tiny\nsuite: celebrities\nsteps: 7\n")
     bad = CliRunner().invoke(app, ["eval", "--config", str(cfg)])
     assert bad.exit_code == 2 and "unknown option 'steps'" in bad.stderr
+
+
+def test_status_reads_a_running_manifest_under_a_dead_lease_as_interrupted(tmp_path):
+    """A driver killed outright (SIGKILL, OOM, its node lost) leaves its manifest "running":
+    `status` says interrupted once no live lease holds the run, running while one does."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from mace_ray.storage.lease import pid_namespace
+
+    out = tmp_path / "out"
+    run = out / "runs" / "0123456789abcdef"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"status": "running", "model": "tiny", "concepts": []}))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    (out / "locks").mkdir()
+
+    def lease(pid: int) -> None:
+        held = {"owner": "x", "host": socket.gethostname(), "pid": pid, "pidns": pid_namespace()}
+        held.update(heartbeat=time.time(), ttl_s=60)
+        (out / "locks" / "0123456789abcdef.json").write_text(json.dumps(held))
+
+    def status() -> dict:
+        r = CliRunner().invoke(app, ["status", "0123456789abcdef", "--output", str(out)])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    lease(os.getpid())  # a live driver on this host (this process): still running
+    assert status()["status"] == "running"
+    lease(int(dead.stdout))  # its process is gone: killed without a word
+    shown = status()
+    assert shown["status"] == "interrupted" and "no live lease" in shown["error"]
+    (out / "locks" / "0123456789abcdef.json").unlink()  # no lease at all
+    assert status()["status"] == "interrupted"

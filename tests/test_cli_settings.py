@@ -1,6 +1,6 @@
 """`mace-ray erase` and `mace-ray eval` are built from the request dataclasses
-(mace_ray/engine/requests.py, mace_ray/cli/build.py): help panels and choices, one-line errors,
---config keys, shared options, every field reachable, the version, unchanged run ids."""
+(mace_ray/engine/requests.py, mace_ray/cli/build.py): help sections and choices, one-line
+errors, --config keys, shared options, every field reachable, the version, unchanged run ids."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from mace_core.settings import (
 from mace_ray.cli.build import params_of
 from mace_ray.cli.main import app
 from mace_ray.engine.requests import Executor
-from mace_ray.erase.request import EraseRequest
+from mace_ray.erase.request import EraseRequest, Method
 from mace_ray.eval.request import EvalRequest, SuiteName
 
-WIDE = {"COLUMNS": "250"}  # rich wraps --help at the terminal width
+WIDE = {"COLUMNS": "250"}  # --help wraps at the terminal width (80 at most)
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):
@@ -64,27 +64,33 @@ def captured(monkeypatch) -> dict:
 
 
 def test_erase_help_has_panels_and_the_choices():
-    r = invoke("erase", "--help", env=WIDE)
+    r = invoke("erase", "--help-all", env=WIDE)
     assert r.exit_code == 0, r.output
     panels = ["Model and output", "Data (images and masks)", "Training (LoRA)", "Closed forms"]
     panels += ["Cluster and devices", "Run control"]
-    at = [r.stdout.index(f"─ {p} ") for p in panels]
+    at = [r.stdout.index(f"\n{p}:\n") for p in panels]
     assert at == sorted(at)  # in Panel's order
-    for choices in ("<grounded-sam|segment-anything|whole-image>", "<auto|fp32>", "<ray|local>"):
+    for choices in ("[grounded-sam|segment-anything|whole-image]", "[auto|fp32]", "[ray|local]"):
         assert choices in r.stdout, choices
-    assert "<gaussian|kaiming>" in r.stdout and "<object|celebrity|style|explicit>" in r.stdout
-    assert "<int|auto>" in r.stdout and "<int|all>" in r.stdout  # --concepts-per-batch, --prompts-per-concept
+    assert "[gaussian|kaiming]" in r.stdout and "[object|celebrity|style|explicit]" in r.stdout
+    assert "[mace|cfr]" in r.stdout  # --method
+    # --concepts-per-batch, --prompts-per-concept: a number or a word
+    assert "--concepts-per-batch INTEGER|auto" in r.stdout and "--prompts-per-concept INTEGER|all" in r.stdout
     # Each option sits in its field's panel: --seed with training, --masker with the data.
-    training = r.stdout[r.stdout.index("─ Training (LoRA) ") : r.stdout.index("─ Closed forms ")]
+    training = r.stdout[r.stdout.index("\nTraining (LoRA):\n") : r.stdout.index("\nClosed forms:\n")]
     assert "--seed" in training and "--masker" not in training and "--lora-init" in training
+    # Flags are flags: no value shown, one spelling (the one that turns the default around).
+    for flag in ("--squared-loss", "--no-penalize-eot", "--no-cfr-scale-squared", "--quiet", "--no-resume"):
+        assert f"  {flag}  " in r.stdout, flag
+    assert "--penalize-eot" not in r.stdout and "--verbose" not in r.stdout and "--resume " not in r.stdout
 
 
 def test_eval_help_uses_the_names_erase_uses():
-    r = invoke("eval", "--help", env=WIDE)
+    r = invoke("eval", "--help-all", env=WIDE)
     assert r.exit_code == 0, r.output
     for panel in ("Suite", "Generation", "Scoring", "Cluster and devices", "Run control"):
-        assert f"─ {panel} " in r.stdout, panel
-    assert "<objects|celebrities|styles|explicit|coco>" in r.stdout and "<auto|fp32>" in r.stdout
+        assert f"\n{panel}:\n" in r.stdout, panel
+    assert "[objects|celebrities|styles|explicit|coco]" in r.stdout and "[auto|fp32]" in r.stdout
     for name in ("--images ", "--precision", "--inference-steps", "--seed ", "--workers", "--executor"):
         assert name in r.stdout, name
     assert "--images-per-prompt" not in r.stdout and "--fp16" not in r.stdout  # hidden / gone
@@ -132,12 +138,12 @@ EVERY_ERASE_KEY = {
     "retain_weight": 3.0,
     "fusion_prior_weight": 0.25,
     "fusion_ridge": 0.02,
-    "cfr_scale_squared": False,
+    "no_cfr_scale_squared": True,
     "rank": 2,
     "lr": 0.001,
     "train_steps": 9,
     "squared_loss": True,
-    "penalize_eot": False,
+    "no_penalize_eot": True,
     "seed": 7,
     "lora_init": "kaiming",
     "images": 3,
@@ -157,26 +163,24 @@ EVERY_ERASE_KEY = {
     "workers": 2,
     "gpus_per_worker": 0.5,
     "placement_wait": 5.0,
-    "resume": False,
+    "no_resume": True,
     "max_residual": 0.9,
     "lock_wait": 1.5,
     "stages": "data,train",
     "from": "0123456789abcdef",
-    "verbose": False,
+    "method": "cfr",
+    "quiet": True,
 }
-OFF_SWITCH = {"verbose": "--quiet"}
 
 
 def as_arguments(values: dict) -> list[str]:
+    """Each key as its option: a flag when its value is a bool (every bool here is true)."""
     args = [str(values["concepts"])]
     for key, v in values.items():
         flag = "--" + key.replace("_", "-")
         if key == "concepts":
             continue
-        if isinstance(v, bool):
-            args.append(flag if v else OFF_SWITCH.get(key, "--no-" + flag[2:]))
-        else:
-            args += [flag, str(v)]
+        args += [flag] if isinstance(v, bool) else [flag, str(v)]
     return args
 
 
@@ -193,6 +197,7 @@ def test_a_config_with_every_key_is_the_same_request_as_the_command_line(tmp_pat
 
     s = from_cli.settings
     assert from_cli.default_type is ConceptType.CELEBRITY and from_cli.executor is Executor.LOCAL
+    assert from_cli.method is Method.CFR
     assert s.masks.masker is Masker.WHOLE_IMAGE and s.precision is Precision.FP32
     assert s.train.lora_init is LoraInit.KAIMING
     assert s.train.seed == s.data.seed == 7  # --seed feeds both
@@ -251,8 +256,9 @@ def test_eval_options_and_the_old_images_spelling(captured):
     assert r.exit_code == 2 and "give --seeds or --images, not both" in r.stderr  # the alias feeds --images
     r = invoke("eval", "tiny", "--suite", "objects", "--images-per-prompt", "5")
     assert r.exit_code == 0 and captured["eval"].images_per_prompt == 5
+    # The old spelling is another name of --images: the later one given wins.
     r = invoke("eval", "tiny", "--suite", "objects", "--images", "2", "--images-per-prompt", "5")
-    assert r.exit_code == 2 and "give --images or its old spelling --images-per-prompt" in r.stderr
+    assert r.exit_code == 0 and captured["eval"].images_per_prompt == 5
     r = invoke("eval", "tiny", "--suite", "objects", "--seeds", "1", "--seeds", "2")
     assert r.exit_code == 0 and captured["eval"].seeds == (1, 2)
 

@@ -36,3 +36,12 @@ def test_dashboard_names_only_exported_metrics_and_all_of_them():
     assert used <= set(EXPORTED), used - set(EXPORTED)
     assert used == set(EXPORTED)  # every metric the code exports is on a panel
     assert set(EXPORTED) == {f"ray_{m}" for m in METRICS}
+
+
+def test_throughput_is_shown_per_stage():
+    """Each stage has its own kind of work (text statistics, images, training): one series
+    over all of them would show whichever stage ran last."""
+    d = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in d["panels"] for t in p["targets"] if "concepts_per_second" in t["expr"]]
+    assert exprs and all(re.search(r"\bby \([^)]*\bstage\b", e) for e in exprs), exprs
+    assert "per stage" in METRICS["mace_worker_concepts_per_second"]

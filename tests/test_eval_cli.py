@@ -98,8 +98,8 @@ def test_eval_coco_suite_computes_clip_score_and_fid(erased_run, tmp_path):
     refs = tmp_path / "refs"
     refs.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(refs / f"{i}.png")
+    for i in range(5):  # BMP: uncompressed, so an image of the same size is a file of the same size
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(refs / f"{i}.bmp")
     args = [
         str(erased_run), "--suite", "coco", "--baseline", "tiny", "--prompts-csv", str(csv),
         "--reference-images", str(refs), "--output", str(tmp_path / "out"), "--executor", "local", *FAST,
@@ -124,6 +124,54 @@ def test_eval_coco_suite_computes_clip_score_and_fid(erased_run, tmp_path):
         again["suite_info"]["reference_moments_cached"] and not rep["suite_info"]["reference_moments_cached"]
     )
     assert again["models"] == rep["models"] and again["comparison"] == rep["comparison"]
+
+    # A reference image replaced in place by another of the same name and size: the cached
+    # moments are of the old images (keyed by content), so they are computed again.
+    size = (refs / "0.bmp").stat().st_size
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(refs / "0.bmp")
+    assert (refs / "0.bmp").stat().st_size == size
+    code, stdout, stderr = invoke(*args)
+    assert code == 0, stderr
+    changed = json.loads(stdout.strip().splitlines()[-1])["root"]
+    third = json.loads((Path(changed) / "report.json").read_text())
+    assert not third["suite_info"]["reference_moments_cached"]
+    assert third["models"]["model"]["metrics"]["fid"] != rep["models"]["model"]["metrics"]["fid"]
+
+
+def test_eval_of_a_model_changed_in_place_makes_its_images_again(tiny_model_folder, tmp_path):
+    """Stored images are keyed by the model's content (fingerprint), not its path: a folder
+    whose UNet was replaced in place (or an erase rerun with --no-resume to the same path)
+    is evaluated on new images, not on the old model's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, model)
+    csv = tmp_path / "captions.csv"
+    csv.write_text("image_id,caption\n0,a photo of a red bus\n1,a cat on a sofa\n")
+    out = tmp_path / "out"
+    args = [str(model), "--suite", "coco", "--prompts-csv", str(csv), "--output", str(out)]
+    args += ["--executor", "local", "--clip", "tiny", *FAST]  # a folder's default CLIP is the hub's
+
+    def images() -> tuple[str, dict[str, bytes]]:
+        code, stdout, stderr = invoke(*args)
+        assert code == 0, stderr
+        root = Path(json.loads(stdout.strip().splitlines()[-1])["root"])
+        prefix = json.loads((root / "report.json").read_text())["models"]["model"]["images_prefix"]
+        return prefix, {p.name: p.read_bytes() for p in sorted((out / prefix).glob("*.png"))}
+
+    before_prefix, before = images()
+    assert len(before) == 2
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(unet)
+    weights["conv_in.weight"] = weights["conv_in.weight"] + 0.25
+    save_file(weights, unet)
+    after_prefix, after = images()
+    assert after_prefix != before_prefix  # another model: its own images
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+    # The old model's images are still there, untouched (and shared with any copy of it).
+    assert {p.name: p.read_bytes() for p in (out / before_prefix).glob("*.png")} == before
 
 
 def _one_line_error(code: int, stdout: str, stderr: str) -> str:

@@ -40,7 +40,7 @@ def fake_pipeline_folder(root, class_name: str, pad_token: str | None = None):
 
 
 def test_every_family_module_is_found_once():
-    assert [f.name for f in families()] == ["sd1", "sd2", "sdxl"]
+    assert [f.name for f in families()] == ["flux", "sd1", "sd2", "sd3", "sdxl"]
     assert family_for("tiny") is SD1
 
 
@@ -49,7 +49,7 @@ def test_loaded_and_saved_pipelines_are_told_apart(tiny_pipe, tiny_sd2_pipe, tin
     assert family_for(str(tiny_model_folder)) is SD1
 
 
-@pytest.mark.parametrize("class_name", ["StableDiffusion3Pipeline", "FluxPipeline"])
+@pytest.mark.parametrize("class_name", ["KandinskyPipeline", "PixArtAlphaPipeline"])
 def test_unsupported_pipeline_class_is_refused_from_model_index_alone(tmp_path, class_name):
     folder = fake_pipeline_folder(tmp_path / "m", class_name)
     for load in (family_for, load_pipeline, load_text_components):
@@ -59,7 +59,10 @@ def test_unsupported_pipeline_class_is_refused_from_model_index_alone(tmp_path, 
         assert time.perf_counter() - t < 2.0  # nothing was loaded
         msg = str(e.value)
         assert len(msg.splitlines()) == 1 and repr(folder) in msg and f"is a {class_name}," in msg
-        assert "supported: StableDiffusionPipeline (sd1, sd2), StableDiffusionXLPipeline (sdxl)" in msg
+        assert (
+            "supported: FluxPipeline (flux), StableDiffusion3Pipeline (sd3),"
+            " StableDiffusionPipeline (sd1, sd2), StableDiffusionXLPipeline (sdxl)" in msg
+        )
 
 
 def test_a_stable_diffusion_pipeline_of_no_family_is_refused(tmp_path):

@@ -140,15 +140,24 @@ def test_damaged_artefacts_are_redone_and_the_result_is_unchanged(cfile, tmp_pat
     # Read into memory: load_file maps the file, which the test truncates below.
     lora_before = safetensors_load((concepts / slug["van-gogh"] / "lora.safetensors").read_bytes())
 
-    # 1. A truncated final UNet: the complete run is not returned as it is.
+    # 1. A truncated final UNet and a truncated LoRA (a file the run hands out too): the
+    # complete run is not returned as it is; the LoRA is trained again, the final files written again.
     unet = root / "final/pipeline" / UNET
     unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    lora = concepts / slug["van-gogh"] / "lora.safetensors"
+    lora.write_bytes(lora.read_bytes()[:-100])
     with caplog.at_level(logging.WARNING, logger="mace_ray"):
         again = run_erase(req)
     assert again["run_id"] == first["run_id"]
-    assert any("was complete, but" in r.getMessage() and UNET in r.getMessage() for r in caplog.records)
+    warnings = " | ".join(r.getMessage() for r in caplog.records)
+    lora_key = f"runs/{first['run_id']}/concepts/{slug['van-gogh']}/lora.safetensors"
+    assert f"was complete, but {lora_key} does not match its checksum" in warnings
+    assert f"{slug['van-gogh']}: lora.safetensors is missing or does not match its checksum" in warnings
     load_file(unet)  # whole again
+    assert_same_weights(safetensors_load(lora.read_bytes()), lora_before)
     assert_same_weights(erasure_of(again), reference)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and lora_key in manifest["outputs"]
 
     # 2. A run stopped before fusion, whose reused artefacts were damaged meanwhile.
     manifest_path = root / "manifest.json"
@@ -158,8 +167,7 @@ def test_damaged_artefacts_are_redone_and_the_result_is_unchanged(cfile, tmp_pat
     shutil.rmtree(root / "final")
     (root / "report.json").unlink()
     (concepts / slug["bill-clinton"] / "DONE").unlink()  # not finished: trained again
-    lora = concepts / slug["van-gogh"] / "lora.safetensors"  # finished, but its LoRA is truncated
-    lora.write_bytes(lora.read_bytes()[:100])
+    lora.write_bytes(lora.read_bytes()[:100])  # finished, but its LoRA is truncated
     stats = concepts / slug["airplane"] / "stats.safetensors"  # statistics altered in place
     stats.write_bytes(stats.read_bytes()[:-8] + b"\x00" * 8)
     data_key = json.loads((root / "refs.json").read_text())["data"][slug["van-gogh"]]

@@ -93,4 +93,4 @@ def test_a_worker_shape_no_node_holds_fails_at_once_and_writes_nothing(local_ray
     assert time.monotonic() - t < 120  # prepare loads the text encoder; no waiting after it
     msg = str(e.value)
     assert "\n" not in msg and "--gpus-per-worker 4" in msg and "no autoscaler" in msg
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out").exists()  # no run folder, no lease: no locks/ folder either

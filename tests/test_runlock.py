@@ -1,8 +1,9 @@
 """The run lock (mace_ray.storage.lease) and the conditional storage operations it is built on, on a
 local folder and on a real S3 server (SeaweedFS, see s3server.py): no mocks.
 
-Timings are small (ttl 0.5 s, heartbeat 0.1 s) so that expiry and takeover happen within a
-second; every wait polls for the condition rather than sleeping a fixed time.
+Timings are small (ttl 2 s, heartbeat 0.2 s: writes stop 1.5 s after the last renewal, each
+renewal request has 0.25 s) so that expiry and takeover happen within seconds; every wait
+polls for the condition rather than sleeping a fixed time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -24,7 +26,7 @@ from mace_ray.storage.lease import RunLock, RunLocked
 from mace_ray.storage.local import LocalStorage
 
 KEY = "run-1/LEASE"
-TTL, BEAT = 0.5, 0.1
+TTL, BEAT = 2.0, 0.2
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -50,12 +52,15 @@ def lease_of(storage: Storage) -> dict:
     return json.loads(current[0])
 
 
-def foreign_lease(age: float, ttl: float = TTL, host: str = "ghost-host", pid: int = 4242) -> bytes:
+def foreign_lease(
+    age: float, ttl: float = TTL, host: str = "ghost-host", pid: int = 4242, pidns: int | None = None
+) -> bytes:
     """A lease of another driver whose last heartbeat was ``age`` seconds ago."""
     lease = {
         "owner": uuid.uuid4().hex,
         "host": host,
         "pid": pid,
+        "pidns": pidns,
         "started": "2020-01-01T00:00:00Z",
         "heartbeat": time.time() - age,
         "ttl_s": ttl,
@@ -100,6 +105,7 @@ def test_acquire_writes_the_lease_and_release_removes_it(open_store):
         lease = lease_of(s)
         assert lease["owner"] == lock.owner and lease["ttl_s"] == TTL
         assert lease["host"] == socket.gethostname() and lease["pid"] == os.getpid()
+        assert lease["pidns"] == os.stat("/proc/self/ns/pid").st_ino
         assert lease["started"].endswith("Z") and abs(lease["heartbeat"] - time.time()) < 5
     assert not lock.held
     assert s.read_versioned(KEY) is None
@@ -157,6 +163,25 @@ def test_staleness_uses_the_holders_ttl(open_store):
         RunLock(s, KEY, ttl_s=TTL, heartbeat_s=BEAT).acquire()
 
 
+def test_a_dead_holder_on_this_host_is_stale_at_once_only_in_this_pid_namespace(tmp_path):
+    s = LocalStorage(tmp_path / "out")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # exited and reaped: its pid names no process
+    dead_pid = gone.pid
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    here = socket.gethostname()
+    # Same host, same pid namespace, its process gone: taken over at once, not after 60 s.
+    s.write_bytes(KEY, foreign_lease(age=0.0, ttl=60.0, host=here, pid=dead_pid, pidns=ns))
+    with RunLock(s, KEY, ttl_s=60, heartbeat_s=10):
+        pass
+    # The same host name in another pid namespace (a container), or a lease that does not say:
+    # that pid means nothing here, so the lease lives until its ttl.
+    for other in (ns + 1, None):
+        s.write_bytes(KEY, foreign_lease(age=0.0, ttl=60.0, host=here, pid=dead_pid, pidns=other))
+        with pytest.raises(RunLocked, match=f"host {here} pid {dead_pid}"):
+            RunLock(s, KEY, ttl_s=60, heartbeat_s=10).acquire()
+
+
 def test_contenders_for_a_stale_lease_exactly_one_wins(open_store):
     n = 6
     stores = [open_store() for _ in range(n)]
@@ -189,7 +214,7 @@ def test_the_heartbeat_keeps_the_lease_alive_past_its_ttl(open_store):
     s = open_store()
     with RunLock(s, KEY, ttl_s=TTL, heartbeat_s=BEAT) as lock:
         first = lease_of(s)["heartbeat"]
-        time.sleep(3 * TTL)
+        time.sleep(1.5 * TTL)
         with pytest.raises(RunLocked):
             RunLock(open_store(), KEY, ttl_s=TTL, heartbeat_s=BEAT).acquire()
         assert lease_of(s)["heartbeat"] > first + TTL
@@ -199,14 +224,16 @@ def test_the_heartbeat_keeps_the_lease_alive_past_its_ttl(open_store):
 
 def test_a_frozen_driver_loses_its_lease_and_its_release_keeps_the_new_one(open_store, monkeypatch):
     s = open_store()
-    frozen = RunLock(s, KEY, ttl_s=TTL, heartbeat_s=BEAT)
+    frozen = RunLock(s, KEY, ttl_s=TTL, heartbeat_s=BEAT, margin_s=TTL / 2)  # 1 s to see it stop
     monkeypatch.setattr(frozen, "_beat", lambda: True)  # its heartbeats no longer happen
     frozen.acquire()
-    wait_for(lambda: frozen.lost)  # unrenewed for ttl_s: it must stop writing
+    wait_for(lambda: frozen.lost)  # unrenewed for usable_s: it must stop writing...
+    stopped = time.time()
+    assert stopped - lease_of(s)["heartbeat"] < TTL  # ...before another driver may take over
     with pytest.raises(RunLocked, match="not renewed"):
         frozen.check()
     successor = RunLock(open_store(), KEY, ttl_s=TTL, heartbeat_s=BEAT)
-    successor.acquire()
+    successor.acquire(wait_s=5 * TTL)
     frozen.release()
     assert lease_of(s)["owner"] == successor.owner
     successor.check()

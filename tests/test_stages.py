@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONCEPTS, assert_same_erasure, erasure, request
+from helpers import CONCEPTS, SETTINGS, assert_same_erasure, erasure, request
 
 from mace_core.cfr import apply_cfr
 from mace_core.checkpoints import read_erasure
+from mace_core.errors import SettingError
 from mace_core.models import build_tiny_pipeline, get_attn2_weights
 from mace_core.sealed import open_sealed
+from mace_core.settings import MaskSettings
 from mace_ray.erase.driver import run_erase
+from mace_ray.erase.layout import DATA_ROOT
 from mace_ray.erase.stages import plan_stages
 
 
@@ -27,18 +31,31 @@ def test_a_stage_list_brings_what_it_needs():
     assert (
         method == "cfr" and "train" not in [s.name for s in stages] and "data" not in [s.name for s in stages]
     )
-    with pytest.raises(ValueError, match=r"--stages: unknown stage 'trian' \(valid: all, cfr, "):
+    with pytest.raises(SettingError, match=r"--stages: unknown stage 'trian' \(valid: all, text_statistics"):
         plan_stages("data,trian")
 
 
-def test_closed_form_only_run_writes_the_refined_weights(tmp_path):
+def test_closed_form_only_run_writes_the_refined_weights(tmp_path, tiny_model_folder, monkeypatch):
+    """`--method cfr` makes no image, mask or LoRA, and loads no masker: here the model is a
+    folder (not `tiny`), so the default masker would be Grounding DINO and SAM from the hub,
+    which this offline machine does not have; a run that loaded them would fail."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfile = tmp_path / "c.txt"
     cfile.write_text(CONCEPTS)
-    rep = run_erase(request(cfile, tmp_path / "out", executor="local", stages="cfr"))
+    out = tmp_path / "out"
+    req = dataclasses.replace(
+        request(cfile, out, executor="local", method="cfr"),
+        model=str(tiny_model_folder),
+        settings=dataclasses.replace(SETTINGS, masks=MaskSettings()),  # grounded-sam, hub defaults
+    )
+    rep = run_erase(req)
     root = Path(rep["output"]["root"])
     assert rep["status"] == "complete" and rep["method"] == "cfr"
-    # Nothing of the LoRA stage: no images, masks or LoRAs.
-    assert not list(root.glob("concepts/*/images")) and not list(root.glob("concepts/*/lora.safetensors"))
+    # Nothing of the LoRA stage, where it would be: images and masks live under
+    # <output>/data/<key>/ (shared by runs, mace_ray/erase/layout.py), LoRAs in the run.
+    assert not (out / DATA_ROOT).exists(), sorted(p.name for p in out.rglob("*.png"))
+    assert not list(out.rglob("*.png")) and not list(root.glob("concepts/*/lora.safetensors"))
+    assert not json.loads((root / "refs.json").read_text())["data"]
     # The result is W' = W M exactly, and the CFR file says the same.
     M = open_sealed((root / "cfr" / "M.safetensors").read_bytes(), "M")[0]["M"].double()
     expect = apply_cfr(get_attn2_weights(build_tiny_pipeline().unet), M)

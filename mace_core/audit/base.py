@@ -52,7 +52,7 @@ class AttackResult:
         return {
             "attack": self.attack,
             "word": self.prompt.word,
-            "learned_tokens": 0 if self.prompt.embeddings is None else int(self.prompt.embeddings.shape[0]),
+            "learned_tokens": self.prompt.learned_tokens,
             **self.measure.to_dict(),
             "steps": self.steps,
             "steps_requested": self.steps_requested,

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mace_core.attn2 import get_attn2_weights
 from mace_core.audit.concepts import AuditConcept
 from mace_core.audit.embedding import TokenEncoder
 from mace_core.audit.measures import LeakMeter
@@ -25,7 +24,7 @@ from mace_core.erasure_report import KVProjection
 from mace_core.errors import ModelLoadError
 from mace_core.families import family_of_pipeline
 from mace_core.families.base import ModelFamily, PromptEncoder
-from mace_core.models import pipeline_prompt_encoder
+from mace_core.models import pipeline_projections, pipeline_prompt_encoder
 from mace_core.progress import Progress, no_progress
 from mace_core.train import concept_seed
 
@@ -37,8 +36,8 @@ class ModelSide:
     pipe: Any
     family: ModelFamily
     prompts: PromptEncoder  # the family's encoder (UNet call, conditioning)
-    text: TokenEncoder  # the same text encoder, taking attack prompts
-    kv: KVProjection  # every attn2 to_k / to_v stacked
+    text: TokenEncoder  # the same text encoders, taking attack prompts
+    kv: KVProjection  # every edited projection stacked (attn2 to_k / to_v, an MMDiT's context_embedder)
 
     @classmethod
     def of(cls, pipe: Any, device: torch.device) -> ModelSide:
@@ -48,7 +47,7 @@ class ModelSide:
             family_of_pipeline(pipe),
             prompts,
             TokenEncoder(prompts),
-            KVProjection(get_attn2_weights(pipe.unet), device),
+            KVProjection(pipeline_projections(pipe).weights(), device),
         )
 
 
@@ -62,15 +61,18 @@ class AuditModels:
     def of(cls, original_pipe: Any, erased_pipe: Any, device: torch.device) -> AuditModels:
         """Both pipelines (on ``device``), frozen: attacks train only their own prompt parameters."""
         for pipe in (original_pipe, erased_pipe):
-            for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+            for part in (family_of_pipeline(pipe).denoiser(pipe), pipe.vae):
                 part.requires_grad_(False)
         original, erased = ModelSide.of(original_pipe, device), ModelSide.of(erased_pipe, device)
+        for side in (original, erased):
+            side.text.freeze()  # every text encoder the family has
         if original.kv.keys != erased.kv.keys or original.kv.W.shape != erased.kv.W.shape:
             raise ModelLoadError(
-                "the audited model and the original differ in their cross-attention (attn2) layers: "
+                "the audited model and the original differ in their edited projections: "
                 "--original must be the model the erasure started from"
             )
-        if len(original.text.tokenizer) != len(erased.text.tokenizer):
+        sizes = [[len(t.tokenizer) for t in side.text.towers] for side in (original, erased)]
+        if sizes[0] != sizes[1]:
             raise ModelLoadError("the audited model and the original have different tokenizers")
         return cls(original, erased, device)
 

@@ -3,27 +3,34 @@
 Every attack of the audit ends in an ``AttackPrompt``: the word(s) that fill a template's
 ``{}`` and, optionally, the input token embeddings those words' tokens get instead of the
 vocabulary's (a learned token for concept inversion, a perturbed concept for the soft-prompt
-search). ``TokenEncoder`` runs a family's CLIP text encoder on templates filled with such a
-prompt, with or without gradients, and gives the cross-attention context the UNet's attn2
-to_k / to_v see: the token states every measure of the audit is built from.
+search), one set per text encoder of the model's family (SD 1.x / 2.x: one CLIP; SDXL: two
+CLIPs; FLUX.1: CLIP and T5; SD 3.x: two CLIPs and T5), in the order of its
+``PromptEncoder.text_towers``. ``TokenEncoder`` runs the family's own prompt encoder on
+templates filled with such a prompt, with or without gradients, and gives the token states
+the edited projections see (``encode``) and the denoiser's whole conditioning
+(``conditioning``): every measure of the audit is built from them.
 
-The embeddings are injected at the text encoder's input embedding layer (a forward hook),
-so position embeddings, the causal attention and the final layer norm are the model's own:
-a learned token behaves exactly as a new vocabulary entry would.
+The embeddings are injected at each text encoder's input embedding layer (a forward hook
+that replaces the rows of the word's tokens wherever they occur), so position embeddings,
+the causal attention, the layers a family reads and its pooled outputs are the model's own:
+a learned token behaves exactly as a new vocabulary entry would, in every encoder at once.
+The pipeline's own prompt encoding goes through the same layers, so images of an attack's
+prompt are the family's ordinary generation with the hooks in place (``injected``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from mace_core.errors import ConceptError, ModelLoadError, quoted
-from mace_core.families.base import PromptEncoder
-from mace_core.families.stable_diffusion import TextEncoder
-from mace_core.train import find_subsequences
+from mace_core.errors import ConceptError, quoted
+from mace_core.families.base import Conditioning, PromptEncoder, conditioning_to
+from mace_core.token_positions import find_subsequences
 
 # The word a learned token stands in for: one token of CLIP's vocabulary (a rare made-up
 # word, "sks</w>") that no template uses, so its position in a filled template is
@@ -31,130 +38,191 @@ from mace_core.train import find_subsequences
 # ("*," is one token), never letters to the punctuation after them.
 PLACEHOLDER = "sks"
 
+# Names of the stored embedding tensors, one per text encoder (as diffusers names the
+# encoders: text_encoder, text_encoder_2, ...).
+EMBEDDINGS_KEY = "embeddings"
+
+
+def embeddings_key(i: int) -> str:
+    """The stored name of the i-th text encoder's embeddings: embeddings, embeddings_2, ..."""
+    return EMBEDDINGS_KEY if i == 0 else f"{EMBEDDINGS_KEY}_{i + 1}"
+
 
 @dataclass(frozen=True)
 class AttackPrompt:
     """What an attack puts where a template says ``{}``.
 
-    ``embeddings``: None (the words' own tokens), or one input embedding per token of
-    ``word`` (k, d_in), used in place of the vocabulary's.
+    ``embeddings``: None (the words' own tokens), or per text encoder of the family one input
+    embedding per token of ``word`` in that encoder's tokenization (k_i, d_i), used in place
+    of the vocabulary's.
     """
 
     word: str
-    embeddings: torch.Tensor | None = None
+    embeddings: tuple[torch.Tensor, ...] | None = None
 
     def fill(self, template: str) -> str:
         return template.format(self.word)
 
     def detached(self) -> AttackPrompt:
         """A copy on the CPU without gradient history (what results keep)."""
-        e = None if self.embeddings is None else self.embeddings.detach().float().cpu().clone()
-        return AttackPrompt(self.word, e)
-
-
-class TokenEncoder:
-    """A CLIP text encoder (SD 1.x / 2.x) that takes ``AttackPrompt``s.
-
-    ``encode`` gives the same token states as the family's ``PromptEncoder.encode`` for a
-    plain prompt (same tokenizer call, same model call), so the audit's figures and the
-    erasure report's agree.
-    """
-
-    def __init__(self, encoder: PromptEncoder) -> None:
-        if not isinstance(encoder, TextEncoder):
-            raise ModelLoadError(
-                f"the audit's attacks need a single CLIP text encoder (SD 1.x / 2.x); "
-                f"this model's is a {type(encoder).__name__}"
-            )
-        self.tokenizer = encoder.tokenizer
-        self.model = encoder.model
-        self.device = encoder.device
-        self.max_length = encoder.max_length
-        self.table = self.model.get_input_embeddings()  # nn.Embedding (vocab, d_in)
+        if self.embeddings is None:
+            return AttackPrompt(self.word)
+        return AttackPrompt(self.word, tuple(e.detach().float().cpu().clone() for e in self.embeddings))
 
     @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+    def learned_tokens(self) -> int:
+        """Input embeddings the prompt carries: the word's tokens in the first text encoder."""
+        return 0 if self.embeddings is None else int(self.embeddings[0].shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The embeddings by stored name (``embeddings_key``), contiguous; {} without any."""
+        if self.embeddings is None:
+            return {}
+        return {embeddings_key(i): e.contiguous() for i, e in enumerate(self.embeddings)}
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """One text encoder of a family and its tokenizer."""
+
+    tokenizer: Any
+    model: nn.Module
 
     @property
-    def embedding_dim(self) -> int:
-        return int(self.table.weight.shape[1])
+    def table(self) -> nn.Module:
+        """The input embedding table (nn.Embedding (vocab, d_in))."""
+        return self.model.get_input_embeddings()
 
     def ids(self, text: str) -> list[int]:
-        """Unpadded token ids with start/end tokens."""
+        """Unpadded token ids of a prompt, with the tokenizer's special tokens."""
         return list(self.tokenizer(text, truncation=False).input_ids)
 
     def word_ids(self, word: str) -> list[int]:
-        """The tokens of ``word`` alone (without start/end tokens)."""
-        return self.ids(word)[1:-1]
+        """The tokens of ``word`` as it appears inside a prompt (no special tokens)."""
+        return list(self.tokenizer(word, add_special_tokens=False).input_ids)
 
-    def token_embeddings(self, word: str) -> torch.Tensor:
-        """The vocabulary's input embeddings of ``word``'s tokens, (k, d_in) float32, detached."""
-        ids = torch.tensor(self.word_ids(word), device=self.table.weight.device)
-        return self.table(ids).detach().float()
 
-    def span(self, template: str, word: str) -> tuple[list[int], int, int]:
-        """Token ids of the filled template and where ``word``'s tokens sit in it (start, k).
+class TokenEncoder:
+    """A family's prompt encoder that takes ``AttackPrompt``s.
 
-        CLIP's tokenizer splits at spaces and punctuation, so the template's text before
-        ``{}`` tokenizes alone as it does in the filled prompt: the word starts right after it.
-        """
-        ids = self.ids(template.format(word))
-        sub = self.word_ids(word)
-        start = len(self.ids(template.split("{}", 1)[0].strip())) - 1
-        if ids[start : start + len(sub)] != sub:  # a tokenization that merged across the boundary
-            found = find_subsequences(ids, sub)
-            if not found:
-                raise ConceptError(f"the tokens of {quoted(word)} are not found in {quoted(template)}")
-            start = found[0]
-        return ids, start, len(sub)
+    ``encode`` gives the same token states as the family's ``PromptEncoder.encode`` for a
+    plain prompt (it is that call), so the audit's figures and the erasure report's agree.
+    """
 
-    def padded(self, prompts: Sequence[str]) -> torch.Tensor:
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return tok.input_ids
+    def __init__(self, encoder: PromptEncoder) -> None:
+        self.prompts = encoder
+        self.towers = [TextTower(tok, model) for tok, model in encoder.text_towers()]
+        self.device = encoder.device
+
+    @property
+    def dim(self) -> int:
+        return self.prompts.dim
+
+    def freeze(self) -> None:
+        """No text encoder parameter trains: attacks train only their own embeddings."""
+        for tower in self.towers:
+            tower.model.requires_grad_(False)
+
+    def word_ids(self, word: str) -> tuple[tuple[int, ...], ...]:
+        """The tokens of ``word`` in every text encoder's tokenization."""
+        return tuple(tuple(t.word_ids(word)) for t in self.towers)
+
+    def token_embeddings(self, word: str) -> tuple[torch.Tensor, ...]:
+        """The vocabulary's input embeddings of ``word``'s tokens per text encoder,
+        (k_i, d_i) float32, detached."""
+        out = []
+        for tower in self.towers:
+            table = tower.table
+            ids = torch.tensor(tower.word_ids(word), device=table.weight.device, dtype=torch.long)
+            out.append(table(ids).detach().float())
+        return tuple(out)
+
+    def embedding_scales(self) -> tuple[torch.Tensor, ...]:
+        """The RMS of each text encoder's vocabulary embeddings (a scalar tensor each)."""
+        return tuple(t.table.weight.detach().float().pow(2).mean().sqrt() for t in self.towers)
+
+    def fits(self, prompt: str) -> bool:
+        """Whether ``prompt`` fits every text encoder's window."""
+        try:
+            self.prompts.check_length(prompt, "attack prompt")
+        except ConceptError:
+            return False
+        return True
+
+    def _check(self, prompts: Sequence[str], prompt: AttackPrompt) -> None:
+        """Every prompt must contain the word's tokens in every encoder, and the embeddings
+        must match them in number; errors name the word and the prompt."""
+        assert prompt.embeddings is not None
+        if len(prompt.embeddings) != len(self.towers):
+            raise ValueError(
+                f"{len(prompt.embeddings)} sets of embeddings for {len(self.towers)} text encoders"
+            )
+        for tower, e in zip(self.towers, prompt.embeddings, strict=True):
+            sub = tower.word_ids(prompt.word)
+            if e.shape[0] != len(sub):
+                raise ValueError(f"{e.shape[0]} embeddings for the {len(sub)} tokens of {prompt.word!r}")
+            for p in prompts:
+                if not find_subsequences(tower.ids(p), sub):
+                    raise ConceptError(f"the tokens of {quoted(prompt.word)} are not found in {quoted(p)}")
 
     @contextmanager
-    def _injected(self, rows: list[int], starts: list[int], embeddings: torch.Tensor) -> Iterator[None]:
-        """While active, the input embeddings of row ``rows[i]`` at ``starts[i] ..`` are ``embeddings``."""
-        k = embeddings.shape[0]
-
-        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            out = out.clone()  # the table's output may be a view of shared memory
-            e = embeddings.to(out.device, out.dtype)
-            for r, s in zip(rows, starts, strict=True):
-                out[r, s : s + k] = e
-            return out
-
-        handle = self.table.register_forward_hook(hook)
-        try:
+    def injected(self, prompt: AttackPrompt, prompts: Sequence[str] = ()) -> Iterator[None]:
+        """While active, every occurrence of ``prompt.word``'s tokens that any text encoder
+        embeds gets ``prompt.embeddings`` (nothing changes without embeddings). ``prompts``:
+        the prompts about to be encoded, checked to contain the word (``_check``)."""
+        if prompt.embeddings is None:
             yield
-        finally:
-            handle.remove()
+            return
+        self._check(prompts, prompt)
+        with ExitStack() as stack:
+            for tower, e in zip(self.towers, prompt.embeddings, strict=True):
+                handle = tower.table.register_forward_hook(_replacer(tower.word_ids(prompt.word), e))
+                stack.callback(handle.remove)
+            yield
 
     def encode(self, templates: Sequence[str], prompt: AttackPrompt, grad: bool = False) -> torch.Tensor:
-        """The cross-attention context of every template filled with ``prompt``:
-        (len(templates), max_length, dim), float32 on the encoder's device; differentiable
-        in ``prompt.embeddings`` when ``grad``."""
+        """The edited projections' token states of every template filled with ``prompt``:
+        (len(templates), rows, dim), float32 on the encoder's device; differentiable in
+        ``prompt.embeddings`` when ``grad``."""
         prompts = [prompt.fill(t) for t in templates]
-        ids = self.padded(prompts).to(self.device)
-        with torch.set_grad_enabled(grad):
-            if prompt.embeddings is None:
-                return self.model(ids)[0].float()
-            spans = [self.span(t, prompt.word) for t in templates]
-            if any(k != prompt.embeddings.shape[0] for _, _, k in spans):
-                raise ValueError(
-                    f"{prompt.embeddings.shape[0]} embeddings for the {spans[0][2]} tokens of {prompt.word!r}"
-                )
-            with self._injected(list(range(len(prompts))), [s for _, s, _ in spans], prompt.embeddings):
-                return self.model(ids)[0].float()
+        with self._mode(grad), self.injected(prompt, prompts):
+            return self.prompts.encode(prompts).to(self.device)
+
+    def conditioning(
+        self, templates: Sequence[str], prompt: AttackPrompt, grad: bool = False
+    ) -> Conditioning:
+        """The denoiser's conditioning of every template filled with ``prompt`` (the family's
+        ``conditioning``: context, pooled embeddings, ...), on the encoder's device."""
+        prompts = [prompt.fill(t) for t in templates]
+        with self._mode(grad), self.injected(prompt, prompts):
+            return conditioning_to(self.prompts.conditioning(prompts), self.device)
 
     def encode_texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Plain prompts (no injected embeddings), no gradients: (N, max_length, dim)."""
-        with torch.no_grad():
-            return self.model(self.padded(prompts).to(self.device))[0].float()
+        """Plain prompts (no injected embeddings), no gradients: (N, rows, dim)."""
+        return self.prompts.encode(list(prompts)).to(self.device)
+
+    @contextmanager
+    def _mode(self, grad: bool) -> Iterator[None]:
+        if not grad:
+            yield
+            return
+        with self.prompts.differentiable(), torch.enable_grad():
+            yield
+
+
+def _replacer(sub: list[int], embeddings: torch.Tensor):
+    """A forward hook of an embedding table: the rows of every occurrence of ``sub`` in its
+    input ids become ``embeddings`` (k, d)."""
+    k = len(sub)
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        hits = [(r, s) for r, row in enumerate(args[0].tolist()) for s in find_subsequences(row, sub)]
+        if not hits:
+            return out
+        out = out.clone()  # the table's output may be a view of shared memory
+        e = embeddings.to(out.device, out.dtype)
+        for r, s in hits:
+            out[r, s : s + k] = e
+        return out
+
+    return hook

@@ -1,12 +1,12 @@
-"""How much of an erased concept an attack gets back, read off the attn2 keys and values.
+"""How much of an erased concept an attack gets back, read off the edited projections' outputs.
 
-MACE (like most erasure methods) edits the cross-attention to_k / to_v projections so that
-a concept's token states give the keys and values its anchor's give. An attack succeeds
-mechanistically when, through the ERASED model, its prompt gives the keys and values the
-ORIGINAL model gave the concept. Over the held-out templates t of the concept's type
-(``mace_core.prompts.heldout_templates``, never trained on) and the token positions that
-carry the concept (the aligned positions of MACE Stage 1: shared prefix, suffix with
-end-of-text, padding; ``mace_core.alignment``):
+MACE (like most erasure methods) edits the cross-attention to_k / to_v projections (an
+MMDiT's context and pooled projections) so that a concept's token states give the keys and
+values its anchor's give. An attack succeeds mechanistically when, through the ERASED
+model, its prompt gives the keys and values the ORIGINAL model gave the concept. Over the
+held-out templates t of the concept's type (``mace_core.prompts.heldout_templates``, never
+trained on) and the token positions that carry the concept (the aligned positions of MACE
+Stage 1: shared prefix, suffix with end-of-text, padding; ``mace_core.alignment``):
 
     T = W e_f        the original model's keys/values of the concept prompt
     A = W e_g        the original model's keys/values of its anchor twin
@@ -15,14 +15,15 @@ end-of-text, padding; ``mace_core.alignment``):
     leak     = 1 - sum ||X - T||^2 / sum ||A - T||^2,   clipped to [0, 1]
     residual =     sum ||X - A||^2 / sum ||A - T||^2
 
-with W all attn2 to_k / to_v of a model stacked (``erasure_report.KVProjection``).
+with W every edited projection of a model stacked (``erasure_report.KVProjection``).
 ``leak`` is 1 when the attack restores the concept's keys/values exactly (an unerased
 model given the concept itself), 0 when it gets no closer to them than the anchor is
 (what the erasure aims for) or is farther still. ``residual`` is the erasure report's
 residual with the attack's prompt in place of the concept's: 1 for an unchanged model
-and the concept itself, 0 on the anchor. Positions pair up by ``align_tokens`` of the
-concept prompt with the anchor prompt and with the attack's prompt; only positions present
-in both pairings count, in the numerator and the denominator alike.
+and the concept itself, 0 on the anchor. Positions pair up by the family's alignment
+(``PromptEncoder.align``) of the concept prompt with the anchor prompt and with the attack's
+prompt; only positions present in both pairings count, in the numerator and the denominator
+alike.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mace_core.alignment import align_tokens
 from mace_core.audit.embedding import AttackPrompt, TokenEncoder
 from mace_core.concepts import Concept
 from mace_core.erasure_report import KVProjection
-from mace_core.errors import ConceptError, quoted
+from mace_core.errors import quoted
 from mace_core.prompts import heldout_templates
 
 
@@ -62,7 +62,6 @@ def leak_value(num: float, gap: float) -> float:
 @dataclass
 class _Template:
     text: str
-    concept_ids: list[int]
     concept_pos: list[int]  # aligned with the anchor prompt
     target: torch.Tensor  # T: (P, out) keys/values of the concept prompt at concept_pos, original model
     anchor: torch.Tensor  # A: (P, out) keys/values of the anchor prompt at its aligned positions
@@ -98,25 +97,18 @@ class LeakMeter:
         self.kv = erased_kv
         self.templates = tuple(templates if templates is not None else heldout_templates(concept.type))
         self.parts: list[_Template] = []
-        limit = original_text.max_length
+        encoder = original_text.prompts  # the family's: its length limits and alignment
         for t in self.templates:
-            n = max(len(original_text.ids(t.format(x))) for x in (concept.text, concept.anchor))
-            if n > limit:
-                raise ConceptError(
-                    f"concept {quoted(concept.text)}: a held-out prompt is {n} tokens, "
-                    f"the text encoder takes {limit}"
-                )
+            for x in (concept.text, concept.anchor):
+                encoder.check_length(t.format(x), f"concept {quoted(concept.text)}: a held-out prompt")
         ef = original_text.encode(self.templates, AttackPrompt(concept.text))
         eg = original_text.encode(self.templates, AttackPrompt(concept.anchor))
         with torch.no_grad():
             for t, f, g in zip(self.templates, ef, eg, strict=True):
-                f_ids = original_text.ids(t.format(concept.text))
-                al = align_tokens(
-                    f_ids, original_text.ids(t.format(concept.anchor)), original_text.max_length
-                )
+                al = encoder.align(t.format(concept.text), t.format(concept.anchor))
                 self.parts.append(
                     _Template(
-                        t, f_ids, al.concept_positions, original_kv(f[al.concept_positions]),
+                        t, al.concept_positions, original_kv(f[al.concept_positions]),
                         original_kv(g[al.anchor_positions]),
                     )
                 )  # fmt: skip
@@ -132,8 +124,7 @@ class LeakMeter:
         if word not in self._bound:
             out = []
             for p in self.parts:
-                x_ids = self.text.ids(p.text.format(word))
-                al = align_tokens(p.concept_ids, x_ids, self.text.max_length)
+                al = self.text.prompts.align(p.text.format(self.concept.text), p.text.format(word))
                 to_x = dict(zip(al.concept_positions, al.anchor_positions, strict=True))
                 rows = [i for i, f in enumerate(p.concept_pos) if f in to_x]
                 xs = [to_x[p.concept_pos[i]] for i in rows]

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mace_core.audit.attacks import AttackSettings
+from mace_core.errors import SettingError
 from mace_core.evaluation.clip_model import clip_setting
 from mace_core.evaluation.generation import GenerationSettings
 from mace_core.options import Panel, group, plain, setting
@@ -44,11 +45,11 @@ class AuditSettings:
 
     def __post_init__(self) -> None:
         if self.budget_s is not None and not self.budget_s >= 0:
-            raise ValueError(f"budget must be >= 0 seconds, got {self.budget_s}")
+            raise SettingError(f"budget must be >= 0 seconds, got {self.budget_s}")
         if not 0.0 <= self.success_leak <= 1.0:
-            raise ValueError(f"success_leak must be in [0, 1], got {self.success_leak}")
+            raise SettingError(f"success_leak must be in [0, 1], got {self.success_leak}")
         if self.images < 0:
-            raise ValueError(f"images must be >= 0, got {self.images}")
+            raise SettingError(f"images must be >= 0, got {self.images}")
 
     def to_dict(self) -> dict[str, Any]:
         return plain(asdict(self))

@@ -10,9 +10,15 @@ update, in any order.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from mace_core.fingerprint import file_digest
 
 
 @dataclass
@@ -116,3 +122,21 @@ def moments_from_bytes(data: bytes, what: str) -> FeatureMoments:
         return FeatureMoments(int(t["n"][0]), t["mean"].double(), t["m2"].double())
     except Exception as e:
         raise ArtefactError(f"{what} is not a readable feature-moments file: {e}") from None
+
+
+def reference_key(files: Sequence[str | Path], extractor: str, weights: str | Path | None = None) -> str:
+    """Cache key of a reference image set's feature moments: the CONTENT of its images and of
+    the feature extractor, never file names, sizes or dates, so a folder changed in place
+    (an image replaced by one of the same size) is featurised again.
+
+    ``extractor``: which features ("clip:<model>" or "inception"); ``weights``: the extractor's
+    weights file, hashed too. The images' digests are sorted: the moments are a sum over the
+    set, so neither names nor order change them (a duplicated image counts twice).
+    """
+    digests = sorted(file_digest(Path(f)) for f in files)
+    spec = {
+        "images": digests,
+        "extractor": extractor,
+        "weights": file_digest(Path(weights)) if weights is not None else None,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

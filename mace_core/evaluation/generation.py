@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from mace_core.errors import SettingError
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.families import family_of_pipeline
@@ -40,18 +41,18 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         coerce_choices(self, {"precision": (Precision, "precision")})
         if self.inference_steps < 1:
-            raise ValueError(f"inference_steps must be >= 1, got {self.inference_steps}")
+            raise SettingError(f"inference_steps must be >= 1, got {self.inference_steps}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise SettingError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+            raise SettingError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
     def to_dict(self) -> dict:
         return plain(asdict(self))
 
 
 def native_size(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return family_of_pipeline(pipe).native_size(pipe)
 
 
 def image_shape(pipe, p: EvalPrompt, settings: GenerationSettings) -> tuple[int, int]:

@@ -9,7 +9,9 @@ through it:
 - a ``PromptEncoder``: token ids, the UNet's cross-attention context of prompts (the
   token states every statistic and closed form is built from) and any extra UNet
   conditioning, and the UNet call that uses them;
-- the attn2 to_k / to_v projections MACE edits;
+- the projections MACE edits (``edited_projections``: the attn2 to_k / to_v of a UNet, an
+  MMDiT's context_embedder and pooled text projection; ``mace_core.projections``), in the
+  component ``edited_component``, and how training noises latents (``training_schedule``);
 - generating images (training images and evaluation images alike);
 - its prediction type, which generation keeps. MACE's LoRA loss (Eq. 3) is on attention
   maps only, so no family needs a denoising target.
@@ -22,16 +24,27 @@ tokenizer pads with. A family states its pad token so that this is checked, not 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from mace_core.alignment import Alignment, align_tokens
+from mace_core.attention import cross_attention_probes
 from mace_core.attn2 import attn2_projections
 from mace_core.errors import ConceptError, GenerationError, ModelLoadError, quoted
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
+from mace_core.lora import LoraBank
+from mace_core.projections import Projections
+from mace_core.token_positions import find_subsequences
+
+# The precision every prompt is encoded in, on CPU text workers and GPU workers alike,
+# whatever dtype a checkpoint was saved in: the text statistics and the prior cache key
+# depend on it (an fp16-saved text encoder is loaded in it, not in fp16).
+TEXT_DTYPE = torch.float32
 
 # Per-prompt UNet conditioning, every tensor batch-first (row i belongs to prompt i).
 # "context" is the cross-attention context (encoder_hidden_states); a family may add more.
@@ -49,22 +62,29 @@ def conditioning_to(cond: Conditioning, *args: Any) -> Conditioning:
 
 
 class PromptEncoder(ABC):
-    """A family's text side: token ids, the UNet's context of prompts and the UNet call.
+    """A family's text side: token ids, the denoiser's context of prompts and the denoiser call.
 
-    ``encode`` gives the cross-attention context, (N, max_length, dim) float32 on the CPU:
-    the token states that the attn2 to_k / to_v projections see, so every statistic of
-    ``mace_core/text_stats.py`` is built from it. ``ids`` are the unpadded token ids
-    (start and end tokens included) whose positions index that context.
+    ``encode`` gives the token states the edited projections see, (N, rows, dim) float32 on
+    the CPU: for SD the cross-attention context (rows = max_length) that every attn2 to_k /
+    to_v projects; for an MMDiT its context rows and one pooled row (``families/mmdit.py``).
+    Every statistic of ``mace_core/text_stats.py`` is built from it. ``ids`` are the unpadded
+    token ids (start and end tokens included) whose positions index that context.
     """
 
     max_length: int
     batch_size: int
     device: torch.device
+    # The pipeline component the denoiser is (its family's ``edited_component``).
+    component: ClassVar[str] = "unet"
+    # Whether ``encode`` and ``conditioning`` record gradients: no (no-grad batches), but
+    # inside ``differentiable()``, where the audit's embedding attacks differentiate through
+    # them. A family encodes under ``torch.set_grad_enabled(self.grad)``.
+    grad: bool = False
 
     @property
     @abstractmethod
     def dim(self) -> int:
-        """Width of a context token: the input width of the attn2 to_k / to_v projections."""
+        """Width of a token state: the width of the space the edited projections read."""
 
     @abstractmethod
     def ids(self, prompt: str) -> list[int]:
@@ -72,7 +92,8 @@ class PromptEncoder(ABC):
 
     @abstractmethod
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The cross-attention context, (len(prompts), max_length, dim), float32 on the CPU."""
+        """The edited projections' token states, (len(prompts), rows, dim), float32 on the CPU
+        (SD: the cross-attention context, rows = max_length)."""
 
     def check_length(self, prompt: str, what: str) -> None:
         n = len(self.ids(prompt))
@@ -80,6 +101,79 @@ class PromptEncoder(ABC):
             raise ConceptError(
                 f"{what}: prompt {quoted(prompt)} is {n} tokens, the text encoder takes {self.max_length}"
             )
+
+    def text_towers(self) -> list[tuple[Any, nn.Module]]:
+        """Every (tokenizer, text encoder) a prompt goes through, in order: the audit's
+        embedding attacks put learned input embeddings into each one's embedding table."""
+        raise ModelLoadError(
+            f"{type(self).__name__} does not declare its text encoders (text_towers): "
+            "the audit's embedding attacks cannot run on this model"
+        )
+
+    @contextmanager
+    def differentiable(self) -> Iterator[None]:
+        """Inside, ``encode`` and ``conditioning`` record gradients (``grad``)."""
+        before, self.grad = self.grad, True
+        try:
+            yield
+        finally:
+            self.grad = before
+
+    # ------------------------------------------------------------ token positions
+    # Stage 1's alignment and Eq. 3's token masks go by position. The defaults are those of
+    # one CLIP tokenizer (start and end tokens, ``max_length`` positions); a family whose
+    # context is laid out otherwise (T5's, SD 3.x's CLIP + T5 sequence) overrides them.
+
+    @property
+    def tokens(self) -> int:
+        """Text positions the denoiser's attention sees: the length of Eq. 3's token masks."""
+        return self.max_length
+
+    def content_ids(self, text: str) -> list[int]:
+        """The ids of ``text`` alone, without start / end tokens: what it is inside a prompt."""
+        return self.ids(text)[1:-1]
+
+    def align(self, concept_prompt: str, anchor_prompt: str) -> Alignment:
+        """Stage 1's aligned pairs of a prompt and its anchor twin, as rows of ``encode``."""
+        return align_tokens(self.ids(concept_prompt), self.ids(anchor_prompt), self.max_length)
+
+    def concept_mask(self, prompt: str, text: str) -> torch.Tensor | None:
+        """(tokens,) bool: every position of every occurrence of ``text``'s tokens in ``prompt``
+        (None when it does not occur)."""
+        ids, sub = self.ids(prompt), self.content_ids(text)
+        starts = find_subsequences(ids, sub)
+        if not starts:
+            return None
+        mask = torch.zeros(self.tokens, dtype=torch.bool)
+        for start in starts:
+            mask[start : start + len(sub)] = True
+        return mask
+
+    def end_mask(self, prompt: str) -> torch.Tensor:
+        """(tokens,) bool: end-of-text and all padding after it, by position (the pad token
+        may be anything: SD 2.x pads with '!', id 0, which a prompt can contain too)."""
+        mask = torch.zeros(self.tokens, dtype=torch.bool)
+        mask[len(self.ids(prompt)) - 1 :] = True
+        return mask
+
+    # ------------------------------------------------------------ the denoiser
+    # What the method does to the denoiser goes through these, so that a family whose text
+    # reaches it otherwise (an MMDiT's context_embedder) needs no change elsewhere.
+
+    def edited_projections(self, model: nn.Module) -> Projections:
+        """The projections MACE edits in the denoiser ``model``: every attn2 to_k / to_v of a UNet."""
+        return Projections.full(attn2_projections(model))
+
+    def attention_probes(self, model: nn.Module, bank: LoraBank | None = None) -> AbstractContextManager:
+        """Inside: per attention layer, the probabilities of image queries over the text tokens
+        (Eq. 3's A_l, (batch, heads, queries, tokens)) appended to the yielded list, and the
+        ``bank``'s LoRAs added to the trained projections."""
+        return cross_attention_probes(model, bank)
+
+    def memory_saving(self, model: nn.Module, device: torch.device) -> AbstractContextManager:
+        """Inside, LoRA training keeps less of the denoiser's activations (same results); a UNet
+        needs nothing."""
+        return nullcontext()
 
     def conditioning(self, prompts: Sequence[str]) -> Conditioning:
         """Everything the UNet is conditioned on per prompt (float32, CPU): the context only,
@@ -118,6 +212,11 @@ class ModelFamily(ABC):
     pad_token_id: ClassVar[int]
     # Extra keyword arguments of the pipeline's from_pretrained.
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    # The pipeline component (its folder in a diffusers model) that holds the projections
+    # MACE edits: every other component of an erased model is the source's, byte for byte.
+    edited_component: ClassVar[str] = "unet"
+    # The half precision generation autocasts to on GPUs (T5 encoders overflow in fp16).
+    half_dtype: ClassVar[torch.dtype] = torch.float16
 
     # ------------------------------------------------------------ recognition
 
@@ -179,6 +278,25 @@ class ModelFamily(ABC):
         """The cross-attention to_k / to_v layers MACE edits, keyed by state-dict name, sorted."""
         return attn2_projections(unet)
 
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """The pipeline's denoiser: its ``edited_component`` (the UNet, or an MMDiT transformer)."""
+        return getattr(pipe, self.edited_component)
+
+    def edited_projections(self, denoiser: nn.Module) -> Projections:
+        """The projections MACE edits (state-dict keys inside ``edited_component``): every attn2
+        to_k / to_v of a UNet. The same as the family's PromptEncoder gives."""
+        return Projections.full(attn2_projections(denoiser))
+
+    def training_schedule(self, pipe: Any) -> Any:
+        """How LoRA training noises latents (``mace_core.noise``): a UNet's DDPM schedule."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def native_size(self, pipe: Any) -> int:
+        """The model's default image size in pixels."""
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
     # ------------------------------------------------------------ generation
 
     def prediction_type(self, pipe: Any) -> str:
@@ -234,13 +352,17 @@ class ModelFamily(ABC):
             output_type="np",
             callback_on_step_end=callback if on_step is not None else None,
         ).images
-        if not np.isfinite(images).all():
-            dtype = pipe.unet.dtype
-            raise GenerationError(
-                f"non-finite pixels generating {quoted(prompts[0])} with a {dtype} pipeline"
-                + (" (fp16 overflow? use float32)" if dtype == torch.float16 else "")
-            )
-        return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return checked_images(images, prompts[0], pipe.unet.dtype)
+
+
+def checked_images(images: np.ndarray, prompt: str, dtype: torch.dtype) -> np.ndarray:
+    """A pipeline's float images in [0, 1] as uint8; non-finite pixels are a GenerationError."""
+    if not np.isfinite(images).all():
+        raise GenerationError(
+            f"non-finite pixels generating {quoted(prompt)} with a {dtype} pipeline"
+            + (" (fp16 overflow? use float32)" if dtype == torch.float16 else "")
+        )
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def load_error(model: str, e: Exception) -> ModelLoadError:

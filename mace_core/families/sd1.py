@@ -14,15 +14,21 @@ from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD, StableDiffusio
 from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
 
 
-def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
-    """A seeded random SD-1.x-shaped pipeline (tiny widths), identical on every machine."""
+def build_tiny_pipeline(seed: int = 0, width: int | None = None):  # -> StableDiffusionPipeline
+    """A seeded random SD-1.x-shaped pipeline (tiny widths), identical on every machine.
+    ``width``: the text encoder's (and cross-attention's) width, default the ``tiny`` model's 32."""
     from diffusers import DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    text = (
+        TINY_CLIP_TEXT
+        if width is None
+        else dict(TINY_CLIP_TEXT, hidden_size=width, intermediate_size=2 * width)
+    )
     with seeded(seed):
-        unet = tiny_unet(cross_attention_dim=TINY_CLIP_TEXT["hidden_size"], attention_head_dim=4)
+        unet = tiny_unet(cross_attention_dim=text["hidden_size"], attention_head_dim=4)
         vae = tiny_vae((32,))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, **SD_NOISE_SCHEDULE)
     return assemble_pipeline(vae, text_encoder, clip_tokenizer(), unet, scheduler)
 

@@ -33,26 +33,32 @@ TINY_SD2_TEXT = dict(
 )
 
 
-def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionPipeline
+def build_tiny_pipeline(seed: int = 0, width: int | None = None):  # -> StableDiffusionPipeline
     """A seeded random SD-2.x-shaped pipeline (tiny widths, offline), identical on every machine.
 
     Like SD 2.1 (768 px): linear-projection transformers with per-block head counts,
     cross-attention as wide as the GELU text encoder, a VAE that halves the image, and a
-    v-prediction DDIM scheduler (generation switches to DPM-Solver, keeping v).
+    v-prediction DDIM scheduler (generation switches to DPM-Solver, keeping v). ``width``:
+    the text encoder's (and cross-attention's) width, default 64.
     """
     from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    text = (
+        TINY_SD2_TEXT
+        if width is None
+        else dict(TINY_SD2_TEXT, hidden_size=width, intermediate_size=2 * width)
+    )
     with seeded(seed):
         unet = tiny_unet(
-            cross_attention_dim=TINY_SD2_TEXT["hidden_size"],
+            cross_attention_dim=text["hidden_size"],
             sample_size=16,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             upcast_attention=True,
         )
         vae = tiny_vae((16, 32))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         **SD_NOISE_SCHEDULE,

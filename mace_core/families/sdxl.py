@@ -26,7 +26,7 @@ from torch import nn
 
 from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
 from mace_core.errors import ConceptError, quoted
-from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder, load_error
+from mace_core.families.base import TEXT_DTYPE, Conditioning, ModelFamily, PromptEncoder, load_error
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
 from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
@@ -36,6 +36,15 @@ PAD_TOKEN_2 = "!"  # the second (OpenCLIP bigG) tokenizer pads with token 0, '!'
 TINY_SDXL_TEXT_2 = dict(TINY_CLIP_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
 TINY_TIME_EMBED = 8
 DEFAULT_SIZE = 1024  # SDXL base's native size
+
+
+def split_width(width: int) -> tuple[int, int]:
+    """Two text encoders' widths that sum to a context ``width``, split as SDXL splits its
+    2048 (768 + 1280), the first a multiple of 16: 64 -> 32 + 32, 96 -> 32 + 64, 128 -> 48 + 80."""
+    first = max(16, 16 * round(width * 768 / 2048 / 16))
+    if width - first < 16:
+        raise ValueError(f"context width {width} is too narrow for two text encoders")
+    return first, width - first
 
 
 class SDXLTextEncoder(PromptEncoder):
@@ -67,8 +76,14 @@ class SDXLTextEncoder(PromptEncoder):
             )
         return first
 
-    @torch.no_grad()
+    def text_towers(self) -> list[tuple[Any, Any]]:
+        return list(zip(self.tokenizers, self.models, strict=True))
+
     def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(self.grad):  # no-grad batches but for the audit's attacks
+            return self._states(prompts)
+
+    def _states(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         states, pooled = [], []
         for i in range(0, len(prompts), self.batch_size):
             batch = list(prompts[i : i + self.batch_size])
@@ -105,19 +120,26 @@ class SDXLTextEncoder(PromptEncoder):
         )
 
 
-def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
+def build_tiny_pipeline(seed: int = 0, widths: tuple[int, int] | None = None):  # -> StableDiffusionXLPipeline
     """A seeded random SDXL-shaped pipeline (tiny widths, offline), identical on every machine.
 
     Adapted from the dummy components of diffusers' SDXL tests (Apache-2.0): text_time
     added conditioning, linear-projection transformers (two in the second block), cross
-    attention as wide as both text encoders together, an Euler scheduler.
+    attention as wide as both text encoders together, an Euler scheduler. ``widths``: the
+    two text encoders' widths (default 32 and 32, the ``tiny`` model's), the second also
+    its projection's; the cross-attention context is their sum.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    text_1, text_2 = TINY_CLIP_TEXT, TINY_SDXL_TEXT_2
+    if widths is not None:
+        w1, w2 = widths
+        text_1 = dict(text_1, hidden_size=w1, intermediate_size=2 * w1)
+        text_2 = dict(text_2, hidden_size=w2, intermediate_size=2 * w2, projection_dim=w2)
     with seeded(seed):
         unet = tiny_unet(
-            cross_attention_dim=TINY_CLIP_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
+            cross_attention_dim=text_1["hidden_size"] + text_2["hidden_size"],
             layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -126,11 +148,11 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
             addition_embed_type="text_time",
             addition_time_embed_dim=TINY_TIME_EMBED,
             transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * TINY_TIME_EMBED,
+            projection_class_embeddings_input_dim=text_2["projection_dim"] + 6 * TINY_TIME_EMBED,
         )
         vae = tiny_vae((16, 32), sample_size=64, force_upcast=True)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_1))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2))
     scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -168,10 +190,10 @@ class SDXL(ModelFamily):
             kw = dict(local_files_only=is_local)
             tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
             tok2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
-            te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **kw)
-            te2 = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", use_safetensors=True, **kw
-            )
+            # In TEXT_DTYPE: transformers would keep the checkpoint's own (fp16) dtype.
+            te_kw = dict(kw, use_safetensors=True, dtype=TEXT_DTYPE)
+            te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **te_kw)
+            te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **te_kw)
         except Exception as e:
             raise load_error(model, e) from None
         return tok, tok2, te.eval(), te2.eval(), native_size(ModelIndex.read(model))

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mace_core.families.base import ModelFamily, PromptEncoder, load_error
+from mace_core.families.base import TEXT_DTYPE, ModelFamily, PromptEncoder, load_error
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
 
 CLIP_DEFAULT_PAD = "<|endoftext|>"  # what CLIPTokenizer pads with when its config names nothing
@@ -38,7 +38,9 @@ class TextEncoder(PromptEncoder):
         """Unpadded token ids with start/end tokens."""
         return list(self.tokenizer(prompt, truncation=False).input_ids)
 
-    @torch.no_grad()
+    def text_towers(self) -> list[tuple[Any, Any]]:
+        return [(self.tokenizer, self.model)]
+
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Final token states, (len(prompts), max_length, d), float32 on the CPU."""
         out = []
@@ -50,7 +52,8 @@ class TextEncoder(PromptEncoder):
                 truncation=True,
                 return_tensors="pt",
             )
-            h = self.model(tok.input_ids.to(self.device))[0]
+            with torch.set_grad_enabled(self.grad):  # no-grad batches but for the audit's attacks
+                h = self.model(tok.input_ids.to(self.device))[0]
             out.append(h.float().cpu())
         return torch.cat(out)
 
@@ -98,7 +101,8 @@ class StableDiffusionFamily(ModelFamily):
         return super().recognises_pipeline(pipe) and pipe.tokenizer.pad_token == self.pad_token
 
     def load_text_components(self, model: str) -> tuple[Any, Any]:
-        """(CLIPTokenizer, CLIPTextModel): enough to validate prompts and fingerprint a model."""
+        """(CLIPTokenizer, CLIPTextModel in TEXT_DTYPE whatever dtype it was saved in): enough
+        to validate prompts, fingerprint a model and compute the text statistics."""
         if model == TINY_MODEL:
             pipe = self.build_tiny_pipeline()
             return pipe.tokenizer, pipe.text_encoder
@@ -108,7 +112,11 @@ class StableDiffusionFamily(ModelFamily):
         try:
             tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
             te = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", local_files_only=is_local, use_safetensors=True
+                source,
+                subfolder="text_encoder",
+                local_files_only=is_local,
+                use_safetensors=True,
+                dtype=TEXT_DTYPE,  # transformers would keep the checkpoint's (fp16) dtype
             )
         except Exception as e:
             raise load_error(model, e) from None

@@ -35,11 +35,13 @@ from mace_ray.audit.stages import AUDIT_STAGES, AuditRun
 from mace_ray.engine.staged_job import run_staged_job
 from mace_ray.eval.driver import ResolvedModel, resolve_model
 from mace_ray.storage.base import Storage, write_json
+from mace_ray.storage.model_cache import fingerprint_model
 
 log = logging.getLogger("mace_ray")
 
-# Families whose text side is one CLIP text encoder: what the embedding attacks inject into.
-AUDITABLE_FAMILIES = ("sd1", "sd2")
+# Families whose prompt encoders declare their text encoders (``PromptEncoder.text_towers``):
+# the embedding attacks inject into every one of them.
+AUDITABLE_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
 
 
 @dataclass
@@ -92,14 +94,14 @@ def _erase_run(model: ResolvedModel) -> tuple[str | None, str | None]:
 
 
 def _check_family(model: str, what: str) -> None:
-    """Refuse, before any worker starts, a local model the attacks cannot run on (SDXL)."""
+    """Refuse, before any worker starts, a local model the attacks cannot run on."""
     if model != TINY_MODEL and not (looks_like_path(model) and "://" not in model):
         return  # hub ids and s3:// folders are checked by the workers, which load them
     family = family_for(model)
     if family.name not in AUDITABLE_FAMILIES:
         raise ModelLoadError(
             f"{what} {model!r} is a {family.name} model; mace-ray audit supports "
-            f"{', '.join(AUDITABLE_FAMILIES)} (one CLIP text encoder)"
+            f"{', '.join(AUDITABLE_FAMILIES)}"
         )
 
 
@@ -157,9 +159,11 @@ def prepare(req: AuditRequest) -> PreparedAudit:
         )
     if not req.settings.images:
         notes.append("--images 0: mechanistic figures only")
+    # By content, not path: an audited folder changed in place (an erase rerun with
+    # --no-resume to the same path) is another audit, never resumed from the old jobs.
     key = {
-        "model": model.load,
-        "original": original,
+        "model": fingerprint_model(model.load, req.s3_endpoint).full,
+        "original": fingerprint_model(original, req.s3_endpoint).full,
         "concepts": [c.to_dict() for c in concepts],
         "attacks": list(attacks),
         "settings": req.settings.to_dict(),

@@ -40,21 +40,30 @@ class AuditRequest(WhereItRuns):
         None,
         "The model before erasure: hub id, diffusers folder or 'tiny' (default: the erase run's model).",
         panel=Panel.MODEL,
+        basic=True,
     )
     attacks: str = setting(
         ALL,
         f"Attacks to run: {ALL} or a comma-separated list of {', '.join(attack_names())}.",
         panel=Panel.ATTACKS,
+        basic=True,
     )
     output: str = setting(
-        "mace-runs", "Where audits/ is written: a folder or s3://bucket/prefix.", panel=Panel.MODEL
+        "mace-runs",
+        "Where audits/ is written: a folder or s3://bucket/prefix.",
+        panel=Panel.MODEL,
+        basic=True,
     )
     default_type: ConceptType = setting(
         ConceptType.OBJECT, "Type of concept-file lines without one.", name="type", panel=Panel.MODEL
     )
     settings: AuditSettings = field(default_factory=AuditSettings, metadata=group())
     resume: bool = setting(
-        True, "Reuse the results of an earlier audit with the same inputs.", panel=Panel.RUN
+        True,
+        "Run every attack again (by default the results of an earlier audit with the same inputs "
+        "are reused).",
+        name="no-resume",
+        panel=Panel.RUN,
     )
 
     def __post_init__(self) -> None:

@@ -194,7 +194,7 @@ class AuditWorker(PoolWorker[AuditSpec]):
             images, sums = self._images(concept, attack, result.prompt, "erased", shown)
             if result.prompt.embeddings is not None:
                 data = sealed_bytes(
-                    {"embeddings": result.prompt.embeddings.contiguous()},
+                    result.prompt.tensors(),  # one tensor per text encoder: embeddings, embeddings_2, ...
                     {"word": result.prompt.word, "concept": concept.concept.text, "attack": attack},
                 )
                 emb = self.layout.embedding(concept.slug, attack)

@@ -4,8 +4,9 @@
 metadata of mace_core/options.py) into ``CliParam``s: one per command-line name, each feeding
 one field or, for shared options, several. ``command`` turns them into a function whose
 ``__signature__`` typer reads (``Annotated[type, typer.Option(...)]`` per parameter, plus
-``--config``) and which hands ``build``'s request to the command's body. Help texts, panels,
-bounds and choices come only from the metadata and the field types.
+``--config`` and ``--help-all``) and which hands ``build``'s request to the command's body.
+Help texts, panels, bounds and choices come only from the metadata and the field types. A
+bool is one flag that turns its default around (``--squared-loss``, ``--no-resume``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mace_core.options import CLI, Group, Internal, Option, Panel, cli_metadata
-from mace_ray.cli.options import ConfigOpt, fail
+from mace_core.errors import MaceError, SettingError
+from mace_core.options import CLI, Group, Internal, Option, cli_metadata
+from mace_ray.cli.options import HELP_ALL, ConfigOpt, HelpAllOpt, fail
 
 T = TypeVar("T")
 FieldPath = tuple[str, ...]  # field names from the root, e.g. ("settings", "train", "seed")
@@ -41,7 +43,6 @@ class CliParam:
     optional: bool  # the field may be None
     default: Any  # the field's default, REQUIRED if it has none
     targets: list[FieldPath]
-    alias_of: str | None = None  # a hidden deprecated spelling of that param
 
     @property
     def ident(self) -> str:
@@ -59,11 +60,11 @@ class CliParam:
             return str
         if typing.get_origin(t) is tuple:
             t = list[typing.get_args(t)[0]]
-        return t | None if self.optional or self.alias_of else t
+        return t | None if self.optional else t
 
     def cli_default(self) -> Any:
-        if self.alias_of:
-            return None
+        if self.field_type is bool:
+            return False  # the flag not given: the field keeps its default
         if self.default is REQUIRED:
             return REQUIRED
         if self.option.none_as:
@@ -100,17 +101,9 @@ def params_of(root: type) -> list[CliParam]:
     for p in params:
         if not p.help:
             raise TypeError(f"option {p.flag} ({'.'.join(p.targets[0])}) has no help text")
-    aliases = [
-        CliParam(
-            a, p.option, f"Deprecated spelling of {p.flag}.", p.panel, p.field_type, True, None, [], p.name
-        )
-        for p in params
-        for a in p.option.aliases
-    ]
-    for p in params + aliases:
-        if not p.ident.isidentifier() or p.ident == "config":
+        if not p.ident.isidentifier() or p.ident in ("config", HELP_ALL):
             raise TypeError(f"option name {p.name!r} cannot be a parameter name")
-    return params + aliases
+    return params
 
 
 def _walk(cls: type, path: FieldPath, grp: Group, parent_default: Any, out: dict[str, CliParam]) -> None:
@@ -131,10 +124,13 @@ def _walk(cls: type, path: FieldPath, grp: Group, parent_default: Any, out: dict
             continue
         name = meta.name or "-".join(x for x in (grp.prefix, f.name.replace("_", "-")) if x)
         field_type, optional = _unwrap_optional(hints[f.name])
+        help = meta.help.replace("{group}", grp.title)
+        if field_type is bool and default is True and not meta.name:  # the flag turns it off
+            name, help = f"no-{name}", f"{help} (On unless this flag is given.)"
         p = CliParam(
             name=name,
             option=meta,
-            help=meta.help.replace("{group}", grp.title),
+            help=help,
             panel=meta.panel or grp.panel,
             field_type=field_type,
             optional=optional,
@@ -155,32 +151,26 @@ def _merge(first: CliParam, other: CliParam, where: str) -> None:
         raise TypeError(f"{where}: shared option --{other.name} differs in type or default")
     if other.help and first.help and other.help != first.help:
         raise TypeError(f"{where}: shared option --{other.name} has two help texts")
-    if other.help and not first.help:
+    if other.help and not first.help:  # one of them carries the help
         first.option, first.help, first.panel = other.option, other.help, other.panel
     first.targets.append(other.targets[0])
 
 
-def _is_choice(t: Any) -> bool:
-    return isinstance(t, type) and issubclass(t, enum.Enum)
-
-
-def typer_info(p: CliParam) -> Any:
-    """The ``typer.Option`` / ``typer.Argument`` of one parameter."""
+def typer_info(p: CliParam, hidden: bool = False) -> Any:
+    """The ``typer.Option`` / ``typer.Argument`` of one parameter (``hidden``: in --help-all only)."""
     o = p.option
-    kw: dict[str, Any] = {"help": p.help, "rich_help_panel": p.panel, "hidden": p.alias_of is not None}
+    kw: dict[str, Any] = {"help": p.help, "rich_help_panel": p.panel, "hidden": hidden}
     if o.argument:
         kw["metavar"] = o.metavar or p.flag
     elif o.metavar or o.none_as:
         kw["metavar"] = o.metavar or f"<{p.field_type.__name__}|{o.none_as}>"
-    if _is_choice(p.field_type):
+    if isinstance(p.field_type, type) and issubclass(p.field_type, enum.Enum):
         kw["case_sensitive"] = False
     if not o.none_as:  # checked by build: the type on the command line is a word or a number
         kw.update({k: v for k, v in (("min", o.min), ("max", o.max)) if v is not None})
     if o.argument:
         return typer.Argument(**kw)
-    if p.field_type is bool and not p.alias_of:
-        return typer.Option(f"--{p.name}/--{o.negative or 'no-' + p.name}", **kw)
-    return typer.Option(f"--{p.name}", **kw)
+    return typer.Option(*(f"--{n}" for n in (p.name, *o.aliases)), **kw)  # old spellings: more names
 
 
 def annotated(meta: Mapping[str, Any], field_type: Any, name: str) -> Any:
@@ -193,40 +183,26 @@ def annotated(meta: Mapping[str, Any], field_type: Any, name: str) -> Any:
 
 
 def signature(params: list[CliParam]) -> inspect.Signature:
-    args = [p for p in params if p.option.argument]
-    # Panels in the order of mace_core/options.py's Panel (typer shows them as they first
-    # appear); fields in their order within a panel.
-    order = Panel.order()
-    options = sorted(
-        (p for p in params if not p.option.argument),
-        key=lambda p: order.index(p.panel) if p.panel in order else len(order),
+    """Arguments first, then the options in field order (the help groups them by panel)."""
+
+    def parameter(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    def info(p: CliParam) -> Any:  # --help shows what a first run needs, --help-all the rest
+        return typer_info(p, hidden=not (p.option.basic or p.option.argument or p.default is REQUIRED))
+
+    ordered = sorted(params, key=lambda p: not p.option.argument)
+    own = [parameter(p.ident, p.cli_default(), Annotated[p.cli_type(), info(p)]) for p in ordered]
+    return inspect.Signature(
+        [*own, parameter("config", None, ConfigOpt), parameter(HELP_ALL, False, HelpAllOpt)]
     )
-
-    def parameter(p: CliParam) -> inspect.Parameter:
-        annotation = Annotated[p.cli_type(), typer_info(p)]
-        return inspect.Parameter(
-            p.ident, inspect.Parameter.KEYWORD_ONLY, default=p.cli_default(), annotation=annotation
-        )
-
-    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt)
-    return inspect.Signature([*map(parameter, args), *map(parameter, options), config])
 
 
 def build(root: type[T], values: Mapping[str, Any], params: list[CliParam] | None = None) -> T:
-    """The request of parsed ``values`` (by parameter name); ValueError for a bad value."""
+    """The request of parsed ``values`` (by parameter name); SettingError for a bad value."""
     params = params if params is not None else params_of(root)
-    values = dict(values)
-    by_name = {p.name: p for p in params}
-    for alias in (p for p in params if p.alias_of):
-        given = values.get(alias.ident)
-        if given is None:
-            continue
-        main = by_name[alias.alias_of]
-        if values.get(main.ident) != main.cli_default():
-            raise ValueError(f"give {main.flag} or its old spelling {alias.flag}, not both")
-        values[main.ident] = given
-    by_target = {t: p for p in params if not p.alias_of for t in p.targets}
-    return _construct(root, (), by_target, values)
+    by_target = {t: p for p in params for t in p.targets}
+    return _construct(root, (), by_target, dict(values))
 
 
 def _construct(cls: type[T], path: FieldPath, by_target: dict[FieldPath, CliParam], values: dict) -> T:
@@ -244,6 +220,8 @@ def _construct(cls: type[T], path: FieldPath, by_target: dict[FieldPath, CliPara
 
 
 def _field_value(p: CliParam, value: Any) -> Any:
+    if p.field_type is bool:
+        return (not p.default) if value else p.default
     word = p.option.none_as
     if word:
         return _word_or_number(p, word, value)
@@ -258,24 +236,15 @@ def _word_or_number(p: CliParam, word: str, value: Any) -> Any:
     if text.lower() == word:
         return None
     o = p.option
-    if p.field_type is int:
-        kind = "a positive integer" if o.min == 1 and o.max is None else "an integer"
-    else:
-        kind = "a number"
     try:
         number = p.field_type(text)
     except ValueError:
         number = None
     if number is None or (o.min is not None and number < o.min) or (o.max is not None and number > o.max):
-        bounds = "" if kind == "a positive integer" else _bounds(o)
-        raise ValueError(f"{p.flag}: expected {kind}{bounds} or {word}, got {value!r}")
+        bounds = " and ".join(f"{op} {b:g}" for op, b in ((">=", o.min), ("<=", o.max)) if b is not None)
+        kind = "a positive integer" if p.field_type is int and o.min == 1 else f"a number {bounds}".strip()
+        raise SettingError(f"{p.flag}: expected {kind} or {word}, got {value!r}")
     return number
-
-
-def _bounds(o: Option) -> str:
-    parts = [f">= {o.min:g}" if o.min is not None else "", f"<= {o.max:g}" if o.max is not None else ""]
-    shown = " and ".join(x for x in parts if x)
-    return f" {shown}" if shown else ""
 
 
 def command(root: type[T], run: Callable[[T], None], name: str) -> Callable[..., None]:
@@ -284,9 +253,10 @@ def command(root: type[T], run: Callable[[T], None], name: str) -> Callable[...,
 
     def cmd(**values: Any) -> None:
         values.pop("config", None)  # already applied: load_config fills the other values
+        values.pop(HELP_ALL, None)
         try:
             request = build(root, values, params)
-        except ValueError as e:
+        except MaceError as e:  # a SettingError; any other exception is a bug (mace_ray/cli/errors.py)
             fail(str(e))
         run(request)
 

@@ -1,8 +1,11 @@
 """The ``mace-ray`` command line.
 
 Exit codes: 0 success; 1 unexpected failure (a bug or an infrastructure error, with a
-traceback; the run is marked failed and resumes on rerun); 2 bad input or settings (one
-line on stderr naming the input; nothing is marked complete).
+traceback and a last line saying so; the run is marked failed and resumes on rerun); 2 bad
+input or settings (one line on stderr naming the input; nothing is marked complete, and a
+run refused before it starts leaves nothing behind); 3 a complete run above --max-residual;
+143 stopped by SIGTERM (marked interrupted; the same command resumes it). How errors are
+told apart: mace_ray/cli/errors.py.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ from typing import Annotated
 
 import typer
 
-from mace_core.errors import MaceError
-from mace_core.models import DEFAULT_MODEL
-from mace_ray.cli.audit import audit_command
 from mace_ray.cli.build import annotated, command
-from mace_ray.cli.eval import eval_command
-from mace_ray.cli.options import OneLineErrors, fail
+from mace_ray.cli.errors import reported_errors
+from mace_ray.cli.options import LazyCommands, OneLineErrors, fail
 from mace_ray.engine.logs import setup_logging
 from mace_ray.engine.requests import ADDRESS, EXECUTOR, S3_ENDPOINT, Executor
-from mace_ray.erase.request import EraseRequest
+from mace_ray.erase.request import DEFAULT_MODEL, EraseRequest
 
+# eval and audit are LazyCommands (imported when named: their options import torch);
+# rich_markup_mode None: plain help, which fits an 80-column terminal and a job log.
 app = typer.Typer(
+    cls=LazyCommands,
+    rich_markup_mode=None,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -70,10 +74,8 @@ def erase(req: EraseRequest) -> None:
 
     setup_logging(req.progress)
     try:
-        with on_sigterm():
+        with reported_errors(), on_sigterm():
             report = run_erase(req)
-    except (MaceError, ValueError) as e:
-        fail(str(e))
     except Interrupted as e:
         fail(f"{e}: the run stopped and is marked interrupted; the same command resumes it", EXIT_SIGTERM)
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
@@ -100,13 +102,11 @@ def status(
     s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Show a run's status and progress from its manifest."""
-    from mace_ray.erase.driver import run_status
+    from mace_ray.erase.status import run_status
 
     setup_logging(False)
-    try:
+    with reported_errors():
         typer.echo(json.dumps(run_status(output, run, s3_endpoint), indent=2))
-    except MaceError as e:
-        fail(str(e))
 
 
 @app.command(cls=OneLineErrors)
@@ -123,10 +123,8 @@ def gc(
     from mace_ray.erase.gc import collect_garbage
 
     setup_logging(True)
-    try:
+    with reported_errors():
         typer.echo(json.dumps(collect_garbage(output, s3_endpoint, dry_run)))
-    except MaceError as e:
-        fail(str(e))
 
 
 @app.command("cache-prior", cls=OneLineErrors)
@@ -143,7 +141,7 @@ def cache_prior_cmd(
     from mace_ray.erase.prior import cache_prior
 
     setup_logging(True)
-    try:
+    with reported_errors():
         args = (model, str(captions), output, s3_endpoint)
         with backend_for(executor, address) as backend:
             if backend.name == "local":
@@ -154,8 +152,6 @@ def cache_prior_cmd(
                 gpus = 1 if backend.gpus_available() else 0
                 task = ray.remote(cache_prior).options(name="cache-prior", num_gpus=gpus)
                 result = backend.get(task.remote(*args))
-    except MaceError as e:
-        fail(str(e))
     typer.echo(json.dumps(result))
 
 
@@ -176,39 +172,12 @@ def apply(
     s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for an s3:// --model.")] = None,
 ) -> None:
     """Apply a compact erasure file to its base model and save the erased pipeline."""
-    from mace_core.checkpoints import apply_erasure, read_erasure, save_pipeline
-    from mace_core.models import load_pipeline
-    from mace_ray.storage.model_cache import fingerprint_model, resolve_model
+    from mace_ray.erase.apply import apply_erasure_file
 
     setup_logging(False)
-    try:
-        if not erasure.is_file():
-            raise MaceError(f"erasure file {str(erasure)!r} does not exist")
-        if output.exists() and not output.is_dir():
-            raise MaceError(f"--output {str(output)!r} is a file; give a folder for the pipeline")
-        data = erasure.read_bytes()
-        _, meta = read_erasure(data, str(erasure))
-        base = model or meta["base_model"]
-        expected = meta.get("model_fingerprint")
-        if expected and not other_model:
-            # The erasure replaces attn2 matrices computed from one model's weights: on any
-            # other weights it would mix two models without a word.
-            now = fingerprint_model(base, s3_endpoint).full
-            if now != expected:
-                raise MaceError(
-                    f"{str(erasure)!r} was computed on a model with fingerprint {expected}; "
-                    f"{base!r} has {now} (pass --other-model to apply it anyway)"
-                )
-        pipe = load_pipeline(resolve_model(base, s3_endpoint))
-        apply_erasure(pipe, data, str(erasure))
-        save_pipeline(pipe, output)
-    except MaceError as e:
-        fail(str(e))
+    with reported_errors():
+        apply_erasure_file(erasure, output, model, other_model, s3_endpoint)
     typer.echo(str(output))
-
-
-app.command("eval", cls=OneLineErrors)(eval_command)
-app.command("audit", cls=OneLineErrors)(audit_command)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """How a command whose job ends in a report (``mace-ray audit``, ``mace-ray eval``) runs it
-and shows the result: logging set up, bad input as one ``mace-ray: error:`` line (exit 2),
-then the report's table and one JSON line naming the job, its status and its folder."""
+and shows the result: logging set up, bad input as one ``mace-ray: error:`` line (exit 2), a
+bug as its traceback (exit 1, ``mace_ray.cli.errors``), then the report's table and one JSON
+line naming the job, its status and its folder."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from typing import Any
 
 import typer
 
-from mace_core.errors import MaceError
-from mace_ray.cli.options import fail
+from mace_ray.cli.errors import reported_errors
 from mace_ray.engine.logs import setup_logging
 
 
@@ -25,10 +25,8 @@ def run_reported_job(
     """``run()`` the job, then print ``table(report)`` and ``{id_key, status, root}`` as JSON."""
     setup_logging(progress)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache line is noise here
-    try:
+    with reported_errors():  # bad input (also from a worker): one line; anything else: a bug
         report = run()
-    except (MaceError, ValueError) as e:
-        fail(str(e))
     typer.echo(table(report))
     out = report["output"]
     typer.echo(json.dumps({id_key: report[id_key], "status": report["status"], "root": out["root"]}))

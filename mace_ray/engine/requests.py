@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mace_core.errors import SettingError
 from mace_core.options import Choice, Panel, coerce_choices, option, setting
 
 
@@ -21,14 +22,18 @@ class Executor(Choice):
 
 
 # Options of both commands: one text each.
-EXECUTOR = option("ray (a cluster, or a local Ray) or local (this process).", panel=Panel.CLUSTER)
-ADDRESS = option("Ray cluster address (default: RAY_ADDRESS, else start a local Ray).", panel=Panel.CLUSTER)
+EXECUTOR = option("ray (a cluster, or a local Ray) or local (this process).", panel=Panel.CLUSTER, basic=True)
+ADDRESS = option(
+    "Ray cluster address (default: RAY_ADDRESS, else start a local Ray).", panel=Panel.CLUSTER, basic=True
+)
 GPUS_PER_WORKER = option(
     "GPUs per worker, fractions allowed (default: 1 if the cluster has GPUs).", min=0.0, panel=Panel.CLUSTER
 )
 DEVICE = option("torch device (default: cuda if present, else cpu).", panel=Panel.CLUSTER)
 S3_ENDPOINT = option("S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).", panel=Panel.CLUSTER)
-VERBOSE = option("Progress lines on stderr.", name="verbose", negative="quiet", panel=Panel.RUN)
+QUIET = option(
+    "No progress lines: only warnings, errors and the result.", name="quiet", panel=Panel.RUN, basic=True
+)
 
 FILE, FOLDER = "<file>", "<folder>"
 
@@ -45,19 +50,19 @@ class WhereItRuns:
     address: str | None = field(default=None, metadata=ADDRESS)
     # None: one per GPU (gpus_per_worker each), else 1
     workers: int | None = setting(
-        None, "Workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER
+        None, "Workers (default: one per GPU of the cluster, else 1).", min=1, panel=Panel.CLUSTER, basic=True
     )
     # None: 1 if the cluster has GPUs, else 0
     gpus_per_worker: float | None = field(default=None, metadata=GPUS_PER_WORKER)
     device: str | None = field(default=None, metadata=DEVICE)
     s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
     # Progress bars and lines inside the stages (the CLI's --quiet: off).
-    progress: bool = field(default=True, metadata=VERBOSE)
+    progress: bool = field(default=True, metadata=QUIET)
 
     def __post_init__(self) -> None:
         coerce_choices(self, {"executor": (Executor, "executor")})
         if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise SettingError(f"workers must be >= 1, got {self.workers}")
 
     def for_workers(self) -> dict[str, Any]:
         """What every worker's spec copies from the request: the S3 endpoint of its output,

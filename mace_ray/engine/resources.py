@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mace_core.errors import SettingError
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -14,9 +16,9 @@ class Resources:
 
     def __post_init__(self) -> None:
         if self.cpus < 0 or self.gpus < 0:
-            raise ValueError(f"resources must be >= 0, got cpus={self.cpus} gpus={self.gpus}")
+            raise SettingError(f"resources must be >= 0, got cpus={self.cpus} gpus={self.gpus}")
         if self.gpus > 1 and self.gpus != int(self.gpus):
-            raise ValueError(f"more than one GPU must be a whole number, got {self.gpus}")
+            raise SettingError(f"more than one GPU must be a whole number, got {self.gpus}")
 
     def __str__(self) -> str:
         """For log lines: '1 CPU, 1 GPU' (and memory when set)."""

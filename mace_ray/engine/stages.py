@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from mace_ray.engine.metrics import Metrics
+
 log = logging.getLogger("mace_ray")
 
 Ctx = TypeVar("Ctx")
@@ -48,25 +50,48 @@ class Stage(Generic[Ctx]):
 
 
 class Timer:
-    """Seconds per stage, logged as progress lines of the job log (and sent to metrics)."""
+    """Seconds per stage, logged as progress lines of the job log and sent to the run's
+    metrics (``report_to``). ``seconds`` includes the stage that is running, up to now: the
+    last stage writes the report, which so names every stage the metrics name."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.on_stage: Callable[[str, float], None] | None = None
+        self.done: dict[str, float] = {}
+        self.running: tuple[str, float] | None = None  # the stage and when it started
+        self.metrics: tuple[Metrics, str] | None = None  # where stages go, and the run id
         self.on_start: Callable[[str], None] | None = None  # e.g. the run lock's check
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        out = dict(self.done)
+        if self.running is not None:
+            name, t = self.running
+            out[name] = round(out.get(name, 0.0) + time.perf_counter() - t, 3)
+        return out
+
+    def report_to(self, metrics: Metrics, run_id: str) -> None:
+        """Send each stage to ``metrics`` from now on, and the stages timed before (prepare)."""
+        self.metrics = (metrics, run_id)
+        for name, seconds in self.done.items():
+            metrics.stage_seconds(name, seconds, run_id)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         if self.on_start is not None:
             self.on_start(name)
+        if self.metrics is not None:
+            self.metrics[0].stage_started(name, self.metrics[1])
         t = time.perf_counter()
+        self.running = (name, t)
         log.info("stage %s: started", name)
-        yield
+        try:
+            yield
+        finally:
+            self.running = None
         dt = time.perf_counter() - t
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + dt, 3)
+        self.done[name] = round(self.done.get(name, 0.0) + dt, 3)
         log.info("stage %s: done in %.1fs", name, dt)
-        if self.on_stage is not None:
-            self.on_stage(name, dt)
+        if self.metrics is not None:
+            self.metrics[0].stage_seconds(name, self.done[name], self.metrics[1])
 
 
 class Reporting(Protocol):

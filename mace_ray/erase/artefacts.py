@@ -17,7 +17,6 @@ import numpy as np
 from mace_core.concept_job import ConceptArtefacts, ConceptData
 from mace_core.concepts import Concept
 from mace_core.errors import ArtefactError
-from mace_core.fingerprint import file_sha256
 from mace_core.imageio import png_bytes, read_png
 from mace_core.lora import LoraFactors
 from mace_core.sealed import open_sealed, sealed_bytes
@@ -32,12 +31,24 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stored_sha256(storage: Storage, key: str) -> str:
-    """SHA-256 of a stored file; a local file is streamed, not read into memory."""
-    path = getattr(storage, "path", None)  # LocalStorage
-    if path is not None:
-        return file_sha256(path(key))
-    return sha256(storage.read_bytes(key))
+def mismatch(storage: Storage, sums: dict[str, str], threads: int = 8) -> str | None:
+    """What is wrong with the first stored file (by key) that is missing or does not match
+    its SHA-256 in ``sums``, or None when they all hold. Files are hashed as they stream
+    (``Storage.digest``), several at once: memory stays flat in the size of a model."""
+
+    def problem(key: str) -> str | None:
+        if not storage.exists(key):
+            return f"{key} is missing"
+        if storage.digest(key) != sums[key]:
+            return f"{key} does not match its checksum"
+        return None
+
+    keys = sorted(sums)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for found in pool.map(problem, keys):
+            if found is not None:
+                return found
+    return None
 
 
 def _rel(key: str) -> str:
@@ -141,11 +152,29 @@ def check_done(storage: Storage, layout: RunLayout, slug: str) -> str | None:
         for name, key in (("lora.safetensors", layout.lora(slug)), ("notes.json", layout.notes(slug))):
             if name not in sums:
                 return "its DONE marker records no checksums (an older version wrote it)"
-            if not storage.exists(key) or sha256(storage.read_bytes(key)) != sums[name]:
+            if not storage.exists(key) or storage.digest(key) != sums[name]:
                 return f"{name} is missing or does not match its checksum"
     except (StorageError, AttributeError) as e:
         return f"its DONE marker is unreadable ({str(e)[:120]})"
     return None
+
+
+def concept_outputs(
+    storage: Storage, layout: RunLayout, slugs: list[str], threads: int = 8
+) -> dict[str, str]:
+    """The SHA-256 of every concept's LoRA and notes by storage key, as their DONE markers
+    record them (checked when the run took them up, or written by its workers): a complete
+    run records them with its final files, so that a rerun checks them too."""
+
+    def sums(slug: str) -> dict[str, str]:
+        recorded = read_json(storage, layout.done(slug)).get("sha256") or {}
+        return {layout.lora(slug): recorded["lora.safetensors"], layout.notes(slug): recorded["notes.json"]}
+
+    out: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for one in pool.map(sums, slugs):
+            out.update(one)
+    return out
 
 
 def verified_done(storage: Storage, layout: RunLayout, threads: int = 8) -> set[str]:

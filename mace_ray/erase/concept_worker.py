@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 import torch
 
 from mace_core.cfr import apply_cfr
-from mace_core.checkpoints import erasure_bytes, save_pipeline
+from mace_core.checkpoints import erasure_bytes
 from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept
+from mace_core.erased_folder import ErasedFolder, write_erased_folder
 from mace_core.erasure_report import (
     KVProjection,
     attention_mass,
@@ -32,17 +33,13 @@ from mace_core.erasure_report import (
     kv_gaps,
     lora_relative_norm,
 )
+from mace_core.families import family_of_pipeline
 from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fingerprint
 from mace_core.masking import load_masker
-from mace_core.models import (
-    TINY_MODEL,
-    get_attn2_weights,
-    load_pipeline,
-    pipeline_prompt_encoder,
-    set_attn2_weights,
-)
+from mace_core.models import TINY_MODEL, load_pipeline, pipeline_projections, pipeline_prompt_encoder
 from mace_core.progress import no_progress
 from mace_core.prompts import heldout_captions, prompt_pairs
+from mace_core.source_folder import folder_files, source_folder
 from mace_ray.engine.progress import StageProgress
 from mace_ray.engine.worker import PoolWorker
 from mace_ray.erase import artefacts
@@ -63,8 +60,16 @@ class ConceptWorker(PoolWorker[RunSpec]):
         self.layout = spec.layout
         self.pipe = self._load_checked()
         self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
-        self.original = get_attn2_weights(self.pipe.unet)
-        self.masker = load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
+        # The projections MACE edits (attn2 to_k / to_v, or an MMDiT's context_embedder and
+        # pooled projection) and their original weights, as the closed forms take them.
+        self.projections = pipeline_projections(self.pipe)
+        self.original = self.projections.weights()
+        # A closed-form-only run makes no masks: no detector or segmenter to load (or lack).
+        self.masker = (
+            load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
+            if spec.method == "mace"
+            else None
+        )
         # Refined weights come with set_cfr; images and masks need only the original model.
         self.batch_worker = ConceptBatchWorker(
             self.pipe, spec.settings, self.device, self.original, None, masker=self.masker
@@ -151,44 +156,64 @@ class ConceptWorker(PoolWorker[RunSpec]):
 
     # ------------------------------------------------------------ output
 
-    def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    def write_final(self, fused: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
         """The erased diffusers folder (visible at once), the compact erasure file, and the
         compact file of the CFR-refined weights (what each concept's LoRA applies to).
 
-        Returns the SHA-256 of every file written, by storage key: the run records them, and
-        a rerun of a complete run checks them before it says "already complete".
+        The folder is the source model's with only the edited component's edited tensors
+        replaced (``mace_core.erased_folder``), never this worker's loaded pipeline saved
+        again: its scheduler (DPM-Solver after generating), dtype and missing safety checker
+        stay out of it. Returns ``outputs``, the SHA-256 of every file written by storage key
+        (the run records them, and a rerun of a complete run checks them before it says
+        "already complete"), and ``pipeline``: which files were copied, rewritten and left out
+        (the driver logs and reports those).
         """
-        unet = self.pipe.unet
-        set_attn2_weights(unet, fused)
+        component = family_of_pipeline(self.pipe).edited_component
+        fused = self.projections.component_tensors(fused)  # the component's own tensor shapes
         sums: dict[str, str] = {}
-        try:
-            with tempfile.TemporaryDirectory(prefix="mace-final-") as tmp:
-                save_pipeline(self.pipe, Path(tmp))
-                for f in sorted(Path(tmp).rglob("*")):
-                    if f.is_file():
-                        sums[f"{self.layout.final_pipeline}/{f.relative_to(tmp).as_posix()}"] = file_sha256(f)
-                self.storage.put_dir(Path(tmp), self.layout.final_pipeline)
-        finally:
-            set_attn2_weights(unet, self.original)
-        data = erasure_bytes(fused, metadata)
+        with tempfile.TemporaryDirectory(prefix="mace-final-") as tmp:
+            folder = Path(tmp) / "pipeline"
+            written = self._write_erased(Path(tmp) / "source", folder, component, fused)
+            for rel in folder_files(folder):
+                sums[f"{self.layout.final_pipeline}/{rel}"] = file_sha256(folder / rel)
+            self.storage.put_dir(folder, self.layout.final_pipeline)
+        meta = {**metadata, "component": component}
+        data = erasure_bytes(fused, meta)
         self.storage.write_bytes(self.layout.erasure, data)
         sums[self.layout.erasure] = artefacts.sha256(data)
         if self.batch_worker.refined is not None:  # a LoRA of the run loads onto these weights
-            cfr = erasure_bytes(self.batch_worker.refined, {**metadata, "weights": "cfr"})
+            refined = self.projections.component_tensors(self.batch_worker.refined)
+            cfr = erasure_bytes(refined, {**meta, "weights": "cfr"})
             self.storage.write_bytes(self.layout.cfr_erasure, cfr)
             sums[self.layout.cfr_erasure] = artefacts.sha256(cfr)
-        return sums
+        return {"outputs": sums, "pipeline": written.to_dict()}
+
+    def _write_erased(
+        self, scratch: Path, folder: Path, component: str, fused: dict[str, torch.Tensor]
+    ) -> ErasedFolder:
+        """The source's files with ``fused`` in place; a source whose files are not the ones the
+        run fingerprinted (checked before and after copying them) is refused."""
+        spec = self.spec
+
+        def write() -> ErasedFolder:
+            # An s3:// model: the model cache's copy, fetched when the pipeline was loaded.
+            source = source_folder(resolve_model(spec.model, spec.s3_endpoint), scratch)
+            return write_erased_folder(source, folder, component, fused, "the run's erasure")
+
+        # The tiny model is built from code, saved as its own source: nothing to check.
+        return write() if spec.model == TINY_MODEL else load_checked(spec, write)
 
     # ------------------------------------------------------------ erasure report
 
-    def _projections(self, fused: dict[str, torch.Tensor]) -> dict[str, KVProjection]:
+    def _projections(self, fused: dict[str, torch.Tensor], group: str = "context") -> dict[str, KVProjection]:
+        """The original, CFR and final weights of one group of edited projections: "context"
+        (attn2 to_k / to_v, context_embedder: the headline figures) or "pooled" (an MMDiT's
+        pooled text projection, reported on its own)."""
         if self.batch_worker.refined is None:
             raise RuntimeError("set_cfr must be called before the erasure report")
-        return {
-            "original": KVProjection(self.original, self.device),
-            "cfr": KVProjection(self.batch_worker.refined, self.device),
-            "final": KVProjection(fused, self.device),
-        }
+        keys = self.projections.group(group)
+        weights = {"original": self.original, "cfr": self.batch_worker.refined, "final": fused}
+        return {name: KVProjection({k: w[k] for k in keys}, self.device) for name, w in weights.items()}
 
     def erasure_report(
         self, concepts: list[Concept], fused: dict[str, torch.Tensor]
@@ -210,6 +235,12 @@ class ConceptWorker(PoolWorker[RunSpec]):
                 "gap_train": gap_train,
                 "lora_relative_norm": None,
             }
+            if self.projections.group("pooled"):
+                pooled = self._projections(fused, "pooled")
+                _, res = kv_gaps(
+                    self.encoder, c, pooled["original"], {"cfr": pooled["cfr"], "final": pooled["final"]}
+                )
+                entry["residual_pooled_cfr"], entry["residual_pooled"] = res["cfr"], res["final"]
             mace = self.spec.method == "mace"
             if mace:
                 lora = artefacts.read_lora(self.storage, self.layout, c.slug)
@@ -224,7 +255,7 @@ class ConceptWorker(PoolWorker[RunSpec]):
                 )
             else:
                 mass = attention_mass(
-                    self.pipe.unet,
+                    self.batch_worker.denoiser,
                     self.pipe.vae,
                     self.batch_worker.noise_scheduler,
                     self.encoder,
@@ -249,6 +280,12 @@ class ConceptWorker(PoolWorker[RunSpec]):
             "prior_drift": kv_drift(self.encoder, captions, kv["original"], kv["final"]),
             "heldout_captions": len(captions),
         }
+        if self.projections.group("pooled"):
+            pooled = self._projections(fused, "pooled")
+            out["prior_drift_pooled_cfr"] = kv_drift(
+                self.encoder, captions, pooled["original"], pooled["cfr"]
+            )
+            out["prior_drift_pooled"] = kv_drift(self.encoder, captions, pooled["original"], pooled["final"])
         if retain_prompts:
             out["retain_drift_cfr"] = kv_drift(self.encoder, retain_prompts, kv["original"], kv["cfr"])
             out["retain_drift"] = kv_drift(self.encoder, retain_prompts, kv["original"], kv["final"])

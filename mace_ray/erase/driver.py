@@ -11,32 +11,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mace_core import version
 from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
-from mace_core.erasure_report import headline, summary_line
 from mace_core.errors import ConceptError, MaceError, quoted
 from mace_core.families.base import PromptEncoder
 from mace_core.fingerprint import ModelFingerprint
 from mace_core.masking import check_masker_sources
+from mace_core.model_files import check_model_files
 from mace_core.models import TINY_MODEL, load_prompt_encoder, pick_device
-from mace_core.prompts import domain_prompts, generation_prompt, heldout_pairs, prompt_pairs
+from mace_core.prompts import (
+    domain_prompts,
+    generation_prompt,
+    heldout_pairs,
+    prompt_data_digest,
+    prompt_pairs,
+)
 from mace_core.settings import EraseSettings
 from mace_core.text_stats import (
     default_captions_path,
     prior_cache_key,
     read_captions,
 )
-from mace_ray.engine.backend import backend_for
+from mace_ray.engine.backend import Backend, backend_for
 from mace_ray.engine.placement import check_placeable
 from mace_ray.engine.pool import worker_shape
 from mace_ray.engine.provenance import versions
@@ -47,9 +50,10 @@ from mace_ray.erase.layout import RunLayout
 from mace_ray.erase.request import EraseRequest
 from mace_ray.erase.run import EraseRun
 from mace_ray.erase.run_report import closing_summary
-from mace_ray.erase.stages import plan_stages
+from mace_ray.erase.stages import needs_masker, plan_stages
+from mace_ray.erase.stopping import Interrupted, RunStop, on_sigterm, stopped_by
 from mace_ray.storage.base import Storage, read_json, write_json
-from mace_ray.storage.lease import RunLock
+from mace_ray.storage.lease import RunLock, RunLocked
 from mace_ray.storage.model_cache import TEXT_COMPONENTS, fingerprint_model, resolve_model
 from mace_ray.storage.open_store import open_storage
 from mace_ray.storage.probe import preflight_storage
@@ -69,7 +73,7 @@ class Prepared:
     prior_key: str
     run_id: str
     profile: ConceptType  # whose paper configuration sets the closed-form weights
-    method: str = "mace"  # "cfr": closed-form refinement only (--stages cfr)
+    method: str = "mace"  # "cfr": closed-form refinement only (--method cfr)
     stages: tuple[Stage[Any], ...] = ()  # what this driver runs (--stages)
     extends: str | None = None  # the run --from named (its concepts come first)
 
@@ -111,10 +115,14 @@ def compute_run_id(
     settings: EraseSettings,
     method: str = "mace",
 ) -> str:
-    """Same model, concepts and settings -> same run id -> resume instead of redo.
+    """Same model, concepts, settings, prompt files and method version -> same run id ->
+    resume instead of redo.
 
     Batching, executor, worker counts and the stages of a partial run are not part of it:
-    they do not change the result. A closed-form-only run (method "cfr") is another result.
+    they do not change the result. A closed-form-only run (method "cfr") is another result;
+    so is a run with other prompt templates or held-out prompts (``prompt_data_digest``) or
+    by another version of the method (``mace_core.version``): its artefacts are never resumed
+    into this run's.
     """
     spec: dict[str, Any] = {
         "model": model,
@@ -123,6 +131,8 @@ def compute_run_id(
         "retain": [c.to_dict() for c in retain],
         "prior": prior_key,
         "settings": settings.to_dict(),
+        "prompt_files": prompt_data_digest(),
+        "method_version": version.METHOD_VERSION,
     }
     if method != "mace":  # the method's own run ids stay as they were
         spec["method"] = method
@@ -133,7 +143,7 @@ def prepare(req: EraseRequest, base: BaseRun | None = None) -> Prepared:
     """Stage 1, on the driver. Everything that can be wrong with the inputs fails here,
     before anything is written; only the tokenizer and text encoder are loaded. ``base``:
     the run that ``--from`` extends (its concepts come first, its retained set is kept)."""
-    method, stages = plan_stages(req.stages)
+    method, stages = plan_stages(req.stages, req.method)
     concepts = read_concept_file(req.concept_file, req.default_type)
     retain: list[Concept] = []
     if base is not None:
@@ -145,11 +155,17 @@ def prepare(req: EraseRequest, base: BaseRun | None = None) -> Prepared:
         if clash:
             raise ConceptError(f"{req.retain_file}: concepts both erased and retained: {sorted(clash)[:5]}")
     captions = read_captions(req.prior_captions or default_captions_path())
-    check_masker_sources(req.settings.masks, tiny=req.model == TINY_MODEL)
     # An s3:// model is fetched (text components only) into the local model cache.
     encoder = load_prompt_encoder(
         resolve_model(req.model, req.s3_endpoint, components=TEXT_COMPONENTS), torch.device("cpu")
     )
+    # What the workers will load, checked here, before anything is written (not when a
+    # worker fails to load it stages later): the model's components (a local folder's),
+    # and the masker's detector and segmenter where the workers load one (a
+    # closed-form-only run makes no masks and needs none).
+    check_model_files(req.model)
+    if needs_masker(method, stages):
+        check_masker_sources(req.settings.masks, tiny=req.model == TINY_MODEL)
     n = req.settings.prompts_per_concept
     validate_prompts(encoder, concepts.concepts, n, concepts.source)
     validate_prompts(encoder, retain, n, req.retain_file or "")
@@ -177,6 +193,11 @@ def earlier_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, A
         if problem is not None:
             log.warning("run %s was complete, but %s: its final stages run again", p.run_id, problem)
             manifest["status"] = "damaged"
+    elif manifest.get("status") == "running":
+        # Called under the run's lease: the driver that wrote "running" is gone (killed,
+        # its node lost) without a word. Its run is interrupted, and resumes as such.
+        log.warning("run %s was left running by a driver that is gone; resuming it", p.run_id)
+        manifest["status"] = "interrupted"
     return manifest
 
 
@@ -212,7 +233,8 @@ def open_run(
 
 def check_outputs(storage: Storage, layout: RunLayout, manifest: dict[str, Any]) -> str | None:
     """Why a complete run's outputs cannot be returned as they are (a file missing or not
-    matching the checksum recorded when it was written), or None when they all hold."""
+    matching the checksum recorded when it was written: final files, and each concept's LoRA
+    and notes), or None when they all hold. Files are hashed as they stream, never held whole."""
     sums = manifest.get("outputs")
     if not isinstance(sums, dict) or not sums:
         return "it records no checksums of its outputs"
@@ -220,12 +242,7 @@ def check_outputs(storage: Storage, layout: RunLayout, manifest: dict[str, Any])
         read_json(storage, layout.report)
     except MaceError as e:
         return f"its report is unreadable ({str(e)[:120]})"
-    for key, digest in sorted(sums.items()):
-        if not storage.exists(key):
-            return f"{key} is missing"
-        if artefacts.stored_sha256(storage, key) != digest:
-            return f"{key} does not match its checksum"
-    return None
+    return artefacts.mismatch(storage, sums)
 
 
 # The run lock's lease: renewed every LOCK_HEARTBEAT_S, stale after LOCK_TTL_S without renewal
@@ -234,7 +251,8 @@ LOCK_TTL_S, LOCK_HEARTBEAT_S = 60.0, 15.0
 
 
 def run_erase(req: EraseRequest) -> dict[str, Any]:
-    """Run (or resume) an erase; returns the report. Raises MaceError on bad input."""
+    """Run (or resume) an erase; returns the report. Raises MaceError on bad input, and then
+    has written nothing (no run folder, no lease, no cache)."""
     timer = Timer()
     # Storage and device first, in seconds: a bad output (an unreachable or read-only S3
     # bucket too) or device is reported before any model is loaded, and nothing is created.
@@ -252,32 +270,66 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
     # or refuses in one line naming it. The lease lives outside the run's folder, which
     # --no-resume deletes.
     lock = RunLock(storage, layout.lock, ttl_s=LOCK_TTL_S, heartbeat_s=LOCK_HEARTBEAT_S)
-    lock.acquire(wait_s=req.lock_wait_s)
-    timer.on_start = lambda stage: lock.check()
+    if req.resume:
+        done = complete_report(storage, layout, p, lock, req.lock_wait_s)
+        if done is not None:
+            return done
+    # SIGTERM handled again inside: ray.init installs its own handler for it.
+    with backend_for(req.executor, req.address) as backend, on_sigterm():
+        # Before anything is written, the lease included: a worker shape that no node can
+        # hold fails in one line (after a bounded wait when an autoscaler may add one)
+        # instead of pending forever, and leaves no folder behind.
+        _, resources = worker_shape(backend, req.workers, req.gpus_per_worker, 1)
+        what = f"--gpus-per-worker {req.gpus_per_worker:g}" if req.gpus_per_worker else None
+        check_placeable(backend, resources, 1, req.placement_wait_s, what=what)
+        lock.acquire(wait_s=req.lock_wait_s)
+        timer.on_start = lambda stage: lock.check()
+        try:
+            # Every write of the driver checks the lease first (its workers', their own copy).
+            return _run_locked(req, p, storage.guarded(lock.check), layout, timer, lock, backend)
+        finally:
+            lock.release()
+
+
+def complete_report(
+    storage: Storage, layout: RunLayout, p: Prepared, lock: RunLock, wait_s: float
+) -> dict[str, Any] | None:
+    """The report of a complete run whose outputs hold, checked under its lease and without
+    starting a cluster; None when the run is not complete (then it runs, or resumes)."""
+    if not storage.exists(layout.manifest) or read_json(storage, layout.manifest).get("status") != "complete":
+        return None
+    lock.acquire(wait_s=wait_s)
     try:
-        return _run_locked(req, p, storage, layout, timer, lock)
+        earlier = earlier_run(storage, layout, p)
+        if earlier is None or earlier["status"] != "complete":
+            return None
+        log.info("run %s is already complete (its outputs match their checksums); nothing to do", p.run_id)
+        return read_json(storage, layout.report)
     finally:
         lock.release()
 
 
 def _run_locked(
-    req: EraseRequest, p: Prepared, storage: Storage, layout: RunLayout, timer: Timer, lock: RunLock
+    req: EraseRequest,
+    p: Prepared,
+    storage: Storage,
+    layout: RunLayout,
+    timer: Timer,
+    lock: RunLock,
+    backend: Backend,
 ) -> dict[str, Any]:
     if not req.resume and storage.exists(layout.manifest):
         log.info("--no-resume: deleting the earlier state of run %s", p.run_id)
         storage.delete_prefix(layout.root)
     earlier = earlier_run(storage, layout, p)
-    if earlier is not None and earlier["status"] == "complete":
+    if earlier is not None and earlier["status"] == "complete":  # completed while we waited
         log.info("run %s is already complete (its outputs match their checksums); nothing to do", p.run_id)
         return read_json(storage, layout.report)
-    # SIGTERM handled again inside: ray.init installs its own failure handler for it.
-    with backend_for(req.executor, req.address) as backend, on_sigterm():
-        # Before anything is written: a worker shape that no node can hold fails in one line
-        # (after a bounded wait when an autoscaler may add one) instead of pending forever.
-        _, resources = worker_shape(backend, req.workers, req.gpus_per_worker, 1)
-        what = f"--gpus-per-worker {req.gpus_per_worker:g}" if req.gpus_per_worker else None
-        check_placeable(backend, resources, 1, req.placement_wait_s, what=what)
-        manifest = open_run(storage, layout, p, earlier)
+    manifest = open_run(storage, layout, p, earlier)
+    # From here a stop (SIGTERM, Ctrl-C) leaves the run "interrupted" with its lease
+    # released, at once (mace_ray/erase/stopping.py): `ray job stop` kills 3 s later.
+    stop = RunStop(storage, layout.manifest, manifest, lock)
+    with on_sigterm(stop.record):
         log.info(
             "run %s at %s/%s (%d concepts, model fingerprint %s)",
             p.run_id,
@@ -300,97 +352,32 @@ def _run_locked(
         except BaseException as e:
             # Stopped from outside (SIGTERM on preemption, Ctrl-C): nothing went wrong and
             # the rerun resumes, so say so rather than "failed".
-            stop = stopped_by(e)
-            manifest["status"] = "interrupted" if stop else "failed"
+            halt = stopped_by(e)
+            if halt is not None or stop.recorded:
+                stop.record(f"{type(halt or e).__name__}: {halt or e}"[:500])
+                if isinstance(halt, Interrupted) and halt is not e:
+                    raise halt from None  # surfaced through C code (Ray's wait) as a SystemError
+                if halt is None:  # the lease went with the stop before this error: a stop, not a failure
+                    raise Interrupted("signal SIGTERM") from e
+                raise
+            manifest["status"] = "failed"
             manifest["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
-            if not lock.lost:  # a driver that lost its lease must not write over the new holder's run
-                write_json(storage, layout.manifest, manifest)
-            if isinstance(stop, Interrupted) and stop is not e:
-                raise stop from None  # surfaced through C code (Ray's wait) as a SystemError
-            raise
-        if run.stages[-1].name != "finish":  # a partial run: the full run takes it up
-            manifest["status"] = "partial"
-            manifest["stages_done"] = [st.name for st in run.stages]
+            if isinstance(e, RunLocked):  # a worker found the lease lost: look now, do not wait for a beat
+                lock.verify()
+            if lock.lost:  # it must not write over the new holder's run: say so (one line) and stop
+                lock.check()
             write_json(storage, layout.manifest, manifest)
-            report = {
-                "run_id": p.run_id,
-                "status": "partial",
-                "stages": manifest["stages_done"],
-                "output": {"root": f"{storage.url}/{layout.root}"},
-            }
-            run.report = report
-        log.info("%s", closing_summary(run))
-        return report
-
-
-def stopped_by(e: BaseException) -> BaseException | None:
-    """The Interrupted or KeyboardInterrupt behind ``e``, if any. A signal handler that
-    raises while Ray's Cython code runs comes back as a SystemError caused by it."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, (Interrupted, KeyboardInterrupt)):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-class Interrupted(BaseException):
-    """The driver received SIGTERM (``on_sigterm``): stop, mark the run, let the rerun resume.
-
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
-    """
-
-
-@contextmanager
-def on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM (cluster preemption, ``ray job stop``, ``kill``) into ``Interrupted`` in
-    the main thread while the block runs, so the run stops cleanly: workers and a local Ray
-    are shut down by the context managers it unwinds through."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:
-    """A run's manifest status and progress, read from storage."""
-    storage = open_storage(output, s3_endpoint=s3_endpoint, must_exist=True)
-    layout = RunLayout(run)
-    if not storage.exists(layout.manifest):
-        raise MaceError(f"run {run!r}: no manifest under {storage.url}/{layout.root}")
-    manifest = read_json(storage, layout.manifest)
-    missing = [
-        k for k in ("status", "model", "concepts") if not isinstance(manifest, dict) or k not in manifest
-    ]
-    if missing:
-        where = f"{storage.url}/{layout.manifest}"
-        raise MaceError(f"run {run!r}: {where} is not a mace-ray manifest (no {', '.join(missing)})")
-    done = artefacts.done_slugs(storage, layout)
-    out = {
-        "run_id": run,
-        "status": manifest["status"],
-        "model": manifest["model"],
-        "concepts": len(manifest["concepts"]),
-        "concepts_done": len(done),
-        "resumed": manifest.get("resumed", 0),
-        "created": manifest.get("created"),
-    }
-    if "error" in manifest:
-        out["error"] = manifest["error"]
-    if manifest["status"] == "complete":
-        report = read_json(storage, layout.report)
-        out["seconds"] = report.get("seconds")
-        if report.get("erasure"):
-            out["erasure"] = headline(report["erasure"])
-            out["erasure_summary"] = summary_line(report["erasure"])
-    return out
+            raise
+    if run.stages[-1].name != "finish":  # a partial run: the full run takes it up
+        manifest["status"] = "partial"
+        manifest["stages_done"] = [st.name for st in run.stages]
+        write_json(storage, layout.manifest, manifest)
+        report = {
+            "run_id": p.run_id,
+            "status": "partial",
+            "stages": manifest["stages_done"],
+            "output": {"root": f"{storage.url}/{layout.root}"},
+        }
+        run.report = report
+    log.info("%s", closing_summary(run))
+    return report

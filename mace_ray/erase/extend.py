@@ -99,14 +99,12 @@ def extend_request(storage: Storage, req: EraseRequest) -> tuple[EraseRequest, B
     captions = None if captions == "builtin" else str(captions)
     if req.prior_captions is not None and req.prior_captions != captions:
         raise MaceError(f"{flag}: the run's prior captions are kept; drop --prior-captions")
-    stages = req.stages
-    if manifest.get("method") == "cfr" and stages.strip().lower() in ("", "all"):
-        stages = "cfr"  # a closed-form-only run grows as one
+    method = manifest.get("method") or req.method  # a closed-form-only run grows as one
     base = BaseRun(
         run, _concepts(manifest.get("concepts"), where), _concepts(manifest.get("retain", []), where)
     )
     union = dataclasses.replace(
-        req, model=model, settings=settings, prior_captions=captions, stages=stages, extend=None
+        req, model=model, settings=settings, prior_captions=captions, method=method, extend=None
     )
     return union, base
 

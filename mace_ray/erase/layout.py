@@ -22,7 +22,9 @@ import json
 import re
 from dataclasses import dataclass
 
+from mace_core import version
 from mace_core.concepts import Concept
+from mace_core.prompts import generation_prompt
 from mace_core.settings import EraseSettings
 from mace_ray.storage.keys import Under, safe_part
 
@@ -33,16 +35,20 @@ _KEY = re.compile(r"^[0-9a-f]{24}$")
 def data_key(model_fingerprint: str, concept: Concept, settings: EraseSettings) -> str:
     """The content address of a concept's training images and masks: everything they depend
     on and nothing else. The ORIGINAL model's fingerprint, the concept's text and type (the
-    generation prompt, the seeds and the masker's text query), the data and mask settings
-    and the precision. Not the anchor, the other concepts, CFR or the training settings, so
-    a run that adds concepts, or changes only how LoRAs are trained, reuses them."""
+    seeds and the masker's text query), the exact generation prompt, the data and mask
+    settings, the precision and the method's version (``mace_core.version``). Not the anchor,
+    the other concepts, CFR, the training settings or the template files (no image or mask
+    is made from a template), so a run that adds concepts, or changes only how LoRAs are
+    trained or which templates the statistics use, reuses them."""
     plain = settings.to_dict()
     spec = {
         "model": model_fingerprint,
         "concept": {"text": concept.text, "type": concept.type.value},
+        "prompt": generation_prompt(concept),
         "data": plain["data"],
         "masks": plain["masks"],
         "precision": plain["precision"],
+        "method": version.METHOD_VERSION,
         "layout": 1,  # bump when the stored format of the data changes
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]

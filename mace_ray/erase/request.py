@@ -6,10 +6,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mace_core.concepts import ConceptType
-from mace_core.models import DEFAULT_MODEL
-from mace_core.options import Panel, group, option, setting
+from mace_core.errors import SettingError
+from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
 from mace_core.settings import EraseSettings
 from mace_ray.engine.requests import FILE, WhereItRuns
+
+# --model's default: the paper's model.
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+# The stages of a MACE run, in order (mace_ray/erase/stages.py ERASE_STAGES; a test keeps the
+# two equal): named here for --stages' help, which must not import the stages (torch).
+STAGE_NAMES = (
+    "text_statistics",
+    "workers_start",
+    "data",
+    "cfr",
+    "train",
+    "fusion",
+    "write",
+    "erasure_report",
+    "finish",
+)
+
+
+class Method(Choice):
+    MACE = "mace"  # the method: closed-form refinement, a LoRA per concept, their fusion
+    CFR = "cfr"  # closed-form refinement alone (Eq. 1-2): another result, so another run id
 
 
 @dataclass(frozen=True)
@@ -18,13 +39,16 @@ class EraseRequest(WhereItRuns):
         metadata=option("Concept file: one 'text | type | anchor' per line.", name="concepts", argument=True)
     )
     model: str = setting(
-        DEFAULT_MODEL, "Hub id, local diffusers folder, or 'tiny' (built-in random model).", panel=Panel.MODEL
+        DEFAULT_MODEL,
+        "Hub id, local diffusers folder, or 'tiny' (built-in random model).",
+        panel=Panel.MODEL,
+        basic=True,
     )
     output: str = setting(
-        "mace-runs", "Where runs are written: a folder or s3://bucket/prefix.", panel=Panel.MODEL
+        "mace-runs", "Where runs are written: a folder or s3://bucket/prefix.", panel=Panel.MODEL, basic=True
     )
     default_type: ConceptType = setting(
-        ConceptType.OBJECT, "Type of lines without one.", name="type", panel=Panel.MODEL
+        ConceptType.OBJECT, "Type of lines without one.", name="type", panel=Panel.MODEL, basic=True
     )
     settings: EraseSettings = field(default_factory=EraseSettings, metadata=group())
     prior_captions: str | None = setting(
@@ -36,6 +60,7 @@ class EraseRequest(WhereItRuns):
         name="retain",
         panel=Panel.MODEL,
         metavar=FILE,
+        basic=True,
     )
     # None: from the workers' free GPU memory
     concepts_per_batch: int | None = setting(
@@ -45,7 +70,12 @@ class EraseRequest(WhereItRuns):
         min=1,
         panel=Panel.CLUSTER,
     )
-    resume: bool = setting(True, "Reuse what an earlier run with the same inputs finished.", panel=Panel.RUN)
+    resume: bool = setting(
+        True,
+        "Start over: delete what an earlier run with the same inputs left (by default it is reused).",
+        name="no-resume",
+        panel=Panel.RUN,
+    )
     # A concept whose residual (erasure report) stays above this fails the command after
     # everything is written; not part of the run id (it changes no result).
     max_residual: float | None = setting(
@@ -74,10 +104,9 @@ class EraseRequest(WhereItRuns):
     # Which stages run (mace_ray/erase/stages.py, plan_stages): checked in erase.prepare.
     stages: str = setting(
         "all",
-        "all (the method); cfr (closed-form refinement only: no images, masks or LoRAs, "
-        "a run of its own); or stage names, comma-separated, for a partial run (e.g. "
-        "text_statistics,data to make images and masks on cheap nodes; the full run "
-        "reuses them).",
+        "all, or a partial run of --method mace: stage names, comma-separated, with the stages "
+        f"they need ({', '.join(STAGE_NAMES)}); the full run takes it up (e.g. "
+        "text_statistics,data: images and masks on cheap nodes).",
         panel=Panel.RUN,
     )
 
@@ -91,12 +120,20 @@ class EraseRequest(WhereItRuns):
         panel=Panel.RUN,
         metavar="RUN",
     )
+    method: Method = setting(
+        Method.MACE,
+        "mace (the method) or cfr (closed-form refinement alone, Eq. 1-2: no images, masks or "
+        "LoRAs; the same outputs in seconds of solve time, under a run id of its own).",
+        panel=Panel.MODEL,
+        basic=True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        coerce_choices(self, {"method": (Method, "method")})
         if self.max_residual is not None and not self.max_residual >= 0:
-            raise ValueError(f"max_residual must be >= 0, got {self.max_residual}")
+            raise SettingError(f"max_residual must be >= 0, got {self.max_residual}")
         if self.concepts_per_batch is not None and self.concepts_per_batch < 1:
-            raise ValueError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
+            raise SettingError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
         if not self.lock_wait_s >= 0:
-            raise ValueError(f"lock_wait_s must be >= 0, got {self.lock_wait_s}")
+            raise SettingError(f"lock_wait_s must be >= 0, got {self.lock_wait_s}")

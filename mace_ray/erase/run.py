@@ -58,6 +58,7 @@ class EraseRun:
             metrics=backend.name,
             **req.for_workers(),
             method=prepared.method,
+            lease=lock.ref if lock is not None else None,  # every worker write checks it
         )
         self.stages = prepared.stages
         self.concepts: list[Concept] = prepared.concepts.concepts
@@ -65,7 +66,7 @@ class EraseRun:
         # Actor names must be unique in the cluster: a killed driver's actors may linger a moment.
         self.session = f"{prepared.run_id[:8]}-{uuid.uuid4().hex[:6]}"
         self.metrics = make_metrics(backend.name)
-        timer.on_stage = lambda stage, seconds: self.metrics.stage_seconds(stage, seconds, prepared.run_id)
+        timer.report_to(self.metrics, prepared.run_id)
         # A concept is reused only if its LoRA and notes match the checksums of its marker.
         # A closed-form-only run trains nothing.
         self.done_before = artefacts.verified_done(storage, layout) if prepared.method == "mace" else set()
@@ -81,6 +82,8 @@ class EraseRun:
         self.fused: Any = None
         self.fusion_info: dict[str, Any] = {}
         self.outputs: dict[str, str] = {}
+        # What writing final/pipeline did: files copied, rewritten, left out (and why).
+        self.pipeline_files: dict[str, Any] = {}
         self.erasure: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
         # Concepts whose images and masks this run made, and those it found stored (shared

@@ -37,6 +37,9 @@ def run_report(run: EraseRun, notes: dict[str, dict]) -> dict[str, Any]:
             "cfr": f"{storage.url}/{layout.cfr_erasure}",
         },
         "model": p.request.model,
+        # final/pipeline is the model's folder with only the edited tensors replaced: the
+        # files rewritten, and those left out with the reason (a .bin copy of the weights).
+        "pipeline_files": run.pipeline_files,
         "method": run.spec.method,
         "executor": run.backend.name,
         "workers": run.gpu_pool().summary(),

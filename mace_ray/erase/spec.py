@@ -11,6 +11,7 @@ from mace_core.concepts import Concept, ConceptType
 from mace_core.fingerprint import expect_fingerprint
 from mace_core.settings import EraseSettings
 from mace_ray.erase.layout import DataLayout, RunLayout, data_key
+from mace_ray.storage.lease import LeaseRef
 from mace_ray.storage.model_cache import fingerprint_model
 
 T = TypeVar("T")
@@ -34,6 +35,8 @@ class RunSpec:
     metrics: str = "none"  # "ray" inside Ray actors
     progress: bool = True  # bars and progress lines inside a job (--quiet: none)
     method: str = "mace"  # "cfr": closed-form refinement only (no images, masks or LoRAs)
+    # The driver's lease: open_output checks it before every write of the worker.
+    lease: LeaseRef | None = None
 
     @property
     def layout(self) -> RunLayout:

@@ -14,7 +14,7 @@ from typing import Any
 from mace_core.concepts import Concept
 from mace_core.erasure_report import summarize as erasure_summary
 from mace_core.erasure_report import summary_line
-from mace_core.errors import ArtefactError
+from mace_core.errors import ArtefactError, SettingError
 from mace_core.fingerprint import expect_fingerprint
 from mace_core.prompts import heldout_prompts
 from mace_ray.engine.jobs import Job, concept_label
@@ -175,8 +175,16 @@ def refined_weights(run: EraseRun) -> None:
 def write(run: EraseRun) -> None:
     p = run.p
     meta = {"base_model": p.request.model, "run_id": p.run_id, "model_fingerprint": p.model_fingerprint}
-    job = WriteFinal(run.fused, meta, label="write-final", on_done=lambda j, r: run.outputs.update(r))
-    run.gpu_pool().run([job])
+
+    def written(job: WriteFinal, result: dict[str, Any]) -> None:
+        run.outputs.update(result["outputs"])
+        # The source's files copied, its edited weights rewritten; a weight file that cannot
+        # carry the edit (.bin, an EMA copy) left out, said here and in the report.
+        run.pipeline_files = result["pipeline"]
+        for rel, why in sorted(result["pipeline"]["left_out"].items()):
+            log.warning("write: final/pipeline/%s left out: %s", rel, why)
+
+    run.gpu_pool().run([WriteFinal(run.fused, meta, label="write-final", on_done=written)])
 
 
 def erasure_report(run: EraseRun) -> None:
@@ -212,7 +220,9 @@ def finish(run: EraseRun) -> None:
     if run.lock is not None:
         run.lock.check()  # the commit point: only the lease's holder marks the run complete
     write_json(storage, layout.report, run.report)
-    run.manifest["outputs"] = run.outputs
+    # Every file the run hands out, the concepts' LoRAs and notes too: a rerun checks them all.
+    concepts = artefacts.concept_outputs(storage, layout, run.slugs) if run.spec.method == "mace" else {}
+    run.manifest["outputs"] = {**run.outputs, **concepts}
     run.manifest["status"] = "complete"
     write_json(storage, layout.manifest, run.manifest)
     log.info("erasure report: %s", summary_line(run.erasure))
@@ -295,7 +305,7 @@ ERASE_STAGES: tuple[Stage[EraseRun], ...] = (
 
 
 _BY_NAME = {s.name: s for s in ERASE_STAGES}
-# A closed-form-only run (--stages cfr): no images, masks or LoRAs; its result is W' itself.
+# A closed-form-only run (--method cfr): no images, masks or LoRAs; its result is W' itself.
 CFR_STAGES: tuple[Stage[EraseRun], ...] = (
     _BY_NAME["text_statistics"],
     _BY_NAME["workers_start"],
@@ -327,21 +337,30 @@ NEEDS: dict[str, tuple[str, ...]] = {
 CFR_ONLY = "cfr"
 
 
-def plan_stages(spec: str) -> tuple[str, tuple[Stage[EraseRun], ...]]:
-    """``--stages``: (method, stages to run). ``all``: the method; ``cfr``: closed-form
-    refinement only (method "cfr", a different result, so a different run); else stage
-    names, comma-separated, with what they need: a partial run of the method, whose
-    artefacts the full run reuses."""
+def plan_stages(spec: str, method: str = "mace") -> tuple[str, tuple[Stage[EraseRun], ...]]:
+    """``--stages`` of ``--method``: (method, stages to run). ``--method cfr``: closed-form
+    refinement only (a different result, so a different run), whole. ``--stages all``: the
+    method; else stage names of a MACE run, comma-separated, with what they need: a partial run
+    whose artefacts the full run reuses. ``--stages cfr`` alone is the old spelling of
+    ``--method cfr``: it still means that, with a warning."""
     text = spec.strip().lower()
+    if text == CFR_ONLY:
+        log.warning(
+            "--stages cfr is deprecated: use --method cfr (for a MACE run stopped after its cfr "
+            "stage, name another stage with it: --stages text_statistics,cfr)"
+        )
+        text, method = "all", CFR_ONLY
+    if method == CFR_ONLY:
+        if text not in ("", "all"):
+            raise SettingError(f"--stages {spec}: --method cfr runs whole; partial runs are of --method mace")
+        return CFR_ONLY, CFR_STAGES
     if text in ("", "all"):
         return "mace", ERASE_STAGES
-    if text == CFR_ONLY:
-        return CFR_ONLY, CFR_STAGES
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in _BY_NAME]
     if unknown:
-        valid = ", ".join(["all", CFR_ONLY, *_BY_NAME])
-        raise ValueError(f"--stages: unknown stage {unknown[0]!r} (valid: {valid})")
+        valid = ", ".join(["all", *_BY_NAME])
+        raise SettingError(f"--stages: unknown stage {unknown[0]!r} (valid: {valid})")
     wanted: set[str] = set()
 
     def add(name: str) -> None:
@@ -353,3 +372,10 @@ def plan_stages(spec: str) -> tuple[str, tuple[Stage[EraseRun], ...]]:
     for name in names:
         add(name)
     return "mace", tuple(s for s in ERASE_STAGES if s.name in wanted)
+
+
+def needs_masker(method: str, stages: tuple[Stage[EraseRun], ...]) -> bool:
+    """Whether a run's GPU workers load a masker (at start, so that their batch plan counts its
+    memory): those of a MACE run do; a closed-form-only run makes no masks and loads none, and
+    a partial run without GPU stages (``--stages text_statistics``) starts no worker."""
+    return method == "mace" and any(s.name == "workers_start" for s in stages)

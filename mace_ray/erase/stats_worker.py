@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -42,7 +43,10 @@ class StatsWorker:
         if spec.metrics == "ray":
             import ray
 
-            if ray.get_runtime_context().was_current_actor_reconstructed:
+            with warnings.catch_warnings():  # Ray's property reads Ray's own deprecated actor_id
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            if restarted:
                 # Ray restarted this actor after a crash (at most STATS_MAX_RESTARTS times).
                 log.warning("statistics actor restarted after a crash; its sums rebuild from storage")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from mace_ray.eval.layout import EvalLayout
 from mace_ray.eval.request import EvalRequest
 from mace_ray.eval.stages import EVAL_STAGES, EvalRun
 from mace_ray.storage.base import Storage, write_json
+from mace_ray.storage.model_cache import fingerprint_model
 
 log = logging.getLogger("mace_ray")
 
@@ -132,14 +132,12 @@ def resolve_model(spec: str, what: str = "model") -> ResolvedModel:
     return ResolvedModel(spec, str(p), manifest)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[-40:].strip("-") or "model"
-
-
-def model_id(model: ResolvedModel, generation: GenerationSettings) -> str:
-    """Images folder id: the same model and generation settings -> the same stored images."""
-    key = json.dumps({"model": model.load, "generation": generation.to_dict()}, sort_keys=True)
-    return f"{_slug(model.load)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+def model_id(fingerprint: str, generation: GenerationSettings) -> str:
+    """Images folder id: the same model content (``mace_core.fingerprint``, whatever its path)
+    and generation settings -> the same stored images. A folder changed in place, or an
+    erase rerun with --no-resume to the same path, is another model: its images are made anew."""
+    key = json.dumps({"model": fingerprint, "generation": generation.to_dict()}, sort_keys=True)
+    return f"model-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _names(req: EvalRequest, model: ResolvedModel, which: str) -> tuple[list[str], str]:
@@ -238,7 +236,9 @@ def prepare(req: EvalRequest) -> PreparedEval:
     suite = build_suite(req, models["model"])
     scorers = _scorers(req, models)
     reference = _reference_files(req)
-    model_ids = {t: model_id(m, req.generation) for t, m in models.items()}
+    # By content: every file of the model that can change an image (hashes are cached by file stat).
+    fingerprints = {t: fingerprint_model(m.load, req.s3_endpoint).full for t, m in models.items()}
+    model_ids = {t: model_id(fingerprints[t], req.generation) for t, m in models.items()}
     notes: list[str] = []
     if req.suite == "celebrities" and scorers.recognizer == CLIP_RECOGNIZER:
         notes.append(

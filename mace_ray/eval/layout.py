@@ -2,14 +2,16 @@
 
 evals/images/<model_id>/<suite>/<prompt_id>.png   generated images, shared by every eval
                                                  that renders the same prompt with the same
-                                                 model and generation settings (resume/reuse)
+                                                 model content (its fingerprint, not its
+                                                 path) and generation settings (resume/reuse)
 evals/<eval_id>/report.json                      metrics per model, settings, versions, timings
 evals/<eval_id>/summary.md                       Markdown summary (one column per model)
 evals/<eval_id>/prompts.json                     the suite: every prompt with its seed
 evals/<eval_id>/scores/<tag>.json                per-image scores of each model
 evals/<eval_id>/plots/<name>.png                 bar charts
 evals/cache/fid-reference/<key>.safetensors      FID moments of a reference image folder
-                                                 (keyed by its files and the feature extractor)
+                                                 (keyed by its images' content and the feature
+                                                 extractor's, mace_core.evaluation.fid)
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mace_core.errors import SettingError
 from mace_core.evaluation.clip_model import clip_setting
 from mace_core.evaluation.generation import GenerationSettings
 from mace_core.evaluation.recognition import CLIP_RECOGNIZER
@@ -32,10 +33,13 @@ class EvalRequest(WhereItRuns):
     suite: SuiteName = field(metadata=option("Evaluation protocol (paper Sec. 4).", panel=Panel.SUITE))
     # The original model: evaluated in the same run, printed beside.
     baseline: str | None = setting(
-        None, "The original model, evaluated in the same run and printed beside MODEL.", panel=Panel.MODEL
+        None,
+        "The original model, evaluated in the same run and printed beside MODEL.",
+        panel=Panel.MODEL,
+        basic=True,
     )
     output: str = setting(
-        "mace-runs", "Where evals/ is written: a folder or s3://bucket/prefix.", panel=Panel.MODEL
+        "mace-runs", "Where evals/ is written: a folder or s3://bucket/prefix.", panel=Panel.MODEL, basic=True
     )
     # Concept files; default: the erase run's concepts and retained set.
     erased_file: str | None = setting(
@@ -56,11 +60,16 @@ class EvalRequest(WhereItRuns):
         None,
         "explicit: I2P CSV (column prompt; sd_seed, sd_guidance_scale, ... used when present); "
         "coco: captions CSV (column caption; image_id optional).",
+        basic=True,
         panel=Panel.SUITE,
         metavar=FILE,
     )
     reference_images: str | None = setting(
-        None, "coco: folder of real images (e.g. MS-COCO val) for FID.", panel=Panel.SUITE, metavar=FOLDER
+        None,
+        "coco: folder of real images (e.g. MS-COCO val) for FID.",
+        panel=Panel.SUITE,
+        metavar=FOLDER,
+        basic=True,
     )
     limit: int | None = setting(None, "Only the first N rows of --prompts-csv.", min=1, panel=Panel.SUITE)
     # None: the suite's default (the paper's)
@@ -92,12 +101,17 @@ class EvalRequest(WhereItRuns):
         metavar=FILE,
     )
     shard_size: int = setting(32, "Images per worker job.", min=1, panel=Panel.CLUSTER)
-    resume: bool = setting(True, "Reuse images stored by an earlier eval.", panel=Panel.RUN)
+    resume: bool = setting(
+        True,
+        "Make every image again (by default those an earlier eval stored are reused).",
+        name="no-resume",
+        panel=Panel.RUN,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         coerce_choices(self, {"suite": (SuiteName, "suite")})
         if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+            raise SettingError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.seeds and self.images_per_prompt is not None:
-            raise ValueError("give --seeds or --images, not both (one image per listed seed)")
+            raise SettingError("give --seeds or --images, not both (one image per listed seed)")

@@ -7,14 +7,11 @@ feature extraction on the same workers, and the driver writes the report.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
-from pathlib import Path
 from typing import Any
 
-from mace_core.evaluation.fid import FeatureMoments, fid, moments_bytes, moments_from_bytes
+from mace_core.evaluation.fid import FeatureMoments, fid, moments_bytes, moments_from_bytes, reference_key
 from mace_core.evaluation.plots import report_plots
 from mace_core.evaluation.scoring import ImageScore, ScorerSettings, ShardScores, summarise
 from mace_core.evaluation.suites import DEFAULT_IMAGES_PER_PROMPT
@@ -66,15 +63,11 @@ class EvalRun:
         self.report: dict[str, Any] = {}
 
     def reference_key(self) -> str:
-        """The cache key of the reference set's moments: its files (names, sizes) and the extractor."""
-        files = [(f, Path(f).stat().st_size) for f in self.p.reference_files]
+        """The cache key of the reference set's moments: its images' and the extractor's content."""
         sc = self.p.scorers
         if sc.fid_weights:
-            extractor = {"fid_weights": [sc.fid_weights, Path(sc.fid_weights).stat().st_size]}
-        else:
-            extractor = {"clip": sc.clip}
-        blob = json.dumps({"files": files, "extractor": extractor}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+            return reference_key(self.p.reference_files, "inception", sc.fid_weights)
+        return reference_key(self.p.reference_files, f"clip:{sc.clip}")
 
     def jobs(
         self, cached_reference: bool

@@ -4,12 +4,15 @@ The protocol every store implements, its errors and the JSON helpers. The stores
 ``mace_ray.storage.local.LocalStorage`` (a local folder) and ``mace_ray.storage.s3.S3Storage``
 (``s3://bucket/prefix``) with the same keys; ``mace_ray.storage.open_store.open_storage`` picks one for
 a URL. Writes are atomic: a reader sees a whole object or none, so a DONE marker written
-last vouches for everything written before it.
+last vouches for everything written before it. ``digest`` hashes a stored file in chunks, so
+verifying a model never holds it in memory. ``bounded`` and ``guarded`` give the same location
+with a shorter retry budget, or with a check before every write (the run lock's lease).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -43,6 +46,12 @@ class Storage(Protocol):
     def put_dir(self, local_dir: Path, key: str) -> None: ...
     def get_dir(self, key: str, local_dir: Path) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
+    def digest(self, key: str) -> str: ...  # SHA-256 hex of a stored file, read in chunks
+
+    # The same location: every request ends within budget_s (retries included); or every
+    # write (write_bytes, put_dir, delete_prefix) first calls check(), which raises to refuse.
+    def bounded(self, budget_s: float) -> Storage: ...
+    def guarded(self, check: Callable[[], None]) -> Storage: ...
 
     # Conditional operations (compare-and-swap on one object), for leases (mace_ray.storage.lease).
     def create_exclusive(self, key: str, data: bytes) -> bool: ...

@@ -2,25 +2,36 @@
 
 Why a lease, not a lock file or flock: the output may be S3, which has no locks, and a driver
 that dies (OOM, SIGKILL, a lost node) must not block its run forever. The lease is one small
-JSON object (owner, host, pid, started, heartbeat, ttl_s) at ``key``, written only with the
-storage's conditional operations (see ``Storage.create_exclusive`` and friends):
+JSON object (owner, host, pid, pid namespace, started, heartbeat, ttl_s) at ``key``, written
+only with the storage's conditional operations (see ``Storage.create_exclusive`` and friends):
 
 - acquire: ``create_exclusive``; if the lease exists and its heartbeat is younger than its
   ``ttl_s``, the run is held (wait or refuse). Otherwise the lease is stale and is replaced
   with ``replace_if`` on the version seen: of contenders that saw the same stale lease exactly
-  one succeeds, the others see the winner's fresh lease on their next look.
+  one succeeds, the others see the winner's fresh lease on their next look. A holder on this
+  host whose process is gone is stale at once, but only when its pid namespace is this
+  process's (containers may share a host name, not pids); a lease without one waits ``ttl_s``.
 - heartbeat: a daemon thread rewrites the lease every ``heartbeat_s`` with ``replace_if`` on
-  the version it last wrote. If that fails because another owner replaced the lease, the lock
-  is ``lost``: the driver must stop instead of writing (``check()`` raises).
-- release: ``delete_if`` on the version last written, so another owner's lease is never removed.
+  the version it last wrote, through a client whose requests end within ``usable_s / 6`` (a
+  renewal of two requests cannot outlast a third of the lease's usable life); a renewal that
+  fails is tried again at the next beat. If another owner replaced the lease, the lock is
+  ``lost`` at once.
+- writes: the holder writes only while its last confirmed renewal is younger than
+  ``usable_s = ttl_s - margin_s`` (45 s of a 60 s lease): a run's storage is ``guarded`` by
+  ``check()``, and its workers' storage by ``mace_ray.storage.lease_guard`` (they get a
+  ``LeaseRef``: the key and the owner token), so every write of the run, the workers'
+  artefacts too, is refused once the lease is lost or unrenewed; the margin leaves a write
+  already under way time to land before any other driver can take the lease over (which
+  needs ``ttl_s`` of silence).
+- release: ``delete_if`` on the version last written, so another owner's lease is never
+  removed; short requests, not waiting for a renewal in flight: it ends within seconds.
 
 Clock assumption: staleness compares the heartbeat time the holder wrote (its wall clock) with
-the reader's wall clock, so the drivers' clocks must agree to well within ``ttl_s -
-heartbeat_s`` (100 s with the defaults; NTP keeps them within milliseconds). A reader whose
-clock runs ahead by more than that would take over a live lease; the holder then finds it
-``lost`` at its next heartbeat. A holder frozen for longer than ``ttl_s`` (suspended VM, swap
-storm) can write between waking up and that heartbeat: a lease narrows, but cannot close,
-that window, so drivers call ``check()`` right before each commit point.
+the reader's wall clock, so the drivers' clocks must agree to well within ``margin_s`` (15 s
+with the defaults; NTP keeps them within milliseconds). A reader whose clock runs ahead by
+more than that could take over a lease whose holder still writes. A write request that takes
+longer than the margin to land (a stalled upload) can still land after a takeover: the lease
+narrows that window to the margin; S3 offers no fencing that would close it.
 
 A request whose response was lost and was retried can fail its precondition although its first
 attempt succeeded; the lock therefore re-reads the lease after every conditional write and
@@ -37,6 +48,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -44,6 +56,9 @@ from mace_core.errors import MaceError
 from mace_ray.storage.base import Storage
 
 log = logging.getLogger("mace_ray")
+
+# Release: each request within this; all of it within 2 s (a SIGTERM handler has Ray's 3 s).
+RELEASE_S = 0.5
 
 
 class RunLocked(MaceError):
@@ -60,7 +75,7 @@ def _secs(s: float) -> str:
     return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
+def parse_lease(raw: bytes) -> dict[str, Any] | None:
     """A lease as written by RunLock, or None for anything else (treated as stale)."""
     try:
         lease = json.loads(raw)
@@ -74,11 +89,23 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return lease
 
 
+def pid_namespace() -> int | None:
+    """This process's pid namespace (the inode of /proc/self/ns/pid), None where unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _gone(lease: dict[str, Any]) -> bool:
-    """Whether the holder ran on this host and its process no longer exists (killed, OOM):
-    then its lease is stale at once, and a rerun on the same machine need not wait ``ttl_s``."""
-    pid = lease.get("pid")
+    """Whether the holder ran on this host, in this pid namespace, and its process no longer
+    exists (killed, OOM): then its lease is stale at once, and a rerun on the same machine need
+    not wait ``ttl_s``. Containers sharing a host name but not pids, or a lease that does not
+    say its namespace, are not "this host"."""
+    pid, ns = lease.get("pid"), lease.get("pidns")
     if lease.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    if ns is None or ns != pid_namespace():
         return False
     if pid == os.getpid():
         return False
@@ -94,19 +121,36 @@ def _gone(lease: dict[str, Any]) -> bool:
 def lease_is_live(raw: bytes) -> bool:
     """Whether a stored lease is held now: readable, renewed within its ttl, and (on this
     host) its process alive. What ``RunLock`` would refuse to take over."""
-    lease = _parse(raw)
+    lease = parse_lease(raw)
     if lease is None:
         return False
     return time.time() - lease["heartbeat"] <= lease["ttl_s"] and not _gone(lease)
+
+
+def holder(lease: dict[str, Any]) -> str:
+    return f"host {_one_line(lease.get('host', '?'))} pid {_one_line(lease.get('pid', '?'))}"
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """A driver's lease as its workers check it before each write (``LeaseGuard``): where it
+    is, the driver's owner token, how long after a heartbeat it may be written under, and the
+    budget of the request that reads it. Small and picklable: it travels in a worker's spec."""
+
+    key: str
+    owner: str
+    usable_s: float
+    budget_s: float
 
 
 class RunLock:
     """A lease on ``key`` in ``storage``; see the module docstring for the protocol.
 
     ``ttl_s``: how long the lease survives without a heartbeat (how long a crashed driver
-    blocks its run). ``heartbeat_s``: how often it is renewed; well below ``ttl_s`` so that a
-    slow storage request or two do not let it expire. ``owner``: a unique id (default: a new
-    uuid); reusing a crashed driver's id lets it reclaim its own lease at once.
+    blocks its run). ``heartbeat_s``: how often it is renewed. ``margin_s`` (default a quarter
+    of ``ttl_s``): the holder stops writing this long before others may take the lease over.
+    ``owner``: a unique id (default: a new uuid); reusing a crashed driver's id lets it reclaim
+    its own lease at once.
     """
 
     def __init__(
@@ -116,22 +160,32 @@ class RunLock:
         *,
         ttl_s: float = 120.0,
         heartbeat_s: float = 20.0,
+        margin_s: float | None = None,
         owner: str | None = None,
     ) -> None:
-        if not 0 < heartbeat_s < ttl_s:
-            raise MaceError(f"run lock: heartbeat_s={heartbeat_s} must be above 0 and below ttl_s={ttl_s}")
+        margin = ttl_s / 4 if margin_s is None else margin_s
+        if not 0 < heartbeat_s < ttl_s - margin or margin < 0:
+            raise MaceError(
+                f"run lock: heartbeat_s={heartbeat_s} must be above 0 and below ttl_s - margin_s "
+                f"= {ttl_s - margin:g}"
+            )
         self.storage = storage
         self.key = key
         self.ttl_s = float(ttl_s)
         self.heartbeat_s = float(heartbeat_s)
+        self.usable_s = float(ttl_s - margin)
         self.owner = owner or uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        # Renewals through requests that end within a sixth of the usable life (two per
+        # renewal: a third); release through shorter ones still.
+        self.renew_budget_s = self.usable_s / 6
+        self._renewer = self._releaser = storage  # their bounded clients: made once acquired
         self._started = ""
         self._version: str | None = None  # the lease's version as we last saw it ours; None: not held
         self._renewed = 0.0  # monotonic time before the last write that is known to have kept it ours
-        self._lost: str | None = None  # why the lease is no longer ours (another owner replaced it)
-        self._mutex = threading.Lock()  # one heartbeat or release at a time
+        self._lost: str | None = None  # why the lease is no longer ours (taken over, or unrenewed)
+        self._mutex = threading.Lock()  # guards the fields above; never held across a request
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -140,28 +194,47 @@ class RunLock:
         return f"{self.storage.url}/{self.key}"
 
     @property
+    def ref(self) -> LeaseRef:
+        """What a worker needs to check this lease before its writes."""
+        return LeaseRef(self.key, self.owner, self.usable_s, self.renew_budget_s)
+
+    @property
     def held(self) -> bool:
         """Acquired and not yet released (it may still have been lost meanwhile)."""
         return self._version is not None
 
     @property
     def lost(self) -> bool:
-        """True if another owner has replaced the lease, or it went unrenewed for ``ttl_s``
-        (another driver may have taken it over by now): stop instead of writing."""
-        return self._lost is not None or (self.held and time.monotonic() - self._renewed > self.ttl_s)
+        """True if another owner has replaced the lease, or its last confirmed renewal is older
+        than ``usable_s`` (another driver may take it over soon): stop instead of writing."""
+        return self._lost is not None or (self.held and time.monotonic() - self._renewed > self.usable_s)
 
     def check(self) -> None:
-        """Raise RunLocked unless the lease is held and still ours; call before each commit."""
+        """Raise RunLocked (one line) unless the lease is held, still ours, and renewed within
+        ``usable_s``. Called before every write of the run (``Storage.guarded``); in memory,
+        no request, except once when it first finds the lease expired (to name a new holder)."""
         if self._lost is not None:
             raise RunLocked(self._lost)
         if not self.held:
-            raise RunLocked(f"run lock {self.where} is not held by this driver")
-        silent = time.monotonic() - self._renewed
-        if silent > self.ttl_s:
             raise RunLocked(
-                f"run lock {self.where} was not renewed for {_secs(silent)} (ttl {_secs(self.ttl_s)}): "
-                "another driver may have taken it over; stopping"
+                f"run lock {self.where} is not held by this driver; stopping before the next write"
             )
+        silent = time.monotonic() - self._renewed
+        if silent > self.usable_s:
+            message = (
+                f"run lock {self.where} was not renewed for {_secs(silent)} (writes stop after "
+                f"{_secs(self.usable_s)}, another driver may take it over after {_secs(self.ttl_s)})"
+            )
+            try:
+                current = self._releaser.read_versioned(self.key)
+            except Exception:  # storage unreachable: what the lease says cannot be known
+                current = None
+            lease = parse_lease(current[0]) if current is not None else None
+            if lease is not None and lease.get("owner") != self.owner:
+                message += f"; it is now held by {holder(lease)}"
+            with self._mutex:
+                self._lost = f"{message}; stopping before the next write"
+            raise RunLocked(self._lost)
 
     # --- acquire ----------------------------------------------------------------------
 
@@ -176,15 +249,15 @@ class RunLock:
         poll = min(1.0, self.heartbeat_s / 2)
         waiting = False
         while True:
-            holder = self._try_acquire()
-            if holder is None:
+            live = self._try_acquire()
+            if live is None:
                 self._start_heartbeat()
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RunLocked(self._held_message(holder))
+                raise RunLocked(self._held_message(live))
             if not waiting:
-                log.info("%s; waiting up to %s", self._held_message(holder), _secs(left))
+                log.info("%s; waiting up to %s", self._held_message(live), _secs(left))
                 waiting = True
             time.sleep(min(poll, left))
 
@@ -197,7 +270,7 @@ class RunLock:
             if current is None:
                 continue  # released between our create and our read: try again
             raw, version = current
-            lease = _parse(raw)
+            lease = parse_lease(raw)
             if lease is not None and lease.get("owner") == self.owner:
                 # Ours: just created, taken over, or created by a retried request.
                 self._version = version
@@ -213,11 +286,9 @@ class RunLock:
                     log.warning("run lock %s: replacing an unreadable lease", self.where)
                 else:
                     log.warning(
-                        "run lock %s: taking over a stale lease of host %s pid %s "
-                        "(last heartbeat %s ago, ttl %s)",
+                        "run lock %s: taking over a stale lease of %s (last heartbeat %s ago, ttl %s)",
                         self.where,
-                        _one_line(lease.get("host", "?")),
-                        _one_line(lease.get("pid", "?")),
+                        holder(lease),
                         _secs(age),
                         _secs(float(lease["ttl_s"])),
                     )
@@ -228,6 +299,7 @@ class RunLock:
             "owner": self.owner,
             "host": self.host,
             "pid": self.pid,
+            "pidns": pid_namespace(),
             "started": self._started,
             "heartbeat": time.time(),
             "ttl_s": self.ttl_s,
@@ -237,8 +309,8 @@ class RunLock:
     def _held_message(self, lease: dict[str, Any]) -> str:
         age = max(0.0, time.time() - lease["heartbeat"])
         return (
-            f"run lock {self.where} is held by another driver: host {_one_line(lease.get('host', '?'))} "
-            f"pid {_one_line(lease.get('pid', '?'))}, started {_one_line(lease.get('started', '?'))}, "
+            f"run lock {self.where} is held by another driver: {holder(lease)}, "
+            f"started {_one_line(lease.get('started', '?'))}, "
             f"last heartbeat {_secs(age)} ago; the lock expires after {_secs(float(lease['ttl_s']))} "
             "without a heartbeat"
         )
@@ -246,6 +318,9 @@ class RunLock:
     # --- heartbeat --------------------------------------------------------------------
 
     def _start_heartbeat(self) -> None:
+        if self._renewer is self.storage:  # built here, not at release time (SIGTERM's seconds)
+            self._renewer = self.storage.bounded(self.renew_budget_s)
+            self._releaser = self.storage.bounded(min(RELEASE_S, self.renew_budget_s))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mace-runlock-heartbeat", daemon=True)
         self._thread.start()
@@ -259,64 +334,99 @@ class RunLock:
     def _beat(self) -> bool:
         """Renew the lease; False when there is nothing more to renew (released or lost)."""
         with self._mutex:
-            if self._version is None or self._lost is not None:
+            version = self._version
+            if version is None or self._lost is not None:
                 return False
-            started = time.monotonic()
-            data = self._lease_bytes()
-            try:
-                self.storage.replace_if(self.key, data, self._version)
-                current = self.storage.read_versioned(self.key)
-            except Exception as e:  # storage trouble: keep trying; `lost` turns true after ttl_s
-                log.warning("run lock %s: heartbeat failed (%s); retrying", self.where, _one_line(e, 200))
-                return True
-            lease = _parse(current[0]) if current is not None else None
+        started = time.monotonic()
+        data = self._lease_bytes()
+        try:
+            self._renewer.replace_if(self.key, data, version)
+            current = self._renewer.read_versioned(self.key)
+        except Exception as e:  # storage trouble: tried again at the next beat
+            left = self.usable_s - (time.monotonic() - self._renewed)
+            log.warning(
+                "run lock %s: renewal failed (%s); trying again in %s, writes stop in %s",
+                self.where,
+                _one_line(e, 200),
+                _secs(self.heartbeat_s),
+                _secs(max(0.0, left)),
+            )
+            return True
+        lease = parse_lease(current[0]) if current is not None else None
+        with self._mutex:
+            if self._version is None or self._lost is not None:
+                return False  # released (or found lost) while the renewal was under way
             if lease is not None and lease.get("owner") == self.owner:
                 assert current is not None
                 self._version = current[1]
                 if current[0] == data:
                     self._renewed = started
                 return True
-            if lease is None:
-                self._lost = f"run lock {self.where} was removed or overwritten by another writer; stopping"
-            else:
-                self._lost = (
-                    f"run lock {self.where} was taken over by host {_one_line(lease.get('host', '?'))} "
-                    f"pid {_one_line(lease.get('pid', '?'))}; stopping so as not to write over its run"
-                )
-            log.warning("%s", self._lost)
-            return False
+            self._lose(lease)
+        return False
+
+    def _lose(self, lease: dict[str, Any] | None) -> None:
+        """The lease is no longer ours (``lease``: what is there now); under ``_mutex``."""
+        if lease is None:
+            self._lost = (
+                f"run lock {self.where} was removed or overwritten by another writer; "
+                "stopping before the next write"
+            )
+        else:
+            self._lost = (
+                f"run lock {self.where} was taken over by {holder(lease)}; stopping so as not to "
+                "write over its run"
+            )
+        log.warning("%s", self._lost)
+
+    def verify(self) -> None:
+        """Look at the lease now (one short request) instead of at the next beat: another
+        owner's, or none, and the lock is lost. Storage trouble changes nothing."""
+        if not self.held or self._lost is not None:
+            return
+        try:
+            current = self._renewer.read_versioned(self.key)
+        except Exception:
+            return
+        lease = parse_lease(current[0]) if current is not None else None
+        with self._mutex:
+            mine = lease is not None and lease.get("owner") == self.owner
+            if self._version is not None and self._lost is None and not mine:
+                self._lose(lease)
 
     # --- release ----------------------------------------------------------------------
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours. Never raises: a lease
-        left behind by a storage failure expires after ``ttl_s``."""
+        """Stop the heartbeat and delete the lease if it is still ours, within seconds (short
+        requests; a renewal in flight is not waited for). Never raises: a lease left behind by
+        a storage failure expires after ``ttl_s``."""
         self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self._thread = None
         with self._mutex:
             version, self._version = self._version, None
-            if version is None or self._lost is not None:
+            lost = self._lost is not None
+        if version is None or lost:
+            return
+        started = time.monotonic()
+        try:  # one conditional delete (HEAD, DELETE If-Match: 2 x RELEASE_S at most)...
+            if self._releaser.delete_if(self.key, version) or time.monotonic() - started > RELEASE_S:
                 return
-            try:
-                if self.storage.delete_if(self.key, version):
-                    return
-                # Not deleted: a heartbeat whose response was lost may have changed the
-                # version while keeping it ours; delete that one, never another owner's.
-                current = self.storage.read_versioned(self.key)
-                lease = _parse(current[0]) if current is not None else None
-                if current is not None and lease is not None and lease.get("owner") == self.owner:
-                    self.storage.delete_if(self.key, current[1])
-                elif current is not None:
-                    log.warning("run lock %s: no longer ours at release, left in place", self.where)
-            except Exception as e:
-                log.warning(
-                    "run lock %s: release failed (%s); it expires after %s",
-                    self.where,
-                    _one_line(e, 200),
-                    _secs(self.ttl_s),
-                )
+            # ...and when it was quick but found another version: a renewal (in flight, or whose
+            # response was lost) may have changed it while keeping it ours; delete that one,
+            # never another owner's (3 x RELEASE_S at most).
+            current = self._releaser.read_versioned(self.key)
+            lease = parse_lease(current[0]) if current is not None else None
+            if current is not None and lease is not None and lease.get("owner") == self.owner:
+                self._releaser.delete_if(self.key, current[1])
+            elif current is not None:
+                log.warning("run lock %s: no longer ours at release, left in place", self.where)
+        except Exception as e:
+            log.warning(
+                "run lock %s: release failed (%s); it expires after %s",
+                self.where,
+                _one_line(e, 200),
+                _secs(self.ttl_s),
+            )
 
     def __enter__(self) -> RunLock:
         """``with RunLock(...)`` acquires without waiting (call ``acquire(wait_s)`` first to wait)."""

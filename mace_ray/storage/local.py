@@ -1,19 +1,68 @@
 """A local folder as run storage: atomic writes (rename), and the conditional operations
-of leases through link(2) and flock."""
+of leases through link(2) and flock.
+
+Staging. A write goes to a dot-named sibling (``.<name>.<8 chars>.tmp``, a file or, for
+``put_dir``, a folder) that is renamed into place once complete. Its writer holds an flock on
+it until then, so the staging of a live writer is never mistaken for a leftover; on any failure
+the writer removes it, and after a successful write of a key any unlocked staging left of that
+key (by a killed writer) is removed. A full disk (ENOSPC) or quota (EDQUOT) is one
+StorageError naming the output folder, what the write needed and what is free.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mace_ray.storage.base import StorageError, check_key
+
+# Staging younger than this is left alone even when unlocked: its writer may be between
+# creating it and locking it.
+STALE_AFTER_S = 2.0
+FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _locked(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    """Remove a staging file or folder unless its writer still holds its lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # gone meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return  # a live writer's
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 class LocalStorage:
@@ -22,6 +71,7 @@ class LocalStorage:
     def __init__(self, root: str | Path, must_exist: bool = False) -> None:
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
+        self.guard: Callable[[], None] | None = None
         # Nothing is created here: the folder appears with the first write, so a command
         # that fails on its inputs (or only reads, as `status`) leaves no empty folder.
         if self.root.exists():
@@ -41,18 +91,39 @@ class LocalStorage:
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def bounded(self, budget_s: float) -> LocalStorage:
+        """Local requests need no budget: the same storage."""
+        return self
+
+    def guarded(self, check: Callable[[], None]) -> LocalStorage:
+        """The same folder; write_bytes, put_dir and delete_prefix first call ``check()``
+        (which raises to refuse), and put_dir again right before its result appears."""
+        other = copy.copy(self)
+        other.guard = check
+        return other
+
+    def _check(self) -> None:
+        if self.guard is not None:
+            self.guard()
+
     def write_bytes(self, key: str, data: bytes) -> None:
+        self._check()
         dest = self.path(key)
-        tmp = self._staged(dest, data)
-        try:
+        with self._space(key, len(data)), self._staged(dest, data) as tmp:
             os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self._drop_leftovers(dest)
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}/{key} does not exist") from None
+
+    def digest(self, key: str) -> str:
+        """SHA-256 of a stored file, read in chunks."""
+        try:
+            with open(self.path(key), "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
         except FileNotFoundError:
             raise StorageError(f"{self.url}/{key} does not exist") from None
 
@@ -74,22 +145,45 @@ class LocalStorage:
 
     def put_dir(self, local_dir: Path, key: str) -> None:
         """Copy a folder in under ``key``, replacing what was there, visible all at once."""
+        self._check()
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-        shutil.copytree(local_dir, tmp)
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        entries = sorted(Path(local_dir).rglob("*"))
+        needed = sum(p.stat().st_size for p in entries if p.is_file())
+        with self._space(key, needed):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+            fd = None
+            try:
+                tmp.mkdir()
+                fd = os.open(tmp, os.O_RDONLY)
+                _locked(fd)
+                # File by file rather than copytree, which folds a full disk into shutil.Error.
+                for src in entries:
+                    target = tmp / src.relative_to(local_dir)
+                    if src.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(src, target)
+                self._check()  # the folder appears only while the writer may still write
+                old = None
+                if dest.exists():
+                    old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+                    os.replace(dest, old)
+                os.replace(tmp, dest)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                shutil.rmtree(tmp, ignore_errors=True)  # only if it was not moved into place
+        self._drop_leftovers(dest)
 
     def get_dir(self, key: str, local_dir: Path) -> None:
         shutil.copytree(self.path(key), local_dir, dirs_exist_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
+        self._check()
         p = self.path(prefix)
         if p.is_dir():
             shutil.rmtree(p)
@@ -105,19 +199,53 @@ class LocalStorage:
     # flock works between processes and threads on one machine; on NFS it depends on the
     # client (Linux emulates it with byte-range locks).
 
-    def _staged(self, dest: Path, data: bytes) -> str:
-        """A complete, synced temporary sibling of ``dest`` holding ``data``."""
+    @contextlib.contextmanager
+    def _staged(self, dest: Path, data: bytes) -> Iterator[str]:
+        """A complete, synced temporary sibling of ``dest`` holding ``data``, locked while the
+        block runs (so no cleanup takes it for a leftover) and removed after it unless the
+        block moved it into place."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            _locked(fd)
+            with os.fdopen(os.dup(fd), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:
+            yield tmp
+        finally:
+            os.close(fd)
             Path(tmp).unlink(missing_ok=True)
-            raise
-        return tmp
+
+    @contextlib.contextmanager
+    def _space(self, key: str, needed: int) -> Iterator[None]:
+        """A full disk or quota as one StorageError line (after the staging is removed)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in FULL:
+                raise
+            where = next(p for p in (self.root, *self.root.parents) if p.exists())
+            free = shutil.disk_usage(where).free
+            raise StorageError(
+                f"output {self.url}: {FULL[e.errno]} writing {key} ({_size(needed)} to write, "
+                f"{_size(free)} free); make room or choose another output, then rerun to resume"
+            ) from None
+
+    def _drop_leftovers(self, dest: Path) -> None:
+        """Remove staging of ``dest`` left by writers that died (unlocked, not brand new)."""
+        pattern = re.compile(rf"\.{re.escape(dest.name)}\.[A-Za-z0-9_]{{8}}\.(tmp|old)")
+        try:
+            entries = [e for e in os.scandir(dest.parent) if pattern.fullmatch(e.name)]
+        except OSError:
+            return
+        for e in entries:
+            try:
+                if time.time() - e.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S:
+                    continue
+            except OSError:
+                continue
+            _remove_if_unlocked(Path(e.path))
 
     @contextlib.contextmanager
     def _key_lock(self, dest: Path) -> Iterator[None]:
@@ -147,14 +275,12 @@ class LocalStorage:
         partial file: the data is written to a temporary first, then hard-linked into place
         (link fails atomically when the name is taken)."""
         dest = self.path(key)
-        tmp = self._staged(dest, data)
-        try:
-            os.link(tmp, dest)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with self._staged(dest, data) as tmp:
+            try:
+                os.link(tmp, dest)
+                return True
+            except FileExistsError:
+                return False
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """``(data, version)`` of ``key``, or None if absent; the version is what
@@ -164,16 +290,12 @@ class LocalStorage:
     def replace_if(self, key: str, data: bytes, version: str) -> bool:
         """Atomically replace ``key`` only if its version is still ``version``."""
         dest = self.path(key)
-        tmp = self._staged(dest, data)
-        try:
-            with self._key_lock(dest):
-                current = self._version(dest)
-                if current is None or current[1] != version:
-                    return False
-                os.replace(tmp, dest)
-                return True
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with self._staged(dest, data) as tmp, self._key_lock(dest):
+            current = self._version(dest)
+            if current is None or current[1] != version:
+                return False
+            os.replace(tmp, dest)
+            return True
 
     def delete_if(self, key: str, version: str) -> bool:
         """Delete ``key`` only if its version is still ``version``."""

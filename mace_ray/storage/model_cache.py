@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mace_core.errors import ModelLoadError
 from mace_core.fingerprint import (
+    DENOISERS,
     REQUIRED,
     SECOND_TEXT,
     TEXT_SIDE,
@@ -69,6 +70,8 @@ def _listing(
     for part in (c for c in components if c not in SECOND_TEXT):
         if not any(rel.startswith(part + "/") for rel in files):
             raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
+    if include is None and not any(rel.startswith(d + "/") for d in DENOISERS for rel in files):
+        raise ModelLoadError(f"model {model!r}: no unet/ or transformer/ in the pipeline folder")
     return files
 
 

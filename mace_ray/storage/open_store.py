@@ -1,6 +1,7 @@
 """The store behind an output URL (a local folder or an S3 prefix), and the store a request or
 a worker's spec names (its ``output`` and ``s3_endpoint``), opened the one way every driver and
-worker opens it."""
+worker opens it: for a spec that carries its driver's lease (``lease``, a ``LeaseRef``), with
+every write checked against that lease (``mace_ray.storage.lease_guard``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mace_ray.storage.base import Storage, StorageError
+from mace_ray.storage.lease_guard import lease_guarded
 from mace_ray.storage.local import LocalStorage
 
 
@@ -44,4 +46,6 @@ class NamesOutput(Protocol):
 
 
 def open_output(target: NamesOutput) -> Storage:
-    return open_storage(target.output, s3_endpoint=target.s3_endpoint)
+    storage = open_storage(target.output, s3_endpoint=target.s3_endpoint)
+    lease = getattr(target, "lease", None)  # a RunSpec's; eval and audit hold no lease
+    return storage if lease is None else lease_guarded(storage, lease)

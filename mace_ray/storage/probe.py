@@ -26,7 +26,7 @@ from mace_ray.storage.base import StorageError
 from mace_ray.storage.open_store import open_storage
 from mace_ray.storage.s3_retry import (
     NETWORK_ERRORS,
-    RetryPolicy,
+    BoundedRetries,
     error_code,
     fatal_error,
     http_status,
@@ -67,22 +67,14 @@ class _S3Probe:
         self.url = self.loc.url
         self.bucket = self.loc.bucket
         self.budget_s = budget_s
-        self.deadline = time.monotonic() + budget_s
         # A dead host costs a connect timeout per attempt, a stalled server a read timeout:
-        # both a fraction of the budget, so that a few attempts fit and the last one ends
-        # at most one read timeout past it.
-        self.connect_s = min(3.0, max(0.5, budget_s / 5))
-        self.read_s = min(5.0, max(1.0, budget_s / 5))
-        self.policy = RetryPolicy(budget_s=budget_s, base_s=0.25, cap_s=2.0)
-        self.client = make_client(
-            self.url,
-            s3_endpoint,
-            addressing_style(),
-            pool=2,
-            connect_timeout=self.connect_s,
-            read_timeout=self.read_s,
-            max_attempts=1,  # retried here, against the deadline
+        # both a fraction of the budget, so that a few attempts fit. The client retries each
+        # request while a whole attempt still fits before the probe's deadline (all steps).
+        self.retries = BoundedRetries(
+            budget_s, min(3.0, max(0.5, budget_s / 5)), min(5.0, max(1.0, budget_s / 5)), quiet=True
         )
+        self.deadline = self.retries.until = time.monotonic() + budget_s
+        self.client = make_client(self.url, s3_endpoint, addressing_style(), pool=2, retries=self.retries)
         self.endpoint = safe_endpoint(s3_endpoint or self.client.meta.endpoint_url)
         self.key = self.loc.key(f"{PROBE_DIR}/{uuid.uuid4().hex}")
 
@@ -159,7 +151,7 @@ class _S3Probe:
         """Remove the probe object (its version too, so nothing stays on a versioned bucket)."""
         left = f"{self.loc.url}/{self.loc.rel(self.key)}"
         # Cleanup is worth a few seconds more than the budget: the object exists now.
-        self.deadline = max(self.deadline, time.monotonic() + min(self.budget_s, 5.0))
+        self.deadline = self.retries.until = max(self.deadline, time.monotonic() + min(self.budget_s, 5.0))
         try:
             if version:
                 try:
@@ -196,37 +188,30 @@ class _S3Probe:
     # --- retries and messages --------------------------------------------------------
 
     def _bounded(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()``, retried on transient errors while an attempt still fits the deadline.
+        """``fn()`` (its requests retried by the client until the deadline).
 
         Raises a StorageError when the endpoint stays unreachable or busy, or for failures
         no retry can fix (credentials, missing bucket); other errors (ClientError with a
         code a step understands, BotoCoreError) propagate for the step to name.
         """
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                if not is_transient(e):
-                    fatal = fatal_error(e, self.url, self.bucket, self.endpoint)
-                    if fatal is not None and error_code(e) not in DENIED:
-                        raise fatal from None
-                    raise
-                attempt += 1
-                left = self.deadline - time.monotonic()
-                pause = min(self.policy.delay(attempt - 1), left - self.connect_s)
-                if pause < 0:
-                    raise self._unreachable(what, e, attempt) from None
-                time.sleep(pause)
+        try:
+            return fn()
+        except Exception as e:
+            if is_transient(e):
+                raise self._unreachable(what, e) from None
+            fatal = fatal_error(e, self.url, self.bucket, self.endpoint)
+            if fatal is not None and error_code(e) not in DENIED:
+                raise fatal from None
+            raise
 
-    def _unreachable(self, what: str, e: BaseException, attempts: int) -> StorageError:
+    def _unreachable(self, what: str, e: BaseException) -> StorageError:
         network = isinstance(e, NETWORK_ERRORS)
         state = "unreachable" if network else "not answering normally"
         detail = error_code(e) or (str(http_status(e)) if http_status(e) else type(e).__name__)
         hint = "check --s3-endpoint (or AWS_ENDPOINT_URL) and the network" if network else "try again later"
         return StorageError(
-            f"{self.url}: S3 endpoint {self.endpoint} {state} ({detail}; could not {what}, "
-            f"{attempts} attempts in {self.budget_s:.0f}s): {hint}"
+            f"{self.url}: S3 endpoint {self.endpoint} {state} ({detail}; could not {what} "
+            f"within {self.budget_s:.0f}s): {hint}"
         )
 
     def _failed(self, what: str, e: BaseException) -> StorageError:

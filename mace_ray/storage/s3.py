@@ -14,13 +14,19 @@ most on-premise servers serve only that, and bucket-named host names do not reso
 ``127.0.0.1`` or a cluster service name; and botocore's default (virtual-hosted) for AWS,
 which is deprecating path-style.
 
-Retries (see ``mace_ray.storage.s3_retry``). botocore "standard" retries (3 attempts) plus a time
-budget of MACE_S3_RETRY_SECONDS (default 120 s) for throttling, 5xx and network errors,
-each retry logged as a warning. The budget is the same when storage is opened: workers open
-it mid-run, when an outage is as likely as at any other time (so a mistyped endpoint takes
-the budget to fail, its retries logged meanwhile). Auth failures and missing buckets are
-never retried: they raise ``StorageError`` naming the bucket and URI (never a key). When the
-budget runs out, ``StorageUnavailableError``.
+Retries (see ``mace_ray.storage.s3_retry``). botocore's standard-mode retry decisions for
+throttling, 5xx and network errors, each retry logged as a warning, bounded in time: no
+request waits more than MACE_S3_RETRY_SECONDS (default 120 s) on an S3 that does not answer;
+its connect and read timeouts (5 s and 20 s; less for budgets under 40 s) are set so that a
+retry is made only while a whole attempt still fits. The budget is the same when storage is
+opened: workers open it mid-run, when an outage is as likely as at any other time (so a
+mistyped endpoint takes the budget to fail, its retries logged meanwhile). Auth failures and
+missing buckets are never retried: they raise ``StorageError`` naming the bucket and URI
+(never a key). When the budget runs out, ``StorageUnavailableError``. A response body cut
+off mid-way is resumed from where it stopped (a ranged GET of the same ETag), up to 5 times
+as s3transfer does for downloads; s3transfer's own retries cover multipart transfers.
+``bounded(seconds)`` is the same location with a shorter budget (the run lock's renewals);
+``guarded(check)`` one on which every write request first calls ``check()`` (the run lock).
 
 Atomicity. A single PUT is atomic on S3, so DONE markers, manifests and reports (written
 with ``write_bytes``) appear whole or not at all. ``put_dir`` cannot rename, so it:
@@ -41,6 +47,10 @@ AbortIncompleteMultipartUpload lifecycle rule.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
+import logging
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -49,7 +59,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from mace_ray.storage import s3_folders
+from mace_ray.storage import s3_conditional, s3_folders
 from mace_ray.storage.base import StorageError, check_key
 from mace_ray.storage.s3_client import (
     addressing_style,
@@ -59,9 +69,33 @@ from mace_ray.storage.s3_client import (
     safe_endpoint,
 )
 from mace_ray.storage.s3_folders import COMPLETE, PARTIAL, RESERVED, hidden
-from mace_ray.storage.s3_retry import Retrier, RetryPolicy, error_code, http_status
+from mace_ray.storage.s3_retry import (
+    NETWORK_ERRORS,
+    BoundedRetries,
+    classify,
+    detail,
+    error_code,
+    http_status,
+)
+
+log = logging.getLogger("mace_ray.s3")
 
 MB = 1024 * 1024
+# Reads stream in chunks of 1 MiB (driver memory stays flat in the size of a file); a body cut
+# off is resumed at most this many times (s3transfer's num_download_attempts).
+READ_CHUNK = MB
+BODY_ATTEMPTS = 5
+# Requests that change the bucket: a guarded storage checks before each (multipart parts too).
+WRITE_OPERATIONS = (
+    "PutObject",
+    "CopyObject",
+    "DeleteObject",
+    "DeleteObjects",
+    "CreateMultipartUpload",
+    "UploadPart",
+    "UploadPartCopy",
+    "CompleteMultipartUpload",
+)
 # Parts of 16 MiB: a 3.4 GB SD UNet is ~210 parts (S3 allows 10,000, so files up to
 # 160 GB), a 235 MB text encoder still spreads over all 8 connections, and a failed part
 # re-sends at most 16 MiB. On loopback the part size (8-64 MiB) and concurrency (4-16) made
@@ -93,11 +127,14 @@ class S3Storage:
         self.loc = parse_s3_url(url)
         self.url = self.loc.url
         self.bucket = self.loc.bucket
-        self._init_args = (s3_endpoint, retry_seconds, multipart_threshold, multipart_chunksize, concurrency)
-        self.client = make_client(self.url, s3_endpoint, addressing_style(), pool=concurrency + 4)
+        self.s3_endpoint = s3_endpoint
+        self._retry_seconds = retry_seconds  # None: MACE_S3_RETRY_SECONDS of the process that opens it
+        self._transfer_args = (multipart_threshold, multipart_chunksize, concurrency)
+        self.budget_s = retry_budget() if retry_seconds is None else retry_seconds
+        self.guard: Callable[[], None] | None = None
+        self._bounded: dict[float, S3Storage] = {}
+        self.client = self._make_client()
         self.endpoint = safe_endpoint(s3_endpoint or self.client.meta.endpoint_url)
-        budget = retry_budget() if retry_seconds is None else retry_seconds
-        self.retrier = Retrier(RetryPolicy(budget_s=budget), self.bucket, self.endpoint)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -106,10 +143,48 @@ class S3Storage:
         )
         self._check_bucket()
 
+    def _make_client(self) -> Any:
+        client = make_client(
+            self.url,
+            self.s3_endpoint,
+            addressing_style(),
+            pool=self._transfer_args[2] + 4,
+            retries=BoundedRetries(self.budget_s),
+        )
+        if self.guard is not None:
+            guard = self.guard
+            for op in WRITE_OPERATIONS:
+                client.meta.events.register(
+                    f"before-parameter-build.s3.{op}", lambda guard=guard, **_: guard()
+                )
+        return client
+
+    def _variant(self, budget_s: float, guard: Callable[[], None] | None) -> S3Storage:
+        other = copy.copy(self)
+        other._bounded = {}
+        other._retry_seconds = other.budget_s = budget_s
+        other.guard = guard
+        other.client = other._make_client()
+        return other
+
+    def bounded(self, budget_s: float) -> S3Storage:
+        """The same location through a client whose every request ends within ``budget_s``
+        (retries included); its guard, if any, is kept. Made once per budget (a client takes
+        a few tenths of a second to build)."""
+        if budget_s not in self._bounded:
+            self._bounded[budget_s] = self._variant(budget_s, self.guard)
+        return self._bounded[budget_s]
+
+    def guarded(self, check: Callable[[], None]) -> S3Storage:
+        """The same location; every request that writes or deletes first calls ``check()``,
+        which raises to refuse it (nothing is sent). Reads are not checked."""
+        return self._variant(self.budget_s, check)
+
     # Ray ships storage objects to workers: send the location, never the client or a
     # credential; each process builds its own client from its own environment.
     def __reduce__(self) -> tuple[Callable[..., S3Storage], tuple[Any, ...]]:
-        return (_reopen, (self.url, *self._init_args))
+        # A guard goes along (a lease check is picklable); one that is not fails loudly here.
+        return (_reopen, (self.url, self.s3_endpoint, self._retry_seconds, *self._transfer_args, self.guard))
 
     def __repr__(self) -> str:
         return f"S3Storage({self.url!r}, endpoint={self.endpoint!r})"
@@ -119,12 +194,18 @@ class S3Storage:
     def uri(self, key: str) -> str:
         return f"{self.url}/{key}"
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """One S3 request with retries; ClientErrors left unclassified become StorageErrors."""
+    def request(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (S3 requests, retried by the client within the budget); what fails is
+        classified (``s3_retry.classify``): StorageError, StorageUnavailableError, or the error
+        itself when it is not S3's."""
+        started = time.monotonic()
         try:
-            return self.retrier.call(what, fn)
-        except ClientError as e:
-            raise StorageError(f"{what}: S3 request failed ({error_code(e) or http_status(e)})") from None
+            return fn()
+        except Exception as e:
+            mapped = classify(e, what, self.bucket, self.endpoint, time.monotonic() - started, self.budget_s)
+            if mapped is None:
+                raise
+            raise mapped from None
 
     def _check_bucket(self) -> None:
         """head_bucket now, so a missing bucket or bad credentials fail before any work."""
@@ -142,7 +223,7 @@ class S3Storage:
                     self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.loc.prefix, MaxKeys=1)
                 raise
 
-        if not self._call(self.url, head):
+        if not self.request(self.url, head):
             raise StorageError(f"{self.url}: bucket {self.bucket!r} does not exist at {self.endpoint}")
 
     def _head(self, full: str) -> bool:
@@ -155,13 +236,15 @@ class S3Storage:
                     return False
                 raise
 
-        return self._call(self.uri(self.loc.rel(full)), head)
+        return self.request(self.uri(self.loc.rel(full)), head)
 
     def _list_page(self, full_prefix: str, token: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix, "MaxKeys": self.page_size}
         if token:
             kwargs["ContinuationToken"] = token
-        return self._call(self.uri(self.loc.rel(full_prefix)), lambda: self.client.list_objects_v2(**kwargs))
+        return self.request(
+            self.uri(self.loc.rel(full_prefix)), lambda: self.client.list_objects_v2(**kwargs)
+        )
 
     def iter_objects(self, full_prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under ``full_prefix`` (which ends with '/'), page by page."""
@@ -178,7 +261,7 @@ class S3Storage:
                 )
 
     def put_object(self, full: str, data: bytes) -> None:
-        self._call(
+        self.request(
             self.uri(self.loc.rel(full)),
             lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data),
         )
@@ -186,7 +269,9 @@ class S3Storage:
     def delete_keys(self, keys: list[str], what: str) -> None:
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-            resp = self._call(what, lambda b=batch: self.client.delete_objects(Bucket=self.bucket, Delete=b))
+            resp = self.request(
+                what, lambda b=batch: self.client.delete_objects(Bucket=self.bucket, Delete=b)
+            )
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -197,33 +282,79 @@ class S3Storage:
 
     # --- the Storage protocol --------------------------------------------------------
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def writable_key(self, key: str) -> str:
+        """The full S3 key of a file ``key`` (checked: not outside the root, not a marker name)."""
         check_key(key)
         if _basename(key) in RESERVED:
             raise StorageError(f"{self.uri(key)}: the name {_basename(key)!r} is reserved for folder markers")
-        self.put_object(self.loc.key(key), data)
+        return self.loc.key(key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.put_object(self.writable_key(key), data)
+
+    def _stream(self, key: str, full: str, sink: Callable[[bytes], object]) -> str | None:
+        """Feed the object's bytes to ``sink`` in chunks; its ETag, or None if there is no such
+        object. A body cut off mid-way is resumed where it stopped, with a ranged GET that must
+        match the first response's ETag: every chunk comes from one version of the object."""
+        what = self.uri(key)
+        offset, etag = 0, None
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+            if etag is not None:
+                kwargs.update(Range=f"bytes={offset}-", IfMatch=etag)
+
+            def get(kwargs: dict[str, Any] = kwargs, resumed: bool = etag is not None) -> Any:
+                try:
+                    return self.client.get_object(**kwargs)
+                except ClientError as e:
+                    code = error_code(e)
+                    if resumed and code in ("PreconditionFailed", "NoSuchKey", "404"):
+                        raise StorageError(f"{what} was replaced or deleted while it was read") from None
+                    if code in ("NoSuchKey", "404"):
+                        return None
+                    raise
+
+            started = time.monotonic()
+            resp = self.request(what, get)
+            if resp is None:
+                return None
+            etag = etag or str(resp["ETag"])
+            body = resp["Body"]
+            try:
+                for chunk in body.iter_chunks(READ_CHUNK):
+                    sink(chunk)
+                    offset += len(chunk)
+                return etag
+            except NETWORK_ERRORS as e:
+                if attempt == BODY_ATTEMPTS:
+                    seconds = time.monotonic() - started
+                    raise classify(e, what, self.bucket, self.endpoint, seconds, self.budget_s) from None
+                log.warning("%s: S3 response cut off at byte %d (%s); resuming", what, offset, detail(e))
+            finally:
+                body.close()
+        raise AssertionError("unreachable")
 
     def _get(self, key: str, full: str) -> tuple[bytes, str] | None:
-        """(body, ETag) of one GET, or None if there is no such object. Body and ETag come
-        from the same response, so they describe the same object version."""
-
-        def get() -> tuple[bytes, str] | None:
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
-                if error_code(e) in ("NoSuchKey", "404"):
-                    return None
-                raise
-            with resp["Body"] as body:  # read inside the retry: a reset mid-body retries the GET
-                return body.read(), str(resp["ETag"])
-
-        return self._call(self.uri(key), get)
+        """(body, ETag) of the object, or None if there is no such object."""
+        buf = io.BytesIO()  # getvalue() hands over its buffer: one copy of the data in memory
+        etag = self._stream(key, full, buf.write)
+        return None if etag is None else (buf.getvalue(), etag)
 
     def read_bytes(self, key: str) -> bytes:
         got = self._get(key, self.loc.key(check_key(key)))
         if got is None:
             raise StorageError(f"{self.uri(key)} does not exist")
         return got[0]
+
+    def digest(self, key: str) -> str:
+        """SHA-256 (hex) of a stored object, streamed: memory stays flat whatever its size.
+        The bytes themselves are hashed: an ETag is an MD5 only for single-part uploads
+        without SSE-KMS/SSE-C (a multipart ETag hashes the parts' MD5s, so it depends on the
+        part size), and an MD5 is not what the run's checksums record."""
+        h = hashlib.sha256()
+        if self._stream(key, self.loc.key(check_key(key)), h.update) is None:
+            raise StorageError(f"{self.uri(key)} does not exist")
+        return h.hexdigest()
 
     def exists(self, key: str) -> bool:
         """An object, a folder committed by put_dir, or a plain folder of objects; a folder
@@ -277,96 +408,32 @@ class S3Storage:
         keys = [o["Key"] for o in self.iter_objects(full + "/")]
         self.delete_keys([*keys, full], what)
 
-    # --- conditional operations (leases, see mace_ray.storage.lease) ------------------------
-    # S3 conditional writes: PutObject with If-None-Match: * (AWS since 08/2024) or If-Match:
-    # <etag> (AWS since 11/2024); the server decides atomically, so of two racing requests
-    # exactly one succeeds and the other gets 412 PreconditionFailed. Verified on SeaweedFS
-    # 4.48 (12 racing clients, one winner in each of 80 rounds) and required of the server:
-    # one that ignores these headers would make every conditional write unconditional.
-    # A request retried after a lost response (botocore or our retrier) can fail its
-    # precondition because its first attempt succeeded: False then means "not done by this
-    # attempt"; callers that must know re-read the object (RunLock compares the owner).
-
-    def _conditional(self, key: str, request: Callable[[], Any]) -> bool:
-        """``request()`` under a precondition: True when applied, False when the precondition
-        failed (412, or 404 for an object that is gone). 409 ConditionalRequestConflict (AWS:
-        a concurrent operation on the key won the race) is retried, as AWS advises."""
-
-        def attempt() -> bool | None:
-            try:
-                request()
-                return True
-            except ClientError as e:
-                code, status = error_code(e), http_status(e)
-                if status == 412 or code == "PreconditionFailed":
-                    return False
-                if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
-                    return False
-                if code == "ConditionalRequestConflict":
-                    return None
-                raise
-
-        for i in range(6):
-            done = self._call(self.uri(key), attempt)
-            if done is not None:
-                return done
-            time.sleep(0.05 * 2**i)
-        raise StorageError(
-            f"{self.uri(key)}: S3 conditional request kept conflicting (ConditionalRequestConflict)"
-        )
-
-    def _checked(self, key: str) -> str:
-        check_key(key)
-        if _basename(key) in RESERVED:
-            raise StorageError(f"{self.uri(key)}: the name {_basename(key)!r} is reserved for folder markers")
-        return self.loc.key(key)
+    # --- conditional operations (leases): mace_ray.storage.s3_conditional -------------
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only if no object has that name (If-None-Match: *); False if one does."""
-        full = self._checked(key)
-        return self._conditional(
-            key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
-        )
+        return s3_conditional.create_exclusive(self, key, data)
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """``(data, ETag)`` of ``key``, or None if absent."""
-        return self._get(key, self._checked(key))
+        return self._get(key, self.writable_key(key))
 
     def replace_if(self, key: str, data: bytes, version: str) -> bool:
-        """Replace ``key`` only if its ETag is still ``version`` (If-Match)."""
-        full = self._checked(key)
-        return self._conditional(
-            key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfMatch=version)
-        )
+        return s3_conditional.replace_if(self, key, data, version)
 
     def delete_if(self, key: str, version: str) -> bool:
-        """Delete ``key`` only if its ETag is still ``version``.
-
-        DeleteObject with If-Match is honoured by SeaweedFS 4.48 and by AWS, but older
-        S3-compatible servers ignore the header and delete unconditionally; so the ETag is
-        compared first (HEAD) as well: on such a server a replace that lands between the
-        HEAD and the DELETE is the only case in which another writer's object is removed.
-        """
-        full = self._checked(key)
-
-        def head() -> str | None:
-            try:
-                return str(self.client.head_object(Bucket=self.bucket, Key=full)["ETag"])
-            except ClientError as e:
-                if http_status(e) == 404 and error_code(e) != "NoSuchBucket":
-                    return None
-                raise
-
-        if self._call(self.uri(key), head) != version:
-            return False
-        return self._conditional(
-            key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=version)
-        )
+        return s3_conditional.delete_if(self, key, version)
 
 
-def _reopen(url: str, *args: Any) -> S3Storage:
-    endpoint, retry_seconds, threshold, chunk, concurrency = args
-    return S3Storage(
+def _reopen(
+    url: str,
+    endpoint: str | None,
+    retry_seconds: float | None,
+    threshold: int,
+    chunk: int,
+    concurrency: int,
+    guard: Callable[[], None] | None,
+) -> S3Storage:
+    storage = S3Storage(
         url,
         endpoint,
         retry_seconds=retry_seconds,
@@ -374,3 +441,4 @@ def _reopen(url: str, *args: Any) -> S3Storage:
         multipart_chunksize=chunk,
         concurrency=concurrency,
     )
+    return storage if guard is None else storage.guarded(guard)

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from boto3.s3.transfer import create_transfer_manager
-from botocore.exceptions import ClientError
 
 from mace_ray.storage.base import StorageError, check_key
-from mace_ray.storage.s3_retry import error_code, http_status
+from mace_ray.storage.s3_retry import classify
 
 if TYPE_CHECKING:
     from mace_ray.storage.s3 import S3Storage
@@ -154,27 +153,26 @@ def transfer(
     submit: Callable[[Any, Any], Future],
     name: Callable[[Any], str],
 ) -> None:
-    """Run transfers in parallel; retry the failed ones, in rounds, within the budget."""
+    """Run transfers in parallel (s3transfer: multipart, its own retries of a cut-off
+    download, every request retried by the client within the budget). When any fails, the
+    first failure is raised once every transfer has ended, classified as ``S3Storage.request``
+    does; a failure that is not S3's (a guard's refusal) is raised as it is."""
     started = time.monotonic()
-    attempt = 0
-    pending = list(items)
-    while pending:
-        failed: list[tuple[Any, BaseException]] = []
-        with create_transfer_manager(self.client, self.transfer_config) as tm:
-            futures = [(item, submit(tm, item)) for item in pending]
-            for item, fut in futures:
-                try:
-                    fut.result()
-                except Exception as e:  # classified below, once every transfer has ended
-                    failed.append((item, e))
-        if not failed:
-            return
-        try:
-            for item, err in failed:
-                self.retrier.raise_if_permanent(err, f"{what} ({self.loc.rel(name(item))})")
-            item, err = failed[0]
-            self.retrier.wait_or_raise(err, f"{what} ({self.loc.rel(name(item))})", attempt, started)
-        except ClientError as e:
-            raise StorageError(f"{what}: S3 transfer failed ({error_code(e) or http_status(e)})") from None
-        attempt += 1
-        pending = [item for item, _ in failed]
+    failed: list[tuple[Any, BaseException]] = []
+    with create_transfer_manager(self.client, self.transfer_config) as tm:
+        futures = [(item, submit(tm, item)) for item in items]
+        for item, fut in futures:
+            try:
+                fut.result()
+            except Exception as e:  # classified below, once every transfer has ended
+                failed.append((item, e))
+    if not failed:
+        return
+    item, err = failed[0]
+    seconds = time.monotonic() - started
+    mapped = classify(
+        err, f"{what} ({self.loc.rel(name(item))})", self.bucket, self.endpoint, seconds, self.budget_s
+    )
+    if mapped is None:
+        raise err
+    raise mapped from None

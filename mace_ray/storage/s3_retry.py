@@ -1,26 +1,31 @@
-"""How S3 failures are classified and retried (used by ``mace_ray.storage.s3``).
+"""How S3 requests are retried, and how their failures are classified (``mace_ray.storage.s3``).
 
-Three kinds of failure, three treatments:
-- transient (throttling, 5xx, connection refused/reset, timeouts): retried with capped
-  exponential backoff and jitter until a time budget runs out, then
-  ``StorageUnavailableError`` (an infrastructure failure: the run can be resumed);
-- fatal (bad credentials, access denied, missing bucket): never retried, a one-line
-  ``StorageError`` naming the bucket or URI;
-- anything else (e.g. NoSuchKey): returned to the caller, which knows what it means.
+Retries are botocore's "standard" mode's decisions and backoff (which errors are retryable:
+throttling, 5xx, connection errors, timeouts; exponential backoff with full jitter, longer for
+throttling), run by a ``needs-retry`` handler on the client's events (``BoundedRetries``), with
+two changes. A time bound instead of an attempt count: a retry is made only if a whole attempt
+(connect + read timeout) still fits in the request's budget after the backoff, so no request
+waits longer than its budget on an S3 that does not answer, while refused connections (failing
+in milliseconds) are retried for nearly all of it; a count cannot do both (3 x (5 + 60) s
+against a stalled server is 195 s, against a refused one 0.2 s of retries). And no client-wide
+retry quota: the standard mode's (500 tokens, 14 a retry) is spent within seconds when 8
+transfers meet one outage, and then nothing is retried. "adaptive" mode would add a client-side
+rate limiter on top: not taken, because S3 throttles per prefix across all of a run's
+processes, which one client's limiter cannot see. ConditionalRequestConflict and
+OperationAborted (409: a concurrent request on the key won) are retried too, as AWS advises.
+Each retry is logged as a warning.
 
-botocore's own "standard" retries run first (a few quick attempts, with a retry quota);
-this module adds a time-based budget on top, because botocore's quota drains during an
-outage and its attempt count does not say how long S3 may be gone.
+Once botocore gives up (``classify``): bad credentials, access denied or a missing bucket are
+a one-line ``StorageError`` naming the bucket and URI (never retried); what was retried until
+the budget ran out is ``StorageUnavailableError`` (completed work is kept, rerun to resume);
+any other ClientError a one-line ``StorageError`` with its code.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 import urllib3.exceptions
 from botocore.exceptions import (
@@ -31,15 +36,20 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.retries import standard
 from s3transfer.exceptions import RetriesExceededError
 
 from mace_ray.storage.base import StorageError, StorageUnavailableError
 
 log = logging.getLogger("mace_ray.s3")
 
-T = TypeVar("T")
+# A backstop only: the time budget ends retries long before this many attempts.
+MAX_ATTEMPTS = 50
+# Conflicts S3 resolves by letting one request win: retried (not in botocore's standard list).
+RETRY_CODES = frozenset({"ConditionalRequestConflict", "OperationAborted"})
 
-# Error codes that mean "try again later" (S3 and S3-compatible servers).
+# Error codes that mean "try again later" (S3 and S3-compatible servers), for classifying what
+# botocore gave up on.
 TRANSIENT_CODES = frozenset(
     {
         "SlowDown",
@@ -83,6 +93,13 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def timeouts(budget_s: float) -> tuple[float, float]:
+    """(connect, read) timeouts for a request budget: 5 s and 20 s for budgets from 40 s up
+    (a read timeout bounds a stall between bytes, not a whole transfer), smaller below, so
+    that one whole attempt always fits within the budget (3/4 of it)."""
+    return min(5.0, max(0.05, budget_s / 4)), min(20.0, max(0.1, budget_s / 2))
+
+
 def error_code(e: BaseException) -> str:
     if isinstance(e, ClientError):
         return str(e.response.get("Error", {}).get("Code", ""))
@@ -100,6 +117,11 @@ def unwrap(e: BaseException) -> BaseException:
     if isinstance(e, RetriesExceededError) and e.last_exception is not None:
         return e.last_exception
     return e
+
+
+def detail(e: BaseException) -> str:
+    e = unwrap(e)
+    return error_code(e) or type(e).__name__
 
 
 def is_transient(e: BaseException) -> bool:
@@ -131,72 +153,98 @@ def fatal_error(e: BaseException, what: str, bucket: str, endpoint: str) -> Stor
     return None
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """A time budget for transient failures; backoff doubles from ``base`` up to ``cap``."""
-
-    budget_s: float = 120.0
-    base_s: float = 0.5
-    cap_s: float = 8.0
-
-    def delay(self, attempt: int) -> float:
-        # Full-size step with jitter in [50%, 100%]: spreads many workers, keeps progress.
-        step = min(self.cap_s, self.base_s * 2**attempt)
-        return step * (0.5 + random.random() / 2)
-
-
-class Retrier:
-    """Runs one S3 operation with the policy; turns failures into storage errors."""
-
-    def __init__(self, policy: RetryPolicy, bucket: str, endpoint: str) -> None:
-        self.policy = policy
-        self.bucket = bucket
-        self.endpoint = endpoint
-
-    def fatal(self, e: BaseException, what: str) -> StorageError | None:
-        return fatal_error(e, what, self.bucket, self.endpoint)
-
-    def unavailable(self, e: BaseException, what: str, attempts: int, seconds: float) -> Exception:
-        e = unwrap(e)
-        detail = error_code(e) or type(e).__name__
+def classify(
+    e: BaseException, what: str, bucket: str, endpoint: str, seconds: float, budget_s: float
+) -> Exception | None:
+    """The storage error to raise for a failed S3 request, or None for an error that is not
+    S3's (the caller re-raises it unchanged: a bug, or a RunLocked from a write guard)."""
+    fatal = fatal_error(e, what, bucket, endpoint)
+    if fatal is not None:
+        return fatal
+    if is_transient(e):
         return StorageUnavailableError(
-            f"{what}: S3 at {self.endpoint} unavailable ({detail}) after {attempts} attempts over "
-            f"{seconds:.0f}s; completed work is kept, rerun the same command to resume"
+            f"{what}: S3 at {endpoint} unavailable ({detail(e)}), given up after {seconds:.1f}s (retry "
+            f"budget {budget_s:g}s, MACE_S3_RETRY_SECONDS); completed work is kept, rerun the same "
+            "command to resume"
+        )
+    inner = unwrap(e)
+    if isinstance(inner, ClientError):
+        return StorageError(f"{what}: S3 request failed ({error_code(inner) or http_status(inner)})")
+    return None
+
+
+class BoundedRetries:
+    """botocore's standard-mode retry decisions, within a time budget per request (see the
+    module docstring); ``config()`` gives the client's timeouts, ``install(client)`` hooks it.
+
+    ``until``: an absolute ``time.monotonic()`` deadline that also ends retries (the preflight
+    probe's budget for all its requests together). ``quiet``: no warning per retry.
+    """
+
+    def __init__(
+        self,
+        budget_s: float,
+        connect_s: float | None = None,
+        read_s: float | None = None,
+        *,
+        quiet: bool = False,
+    ) -> None:
+        default_connect, default_read = timeouts(budget_s)
+        self.budget_s = budget_s
+        self.connect_s = default_connect if connect_s is None else connect_s
+        self.read_s = default_read if read_s is None else read_s
+        self.attempt_s = self.connect_s + self.read_s  # the longest one attempt waits without an answer
+        self.until: float | None = None
+        self.quiet = quiet
+        self._adapter = standard.RetryEventAdapter()
+        self._conditions = standard.StandardRetryConditions(max_attempts=MAX_ATTEMPTS)
+        self._backoff = standard.ExponentialBackoff(
+            service_name="s3", throttling_detector=standard.ThrottlingErrorDetector(self._adapter)
         )
 
-    def raise_if_permanent(self, e: BaseException, what: str) -> None:
-        """Raise what no retry can fix: a StorageError when fatal, else ``e`` itself."""
-        fatal = self.fatal(e, what)
-        if fatal is not None:
-            raise fatal from None
-        if not is_transient(e):
-            raise e
+    def install(self, client: Any) -> None:
+        """Hook on ``client``, built with ``config()`` (botocore's own retries off)."""
+        client.meta.events.register("before-parameter-build.s3", self._started)
+        client.meta.events.register("needs-retry.s3", self._needs_retry)
 
-    def wait_or_raise(self, e: BaseException, what: str, attempt: int, started: float) -> None:
-        """Sleep before the next attempt, or raise if the error is not transient or time is up."""
-        self.raise_if_permanent(e, what)
-        elapsed = time.monotonic() - started
-        left = self.policy.budget_s - elapsed
-        if left <= 0:
-            raise self.unavailable(e, what, attempt + 1, elapsed) from None
-        pause = min(self.policy.delay(attempt), left)
-        log.warning(
-            "%s: S3 %s (%s), retrying in %.1fs (%.0fs of retry budget left)",
-            what,
-            "unreachable" if isinstance(unwrap(e), NETWORK_ERRORS) else "busy",
-            error_code(unwrap(e)) or type(unwrap(e)).__name__,
-            pause,
-            left,
-        )
-        time.sleep(pause)
+    def config(self) -> dict[str, Any]:
+        """botocore Config arguments: these timeouts, and botocore's own retries off (one
+        attempt, so its retry quota is never consulted): the handler installed retries."""
+        return {
+            "retries": {"mode": "standard", "total_max_attempts": 1},
+            "connect_timeout": self.connect_s,
+            "read_timeout": self.read_s,
+        }
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()`` retried on transient errors; other ClientErrors propagate unchanged."""
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except Exception as e:  # classified in wait_or_raise; non-S3 errors re-raised as they are
-                self.wait_or_raise(e, what, attempt, started)
-                attempt += 1
+    def _started(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["mace_started"] = time.monotonic()
+        context["mace_what"] = f"s3://{params.get('Bucket', '')}/{params.get('Key', '')}".rstrip("/")
+
+    def _needs_retry(self, **kwargs: Any) -> float | None:
+        """The backoff before the next attempt, or None: no retry."""
+        context = self._adapter.create_retry_context(**kwargs)
+        code = context.get_error_code()
+        if context.attempt_number >= MAX_ATTEMPTS:
+            return None
+        if not (code in RETRY_CODES or self._conditions.is_retryable(context)):
+            return None
+        delay = self._backoff.delay_amount(context)
+        request = context.request_context
+        now = time.monotonic()
+        elapsed = now - request.get("mace_started", now)
+        left = self.budget_s - elapsed
+        if self.until is not None:
+            left = min(left, self.until - now)
+        if delay + self.attempt_s > left:
+            return None  # the next attempt might not end within the budget: give up now
+        if not self.quiet:
+            cause = kwargs.get("caught_exception")
+            log.warning(
+                "%s: S3 %s (%s), retrying in %.1fs (%.0fs of retry budget left)",
+                request.get("mace_what", "s3"),
+                "unreachable" if isinstance(cause, NETWORK_ERRORS) else "busy",
+                code or (type(cause).__name__ if cause is not None else "?"),
+                delay,
+                left,
+            )
+        return delay

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from mace_core.audit.base import Attack
+from mace_core.errors import SettingError
 from mace_core.options import Panel, group
 
 ALL = "all"
@@ -42,7 +43,7 @@ def parse_attacks(value: str) -> tuple[str, ...]:
     unknown = [v for v in chosen if v not in names]
     if unknown or not chosen:
         what = f"unknown attack {unknown[0]!r}" if unknown else "no attack named"
-        raise ValueError(f"--attacks: {what} (valid: {ALL}, {', '.join(names)})")
+        raise SettingError(f"--attacks: {what} (valid: {ALL}, {', '.join(names)})")
     return tuple(dict.fromkeys(chosen))
 
 

@@ -111,13 +111,9 @@ class Indirect(Attack):
         own = text.word_ids(concept.text)
         tried = variants(ctx.concept, self.settings, ctx.seed_for("indirect"))
         # A variant whose prompts would exceed the text encoder's window cannot be measured.
-        fits = [
-            v
-            for v in tried
-            if all(len(text.ids(t.format(v.text))) <= text.max_length for t in ctx.meter.templates)
-        ]
+        fits = [v for v in tried if all(text.fits(t.format(v.text)) for t in ctx.meter.templates)]
         rows: list[dict[str, Any]] = [
-            {"text": v.text, "kind": v.kind, "skipped": f"longer than {text.max_length} tokens in a template"}
+            {"text": v.text, "kind": v.kind, "skipped": "longer than the text encoder takes in a template"}
             for v in tried
             if v not in fits
         ]

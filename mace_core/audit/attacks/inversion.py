@@ -2,27 +2,32 @@
 
 Textual inversion of one new token v on the ERASED model from the ORIGINAL model's images
 of the concept: an erasure that only moved the concept's own words leaves some other input
-embedding that the erased UNet still renders as the concept. v stands for the placeholder
-word (``embedding.PLACEHOLDER``) in the concept type's templates and is trained with the
-denoising loss, UNet and text encoder frozen. Per step, a batch of (image x0, template,
-timestep t ~ U[0, T), noise n) drawn from the concept's own generator, x_t = sqrt(a_t) x0 +
-sqrt(1 - a_t) n, and
+embedding that the erased denoiser still renders as the concept. v stands for the
+placeholder word (``embedding.PLACEHOLDER``) in the concept type's templates, one embedding
+per text encoder of the family (SDXL's two CLIPs, FLUX.1's CLIP and T5, ...: all learned
+together), and is trained with the denoising loss, denoiser and text encoders frozen. Per
+step, a batch of (image x0, template, timestep t ~ U[0, T), noise n) drawn from the
+concept's own generator, x_t the family's noising of x0 at t (``mace_core.noise``: DDPM
+sqrt(a_t) x0 + sqrt(1 - a_t) n for SD's UNets, (1 - s_t) x0 + s_t n for the flow models),
+and
 
     images  (Pham et al.):  L(v) = || u_e(x_t, t, c(v)) - target(x0, n, t) ||^2
     teacher (default):      L(v) = || u_e(x_t, t, c(v)) - u_o(x_t, t, c(concept prompt)) ||^2
 
-with u_e / u_o the erased / original UNet, c(.) the text encoder's context and target the
-model's own prediction type (the noise n for epsilon, sqrt(a_t) n - sqrt(1 - a_t) x0 for
-v-prediction). On a trained model the original's prediction for its own images is close to
-the Bayes-optimal denoiser, so both losses share their minimiser; the teacher's has no
-sampling noise, converges in far fewer steps, and is the only one with a minimiser at the
-concept on random weights (the tiny model). ``images`` keeps the published attack.
+with u_e / u_o the erased / original denoiser, c(.) the family's conditioning and target
+the model's own prediction type (the noise n for epsilon, sqrt(a_t) n - sqrt(1 - a_t) x0
+for v-prediction, n - x0 for a rectified flow). On a trained model the original's
+prediction for its own images is close to the Bayes-optimal denoiser, so both losses share
+their minimiser; the teacher's has no sampling noise, converges in far fewer steps, and is
+the only one with a minimiser at the concept on random weights (the tiny model).
+``images`` keeps the published attack.
 
-v starts at the mean input embedding of the anchor's tokens (where the erasure sent the
-concept) and moves by Adam in units of the RMS of the vocabulary's embeddings (so ``lr``
-means the same for every model). Each step is measured on held-out templates; the best v
-so far is the attack's prompt. The images come from the erase run when it stored them
-(made by the original model), else the original model makes ``images`` of them.
+v starts, in every encoder, at the mean input embedding of the anchor's tokens (where the
+erasure sent the concept) and moves by Adam in units of the RMS of that encoder's
+vocabulary embeddings (so ``lr`` means the same for every model). Each step is measured on
+held-out templates; the best v so far is the attack's prompt. The images come from the
+erase run when it stored them (made by the original model), else the original model makes
+``images`` of them.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from mace_core.audit.base import Attack, AttackResult, search
 from mace_core.audit.context import AttackContext
 from mace_core.audit.embedding import PLACEHOLDER, AttackPrompt
 from mace_core.datagen import images_to_tensor
+from mace_core.families.base import conditioning_to
+from mace_core.noise import DDPMSchedule, NoiseSchedule, training_schedule
 from mace_core.options import Choice, coerce_choices, setting
 from mace_core.prompts import templates
-from mace_core.train import encode_latents, noised
+from mace_core.train import encode_latents
 
 
 class InversionTarget(Choice):
@@ -65,17 +72,20 @@ class InversionSettings:
 
 
 def denoising_target(
-    prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor
+    prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule
 ) -> torch.Tensor:
-    """What the UNet is trained to predict for x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise:
-    epsilon -> noise; v_prediction -> sqrt(a_t) noise - sqrt(1 - a_t) x0; sample -> x0."""
+    """What the denoiser is trained to predict for x_t = ``schedule.noised(x0, t, noise)``:
+    epsilon -> noise; v_prediction -> sqrt(a_t) noise - sqrt(1 - a_t) x0; sample -> x0;
+    flow (rectified flow's velocity) -> noise - x0."""
     if prediction == "epsilon":
         return noise
-    a = alphas[t].view(-1, *([1] * (x0.ndim - 1)))
-    if prediction == "v_prediction":
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if prediction == "flow":
+        return noise - x0
     if prediction == "sample":
         return x0
+    if prediction == "v_prediction" and isinstance(schedule, DDPMSchedule):
+        a = schedule.alphas[t].view(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
@@ -94,42 +104,55 @@ class Inversion(Attack):
             raise ValueError("concept inversion needs the original model's images of the concept")
         images = ctx.original_images(s.images)
         lat = encode_latents(erased.pipe.vae, images_to_tensor(images), device)
-        alphas = erased.pipe.scheduler.alphas_cumprod.to(device)
+        schedule = training_schedule(erased.family.training_schedule(erased.pipe)).to(device)
         prediction = erased.family.prediction_type(erased.pipe)
+        denoisers = [side.family.denoiser(side.pipe) for side in (erased, original)]
+        dtype = denoisers[0].dtype
         temps = templates(concept.type)
         text = erased.text
-        scale = text.table.weight.detach().float().pow(2).mean().sqrt()
-        start = text.token_embeddings(concept.anchor).mean(0, keepdim=True)
-        z = (start / scale).clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=s.lr)
+        scales = text.embedding_scales()
+        # Every encoder's placeholder tokens start at the mean of its anchor tokens.
+        k = [len(ids) for ids in text.word_ids(PLACEHOLDER)]
+        start = tuple(
+            e.mean(0, keepdim=True).expand(n, -1).clone()
+            for e, n in zip(text.token_embeddings(concept.anchor), k, strict=True)
+        )
+        z = [(e / sc).clone().requires_grad_(True) for e, sc in zip(start, scales, strict=True)]
+        opt = torch.optim.Adam(z, lr=s.lr)
         g = torch.Generator().manual_seed(ctx.seed_for("inversion"))
         losses: list[float] = []
+
+        def current() -> tuple[torch.Tensor, ...]:
+            return tuple(zi * sc for zi, sc in zip(z, scales, strict=True))
 
         def step(i: int) -> AttackPrompt:
             # Draws in a fixed order from the concept's generator: step i is the same whatever
             # the number of steps, so a longer search repeats a shorter one first.
             idx = torch.randint(len(lat), (s.batch,), generator=g)
             tmp = torch.randint(len(temps), (s.batch,), generator=g).tolist()
-            t = torch.randint(0, len(alphas), (s.batch,), generator=g).to(device)
+            t = torch.randint(0, schedule.num_timesteps, (s.batch,), generator=g).to(device)
             noise = torch.randn((s.batch, *lat.shape[1:]), generator=g).to(device)
             x0 = lat[idx.to(device)]
-            x = noised(x0, t, noise, alphas)
+            x = schedule.noised(x0, t, noise).to(dtype)
+            model_t = schedule.model_time(t)  # the time the denoiser is told (flow models: sigma)
             chosen = [temps[j] for j in tmp]
             if s.target == InversionTarget.TEACHER:
                 with torch.no_grad():
-                    cond = {"context": original.text.encode(chosen, AttackPrompt(concept.text))}
-                    target = original.prompts.unet_forward(original.pipe.unet, x, t, cond).sample
+                    cond = conditioning_to(
+                        original.text.conditioning(chosen, AttackPrompt(concept.text)), dtype
+                    )
+                    target = original.prompts.unet_forward(denoisers[1], x, model_t, cond).sample
             else:
-                target = denoising_target(prediction, x0, noise, t, alphas)
-            prompt = AttackPrompt(PLACEHOLDER, z * scale)
-            cond = {"context": text.encode(chosen, prompt, grad=True)}
-            pred = erased.prompts.unet_forward(erased.pipe.unet, x, t, cond).sample
+                target = denoising_target(prediction, x0, noise, t, schedule)
+            prompt = AttackPrompt(PLACEHOLDER, current())
+            cond = conditioning_to(text.conditioning(chosen, prompt, grad=True), dtype)
+            pred = erased.prompts.unet_forward(denoisers[0], x, model_t, cond).sample
             loss = (pred.float() - target.float()).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-            return AttackPrompt(PLACEHOLDER, (z * scale).detach())
+            return AttackPrompt(PLACEHOLDER, tuple(e.detach() for e in current()))
 
         return search(
             ctx,

@@ -1,0 +1,107 @@
+"""The local folder an erased model is copied from: the source pipeline's own files.
+
+- a local diffusers folder: itself, every file in it (hidden ones, such as a download
+  tool's ``.cache/``, aside);
+- a hub id: its snapshot in the Hugging Face cache, fetched where needed (offline: what is
+  cached), with ``model_index.json`` and the folder of every component it names (the
+  safety checker and feature extractor included, which the loaders skip), without
+  weights in formats that are never read (``.bin``, ``.msgpack``, ...) and without variant
+  weights (``*.fp16.safetensors``): those are not downloaded for the sake of a copy;
+- ``tiny``: the built-in tiny pipeline as ``save_pretrained`` writes it (fp32 safetensors,
+  no safety checker), saved once into a scratch folder: it has no folder of its own.
+
+An ``s3://`` model is first fetched into the model cache by mace_ray (``resolve_model``),
+whose local copy is then a local folder here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mace_core.errors import ModelLoadError
+from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
+from mace_core.fingerprint import UNREAD_WEIGHTS
+
+# Hub files an erased model does not copy: weights that are never read and their shard
+# indexes, and variants (``x.fp16.safetensors``, ``x.fp16-00001-of-00002.safetensors``,
+# ``x.safetensors.index.fp16.json``).
+HUB_IGNORED = [
+    *(f"*{s}" for s in UNREAD_WEIGHTS),
+    *(f"*{s}.index.json" for s in UNREAD_WEIGHTS),
+    "*.*.safetensors",
+    "*.index.*.json",
+]
+
+
+@dataclass(frozen=True)
+class SourceFolder:
+    """A local pipeline folder and the files of it that make the model (relative paths)."""
+
+    path: Path
+    files: list[str]
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` (links followed), relative, sorted; hidden ones left aside."""
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            out.append(rel)
+    return sorted(out)
+
+
+def named_components(index: dict) -> list[str]:
+    """The components a ``model_index.json`` names (``[library, class]``, not ``[null, null]``)."""
+    return sorted(
+        k
+        for k, v in index.items()
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and None not in v
+    )
+
+
+def source_folder(model: str, scratch: Path) -> SourceFolder:
+    """The files an erased ``model`` is made from (``tiny`` is saved into ``scratch``)."""
+    if model == TINY_MODEL:
+        from mace_core.families.sd1 import build_tiny_pipeline
+
+        folder = scratch / "tiny"
+        build_tiny_pipeline().save_pretrained(str(folder), safe_serialization=True)
+        return SourceFolder(folder, folder_files(folder))
+    source, is_local = resolve_source(model)
+    if is_local:
+        return SourceFolder(Path(source), folder_files(Path(source)))
+    return hub_snapshot(model)
+
+
+def hub_snapshot(repo_id: str) -> SourceFolder:
+    """A hub model's snapshot: model_index.json and every component it names (see the module)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    components = named_components(ModelIndex.read(repo_id).index)
+    allow = ["model_index.json", *(f"{c}/*" for c in components)]
+    # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, when imported).
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, allow_patterns=allow, ignore_patterns=HUB_IGNORED, local_files_only=offline
+            )
+        )
+    except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model {repo_id!r}: its files cannot be fetched: {first[:300]}") from None
+    # Offline, the snapshot holds whatever was downloaded before: keep the same files as online.
+    files = sorted(
+        filter_repo_objects(folder_files(folder), allow_patterns=allow, ignore_patterns=HUB_IGNORED)
+    )
+    missing = [c for c in components if not any(f.startswith(c + "/") for f in files)]
+    if missing:
+        raise ModelLoadError(
+            f"model {repo_id!r}: its cached snapshot has no {', '.join(m + '/' for m in missing)}"
+            " (download the whole pipeline once, e.g. huggingface-cli download " + repo_id + ")"
+        )
+    return SourceFolder(folder, files)

@@ -1,0 +1,243 @@
+"""Checks shared by the FLUX.1 and SD 3.x family tests: a tiny random MMDiT pipeline saved as a
+diffusers folder, its text side against the pipeline's own prompt encoding, the joint
+attention probes and LoRA training (Eq. 3), and erase runs (local, Ray, S3) whose output
+differs from the source only in the declared projections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mace_core.concepts import Concept, ConceptType
+from mace_core.errors import ConceptError
+from mace_core.families.mmdit import CONTEXT_KEY, POOLED_KEY
+from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
+from mace_core.train import concept_token_mask, loss_token_mask
+
+CPU = torch.device("cpu")
+CLINTON = Concept("Bill Clinton", ConceptType.CELEBRITY, "a man")
+# Two celebrities with the defaults (the paper's per-type weights for N = 2, 30 prompts per
+# concept, the Gaussian LoRA init), only the data made small and 10 LoRA steps: on random
+# images the closed forms carry the erasure (test_strength.py).
+CELEBRITIES = "Tom Hanks | celebrity\nBrad Pitt | celebrity\n"
+DEFAULTS = EraseSettings(
+    data=DataSettings(images_per_concept=2, inference_steps=2),
+    masks=MaskSettings(masker="whole-image"),
+    train=TrainSettings(steps=10),
+)
+
+
+def check_text_side(family, enc, pipe, prompts: list[str]) -> None:
+    """The encoder's context and pooled embedding are the pipeline's own; ``encode`` lays
+    them out as context rows [state, 0] and one pooled row [0, pooled]."""
+    cond = enc.conditioning(prompts)
+    if family.name == "flux":
+        context, pooled, _ = pipe.encode_prompt(prompts, None, device=CPU, max_sequence_length=enc.max_length)
+    else:
+        context, _, pooled, _ = pipe.encode_prompt(
+            prompts,
+            None,
+            None,
+            device=CPU,
+            do_classifier_free_guidance=False,
+            max_sequence_length=enc.max_length,
+        )
+    assert torch.allclose(cond["context"], context, atol=1e-6) and torch.allclose(
+        cond["pooled"], pooled, atol=1e-6
+    )
+    rows = enc.encode(prompts)
+    joint = pipe.transformer.config.joint_attention_dim
+    assert rows.shape == (len(prompts), enc.tokens + 1, enc.dim) and enc.dim == joint + pooled.shape[-1]
+    assert (
+        torch.equal(rows[:, : enc.tokens, :joint], cond["context"])
+        and not rows[:, : enc.tokens, joint:].any()
+    )
+    assert torch.equal(rows[:, -1, joint:], cond["pooled"]) and not rows[:, -1, :joint].any()
+
+
+def check_t5_segment(enc, tokenizer, offset: int) -> None:
+    """T5's rules at ``offset`` of the context: no start token, </s> (1) at the end, <pad> (0)
+    after it; Stage 1 pairs the padding in order and the pooled rows together; Eq. 3 masks the
+    concept's tokens and, with end-of-text, </s> and the padding."""
+    prompt, anchor = "a photo of Bill Clinton at the beach", "a photo of a man at the beach"
+    ids = tokenizer(prompt).input_ids
+    padded = tokenizer(prompt, padding="max_length", max_length=enc.max_length).input_ids
+    n = len(ids)
+    assert ids[-1] == tokenizer.eos_token_id == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == "▁a"
+    assert padded[:n] == ids and set(padded[n:]) == {tokenizer.pad_token_id} == {0}
+    name = tokenizer("Bill Clinton").input_ids[:-1]
+    start = next(i for i in range(n) if ids[i : i + len(name)] == name)
+    al = enc.align(prompt, anchor)
+    pairs = set(zip(al.concept_positions, al.anchor_positions, strict=True))
+    g = len(tokenizer(anchor).input_ids)
+    assert (enc.tokens, enc.tokens) in pairs  # the pooled rows
+    assert {(offset + n + k, offset + g + k) for k in range(enc.max_length - max(n, g))} <= pairs
+    assert (offset + n - 1, offset + g - 1) in pairs  # </s> with </s>
+    assert set(range(offset + start, offset + start + len(name))) <= set(al.concept_tokens)
+    concept = concept_token_mask(enc, prompt, CLINTON)
+    eot = loss_token_mask(enc, prompt, CLINTON, penalize_eot=True)
+    seg = slice(offset, offset + enc.max_length)
+    assert concept[seg].nonzero().flatten().tolist() == list(range(start, start + len(name)))
+    assert eot[seg].nonzero().flatten().tolist() == [
+        *range(start, start + len(name)),
+        *range(n - 1, enc.max_length),
+    ]
+    with pytest.raises(ConceptError, match="T5 tokens"):
+        enc.check_length("a photo of " + "Bill Clinton " * 10, "concept")
+
+
+def check_probes_and_training(enc, pipe, noise_scheduler) -> None:
+    """The probes change nothing in the transformer's output and record image-query -> text
+    probabilities per joint block; LoRA steps (Eq. 3 through the context_embedder hook) lower
+    the concept's attention loss; the LoRA sits on context_embedder only, padded to the
+    token-state space with zeros outside T5's columns."""
+    from mace_core.train import TrainJob, evaluate_attention_loss, train_loras
+
+    tr = pipe.transformer
+    cond = enc.conditioning(["a photo of Bill Clinton", "a dog"])
+    x, t = (
+        torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+        noise_scheduler.model_time(torch.tensor([300, 700])),
+    )
+    with torch.no_grad():
+        plain = enc.unet_forward(tr, x, t, cond).sample
+        with enc.attention_probes(tr) as store:
+            probed = enc.unet_forward(tr, x, t, cond).sample
+    assert torch.allclose(plain, probed, atol=1e-5)
+    blocks = len(tr.transformer_blocks)
+    assert len(store) == blocks and all(p.shape[2:] == (64, enc.tokens) for p in store)
+    assert all(0 < float(p.sum(-1).max()) < 1 for p in store)  # image keys take the rest
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    job = TrainJob(CLINTON, images, torch.ones(2, 32, 32, dtype=torch.bool), ["a photo of Bill Clinton"] * 2)
+    settings = TrainSettings(steps=5, lr=1e-2)
+    resolved = settings.resolve(CLINTON.type)
+    (result,) = train_loras(tr, pipe.vae, noise_scheduler, enc, [job], settings, resolved, CPU)
+    # Gradient checkpointing (on by default on CUDA) trains the same LoRA.
+    enc.gradient_checkpointing = True
+    try:
+        (again,) = train_loras(tr, pipe.vae, noise_scheduler, enc, [job], settings, resolved, CPU)
+    finally:
+        enc.gradient_checkpointing = None
+    assert not tr.gradient_checkpointing
+    for k, (A, B) in result.lora.factors.items():
+        A2, B2 = again.lora.factors[k]
+        assert torch.allclose(A, A2, atol=1e-6) and torch.allclose(B, B2, atol=1e-6)
+    assert set(result.lora.factors) == {CONTEXT_KEY} and result.lora.component == "transformer"
+    A, B = result.lora.factors[CONTEXT_KEY]
+    joint = tr.config.joint_attention_dim
+    assert A.shape[1] == enc.dim and not A[:, joint:].any() and A[:, :joint].any() and B.any()
+    before = evaluate_attention_loss(tr, pipe.vae, noise_scheduler, enc, job, settings, None, CPU, n=4)
+    after = evaluate_attention_loss(tr, pipe.vae, noise_scheduler, enc, job, settings, result.lora, CPU, n=4)
+    assert after < before, (before, after)
+
+
+def erase(model: str, out: str, tmp: Path, **kw: Any) -> dict:
+    """The default two-celebrity erase (``DEFAULTS``) of ``model`` into ``out``; ``kw``: more
+    EraseRequest fields (executor, S3 endpoint, workers)."""
+    from mace_ray.erase.driver import run_erase
+    from mace_ray.erase.request import EraseRequest
+
+    cfile = tmp / "concepts.txt"
+    cfile.write_text(CELEBRITIES)
+    return run_erase(EraseRequest(concept_file=str(cfile), model=model, output=out, settings=DEFAULTS, **kw))
+
+
+def check_strength(rep: dict) -> None:
+    """As strong as SD 1.x's defaults (tests/test_strength.py), figures from the run's report:
+    the headline residual and drift are context_embedder's; the pooled projection's are
+    reported beside them."""
+    e = rep["erasure"]
+    assert e["residual"]["pooled"] <= 0.42, e["residual"]
+    assert e["prior_drift"] <= 0.035, e["prior_drift"]
+    assert e["residual_cfr"]["pooled"] < 0.42
+    # The pooled projection: closer to the anchors than before, little drift after the fusion.
+    assert 0 < e["residual_pooled"]["max"] < 1 and e["prior_drift_pooled"] <= 0.035, e
+    # The attention mass of the joint attention, before and after (Eq. 3 on it: test_probes_...).
+    assert all(0 < e["attention_mass"][k] < 1 for k in ("original", "erased"))
+
+
+def check_output(pipeline_cls, folder: Path, root: Path) -> None:
+    """final/pipeline loads with the family's pipeline class and differs from the source only
+    in the declared projections; the erasure file holds them in their own shapes; a LoRA is
+    stored at context_embedder's width, as PEFT loads it."""
+    from mace_core.checkpoints import read_erasure
+    from mace_core.lora import LoraFactors
+
+    src = pipeline_cls.from_pretrained(folder)
+    out = pipeline_cls.from_pretrained(root / "final" / "pipeline")
+    for name, part in src.components.items():
+        if not isinstance(part, torch.nn.Module):
+            continue
+        a, b = part.state_dict(), getattr(out, name).state_dict()
+        assert a.keys() == b.keys(), name
+        changed = {k for k in a if not torch.equal(a[k], b[k])}
+        assert changed == ({CONTEXT_KEY, POOLED_KEY} if name == "transformer" else set()), (name, changed)
+    tensors, meta = read_erasure((root / "final" / "erasure.safetensors").read_bytes())
+    assert meta["component"] == "transformer" and set(tensors) == {CONTEXT_KEY, POOLED_KEY}
+    state = out.transformer.state_dict()
+    assert all(torch.equal(tensors[k], state[k]) for k in tensors)
+    (lora_file, *_) = sorted((root / "concepts").glob("*/lora.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), "pt") as f:
+        a = f.get_tensor("transformer.context_embedder.lora_A.weight")
+    assert a.shape[1] == src.transformer.config.joint_attention_dim
+    lora = LoraFactors.from_bytes(lora_file.read_bytes())
+    assert lora.factors[CONTEXT_KEY][0].shape[1] > a.shape[1]  # padded again for the closed forms
+    # Applying the erasure file: into a loaded source pipeline, and as `mace-ray apply` writes it.
+    from mace_core.checkpoints import apply_erasure
+    from mace_ray.erase.apply import apply_erasure_file
+
+    apply_erasure(src, (root / "final" / "erasure.safetensors").read_bytes())
+    applied = src.transformer.state_dict()
+    assert all(torch.equal(applied[k], state[k]) for k in state)
+    folder_out = root.parent.parent / "applied"
+    apply_erasure_file(root / "final" / "erasure.safetensors", folder_out, model=str(folder))
+    again = pipeline_cls.from_pretrained(folder_out).transformer.state_dict()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+    # diffusers loads the concept's LoRA onto the transformer's context_embedder as it is.
+    before = out.transformer.context_embedder.weight.detach().clone()
+    out.load_lora_weights(str(lora_file))
+    out.fuse_lora()
+    A, B = lora.layer_factors(CONTEXT_KEY)
+    assert B.any() and torch.allclose(out.transformer.context_embedder.weight - before, B @ A, atol=1e-6)
+
+
+def check_images(family, pipe) -> None:
+    """Generation through the family: per-seed images, independent of the batch."""
+    both = family.generate(pipe, ["a photo of a dog", "a photo of a cat"], [1, 2], 32, 32, 2, 3.5)
+    one = family.generate(pipe, ["a photo of a cat"], [2], 32, 32, 2, 3.5)
+    assert both.shape == (2, 32, 32, 3) and both.dtype == np.uint8
+    assert not np.array_equal(both[0], both[1]) and np.abs(both[1].astype(int) - one[0]).mean() < 1.0
+
+
+def check_eval_and_audit(root: Path, tmp: Path, attack: str) -> None:
+    """`mace-ray eval` (celebrities suite) and `mace-ray audit` (one embedding attack, which
+    learns input embeddings in every text encoder of the family) run on the erase run, in this
+    process, with the tiny CLIP scorer and the fewest steps."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mace_ray.cli.main import app
+
+    def report(args: list[str]) -> dict:
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.stderr
+        return json.loads(
+            (Path(json.loads(r.stdout.strip().splitlines()[-1])["root"]) / "report.json").read_text()
+        )
+
+    fast = ["--executor", "local", "--clip", "tiny", "--images", "1", "--inference-steps", "2"]
+    rep = report(["eval", str(root), "--suite", "celebrities", "--output", str(tmp / "e"), *fast])
+    model = rep["models"]["model"]
+    assert rep["status"] == "complete" and model["images"] >= 2 and model["metrics"]["acc_e"] is not None
+    steps = ["--inversion-steps", "2", "--inversion-images", "2", "--soft-prompt-steps", "2"]
+    rep = report(["audit", str(root), "--output", str(tmp / "a"), "--attacks", attack, *fast, *steps])
+    assert rep["status"] == "complete" and rep["attacks"] == [attack]
+    for c in rep["concepts"]:
+        assert 0 <= c["plain"]["residual"] < 1 and 0 <= c["attacks"][attack]["leak"] <= 1, c
