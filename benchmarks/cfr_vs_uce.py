@@ -32,15 +32,14 @@ from closed_forms import D, machine, sd14_projections, write_result
 
 from mace_core.alignment import align_tokens
 from mace_core.cfr import Preservation, apply_cfr, cfr_matrix
-from mace_core.clip_text import CLIP_VOCAB
+from mace_core.clip_text import CLIP_VOCAB, clip_tokenizer
 from mace_core.closed_form_weights import resolve_weights
 from mace_core.concepts import ConceptType, read_concept_file
-from mace_core.models import clip_tokenizer
+from mace_core.families.stable_diffusion import TextEncoder
 from mace_core.prompts import prompt_pairs
 from mace_core.settings import ClosedFormSettings
 from mace_core.text_stats import (
     MappingStats,
-    TextEncoder,
     default_captions_path,
     mapping_stats,
     prompt_second_moment,

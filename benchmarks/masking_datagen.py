@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mace_core.clip_text import clip_tokenizer
 from mace_core.concepts import Concept, ConceptType
 from mace_core.datagen import generate_images
+from mace_core.families.sd1 import build_tiny_pipeline
 from mace_core.families.stable_diffusion import assemble_pipeline
 from mace_core.grounding import GroundingDino, tiny_bert_vocab
 from mace_core.masking import GroundedSam, load_masker
-from mace_core.models import build_tiny_pipeline, clip_tokenizer
 from mace_core.segmentation import SegmentAnythingSam, TransformersSam, build_segment_anything
 from mace_core.settings import DataSettings, MaskSettings
 

@@ -39,10 +39,12 @@ import torch
 # benchmarks/ is on the path when this runs as a script: the real-size builders are shared.
 from masking_datagen import fixed_boxes, real_grounding_dino, real_pipeline, real_transformers_sam_h, sync
 
+from mace_core.attn2 import get_attn2_weights
 from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
+from mace_core.families.sd1 import build_tiny_pipeline
 from mace_core.masking import default_autocast, load_masker
-from mace_core.models import build_tiny_pipeline, get_attn2_weights, load_pipeline, pick_device
+from mace_core.models import load_pipeline, pick_device
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
 
 NAMES = ["Bill Clinton", "Tom Hanks", "Angelina Jolie", "Taylor Swift", "Barack Obama",

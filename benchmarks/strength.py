@@ -14,7 +14,8 @@ Families and widths (the context width the edited projections read):
         (``mace_core.families.sdxl.split_width``): 64 = 32 + 32 is the family's tiny model;
   flux  T5 context as wide as the width, CLIP pooled as wide: 32 is the family's tiny model;
   sd3   CLIP-L + CLIP-G (half the width each) and T5 in one context: 64 is its tiny model.
-  (flux and sd3 edit context_embedder and the pooled projection: the figures are the context's.)
+  (flux and sd3 edit context_embedder and the pooled projection: the headline figures are the
+  context's, the pooled projection's are beside them: residual_pooled(_cfr), prior_drift_pooled(_cfr).)
 A family joins by adding its builder to ``BUILDERS`` (width, seed -> pipeline) and its
 default widths to ``WIDTHS``.
 
@@ -22,7 +23,9 @@ Configurations (``--configs``):
   new: the defaults (the paper's per-type weights for the run's N, Gaussian LoRA init,
        30 prompts per concept, every occurrence of the concept in Eq. 3);
   old: the defaults before them: per-token weights prior 1, no domain set, ridge 1e-2,
-       Kaiming-uniform LoRA init, all of the type's templates.
+       Kaiming-uniform LoRA init, all of the type's templates;
+  cfr: the defaults, run as --method cfr (closed-form refinement alone: no images, no LoRA;
+       seconds a run): its "residual" and "prior_drift" are CFR's.
 
 Usage: python benchmarks/strength.py [--families sd1 sd2 sdxl] [--widths 64 sdxl:2048] [--seeds 0 1]
            [--types celebrity] [--counts 2] [--configs new] [--table families]
@@ -101,8 +104,10 @@ def widths_of(family: str, given: list[str] | None) -> tuple[int, ...]:
 
 def configs(train_steps: int | None) -> dict[str, EraseSettings]:
     old = ClosedFormSettings(prior_weight=1.0, domain_weight=0.0, ridge=1e-2)
+    new = EraseSettings(train=TrainSettings(steps=train_steps), data=DATA, masks=MASKS)
     return {
-        "new": EraseSettings(train=TrainSettings(steps=train_steps), data=DATA, masks=MASKS),
+        "new": new,
+        "cfr": new,  # run as --method cfr (METHODS): the closed-form refinement alone, seconds
         "old": EraseSettings(
             cfr=old,
             fusion=old,
@@ -114,12 +119,22 @@ def configs(train_steps: int | None) -> dict[str, EraseSettings]:
     }
 
 
+# The method each configuration runs (the rest: the whole method).
+METHODS: dict[str, str] = {"cfr": "cfr"}
+POOLED_FIGURES = ("residual_pooled", "residual_pooled_cfr", "prior_drift_pooled", "prior_drift_pooled_cfr")
+
+
 def concepts_of(path: str, type_: ConceptType) -> list[Concept]:
     return read_concept_file(ROOT / path, type_).concepts
 
 
 def run_one(
-    model: Path, concepts: list[Concept], bystanders: list[Concept], settings: EraseSettings, work: Path
+    model: Path,
+    concepts: list[Concept],
+    bystanders: list[Concept],
+    settings: EraseSettings,
+    work: Path,
+    method: str = "mace",
 ) -> dict[str, Any]:
     """One local erase run of the pipeline folder ``model``: its report's figures and the
     bystanders' drift between the original and the erased projections."""
@@ -133,6 +148,7 @@ def run_one(
             output=str(work / "out"),
             settings=settings,
             executor="local",
+            method=method,
         )
     )
     seconds = time.perf_counter() - t
@@ -153,6 +169,8 @@ def run_one(
         "bystander_drift": {"mean": sum(values) / len(values), "max": max(values)} if values else None,
         "lora_relative_norm": erasure["lora_relative_norm"],
         "attention_mass": erasure["attention_mass"],
+        # FLUX.1 / SD 3.x: the pooled text projection's figures (absent for SD).
+        **{k: erasure[k] for k in POOLED_FIGURES if k in erasure},
         "summary": summary_line(erasure),
         "weights": rep["weights"],
         "seconds": round(seconds, 1),
@@ -166,7 +184,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--types", nargs="+", default=["celebrity"], choices=[t.value for t in LISTS])
     ap.add_argument("--counts", nargs="+", type=int, default=[2])
-    ap.add_argument("--configs", nargs="+", default=["new"], choices=["new", "old"])
+    ap.add_argument("--configs", nargs="+", default=["new"], choices=["new", "old", "cfr"])
     ap.add_argument("--train-steps", type=int, default=None, help="default: the type's (50 or 120)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no oversubscription)")
     ap.add_argument("--table", default="families", help="the output's name: strength_<table>_cpu.json")
@@ -219,7 +237,16 @@ def run_model(family: str, width: int, seed: int, model: Path, args: argparse.Na
                 row = {"family": family, "width": width, "seed": seed, "type": type_name, "concepts": n}
                 row["config"] = name
                 with tempfile.TemporaryDirectory() as tmp:
-                    row.update(run_one(model, pool[:n], others[:BYSTANDERS], settings, Path(tmp)))
+                    row.update(
+                        run_one(
+                            model,
+                            pool[:n],
+                            others[:BYSTANDERS],
+                            settings,
+                            Path(tmp),
+                            METHODS.get(name, "mace"),
+                        )
+                    )
                 rows.append(row)
                 by = row["bystander_drift"]
                 by_mean = "n/a" if by is None else format(by["mean"], ".4f")

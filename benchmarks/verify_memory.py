@@ -6,7 +6,7 @@ in 1 MiB chunks). Each in a fresh process; the figure is the growth of its peak 
 A SeaweedFS `weed mini` on 127.0.0.1 is started for the run (tests/s3server.py) and one object
 of --size-mb random bytes uploaded to it.
 
-Usage: python benchmarks/verify_memory.py [--size-mb 1024]
+Usage: python benchmarks/verify_memory.py [--size-mb 1024] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,8 @@ print(json.dumps({"sha256": digest, "rss_open_mb": base / 1024, "peak_growth_mb"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=1024)
+    results = str(REPO / "benchmarks" / "results")
+    ap.add_argument("--out", default=results, help="folder for the JSON ('': none)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="verify-memory-") as tmp:
         root = Path(tmp)
@@ -72,7 +75,17 @@ def main() -> None:
                 )
                 out[how] = json.loads(proc.stdout.strip().splitlines()[-1])
                 assert out[how].pop("sha256") == h.hexdigest()
+            out["machine"] = {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "load": os.getloadavg(),
+            }
             print(json.dumps(out, indent=1))
+            if args.out:
+                dest = Path(args.out) / f"verify_memory_cpu_{args.size_mb}mb.json"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(json.dumps(out, indent=1) + "\n")
+                print(f"wrote {dest}")
         finally:
             server.stop()
 

@@ -9,9 +9,6 @@ declares its text projections instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -39,30 +36,3 @@ def attn2_projections(unet: nn.Module) -> dict[str, nn.Linear]:
 def get_attn2_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the attn2 to_k/to_v weights (float32, CPU)."""
     return {k: m.weight.detach().float().cpu().clone() for k, m in attn2_projections(unet).items()}
-
-
-def set_attn2_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Replace attn2 to_k/to_v weights in place; keys and shapes must match exactly."""
-    projs = attn2_projections(unet)
-    missing, extra = set(projs) - set(weights), set(weights) - set(projs)
-    if missing or extra:
-        raise ModelLoadError(
-            f"attn2 weights do not match the model: {len(missing)} missing, {len(extra)} unexpected"
-            + (f" (e.g. {sorted(missing or extra)[0]})" if missing or extra else "")
-        )
-    with torch.no_grad():
-        for k, m in projs.items():
-            if tuple(weights[k].shape) != tuple(m.weight.shape):
-                raise ModelLoadError(f"{k}: shape {tuple(weights[k].shape)} != model {tuple(m.weight.shape)}")
-            m.weight.copy_(weights[k].to(m.weight.device, m.weight.dtype))
-
-
-@contextmanager
-def attn2_weights(unet: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily run the UNet with other attn2 weights (original vs refined)."""
-    saved = get_attn2_weights(unet)
-    set_attn2_weights(unet, weights)
-    try:
-        yield
-    finally:
-        set_attn2_weights(unet, saved)

@@ -7,16 +7,22 @@ Every term is W times a d x d matrix, so ONE matrix M serves all attn2 to_k / to
 projections. Besides the prior C_p the preservation terms include the domain set C_d
 and the user's retained set C_r, each with its weight. Weights are on the per-token
 mean scale (``mace_core.settings``), resolved by ``mace_core.closed_form_weights``.
+
+An MMDiT's statistics are block-diagonal in [context | pooled] (``mace_core.text_stats``): the
+solve is one least-squares problem per block, and each block's weights are converted to raw
+with that block's own token counts (``regularise``); SD's space is one block, solved as ever.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from mace_core.closed_form_weights import Weights
-from mace_core.text_stats import MappingStats, SecondMoment
+from mace_core.errors import ArtefactError
+from mace_core.text_stats import CONTEXT, POOLED, Blocked, MappingStats, SecondMoment
 
 # The smallest reciprocal condition number a solve accepts: token states are float32
 # (relative precision ~6e-8), so below this the solve amplifies their rounding into the
@@ -33,8 +39,11 @@ class Preservation:
     domain: SecondMoment | None = None
     retain: SecondMoment | None = None
 
-    def tokens(self) -> dict[str, int]:
-        return {k: (m.n if m is not None else 0) for k, m in self.terms().items()}
+    def tokens(self, block: str | None = None) -> dict[str, int]:
+        """Rows of each term: all of them, or those of ``block``."""
+        return {
+            k: (0 if m is None else m.n if block is None else m.rows(block)) for k, m in self.terms().items()
+        }
 
     def terms(self) -> dict[str, SecondMoment | None]:
         return {"prior": self.prior, "domain": self.domain, "retain": self.retain}
@@ -53,22 +62,29 @@ class RawWeights:
     retain: float
     ridge: float
     ridge_floor: float = 0.0
+    pooled: RawWeights | None = None  # the pooled block's (an MMDiT's); None: no such block
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(replace(self, pooled=None))
+        del out["pooled"]
+        if self.pooled is not None:
+            out["pooled"] = self.pooled.to_dict()
+        return out
 
 
-def raw_weights(weights: Weights, n_main: int, terms: Preservation) -> RawWeights:
-    """Per-token-mean weights -> raw weights on the sums (``mace_core.settings``)."""
+def raw_weights(weights: Weights, n_main: int, terms: Preservation, block: str | None = None) -> RawWeights:
+    """Per-token-mean weights -> raw weights on the sums (``mace_core.settings``): ``n_main``
+    rows of the mapping term and each term's rows, all of them or those of ``block``."""
     n_main = max(n_main, 1)
+    rows = terms.tokens(block)
 
-    def raw(w: float, m: SecondMoment | None) -> float:
-        return w * n_main / m.n if m is not None and m.n else 0.0
+    def raw(w: float, name: str) -> float:
+        return w * n_main / rows[name] if rows[name] else 0.0
 
     return RawWeights(
-        prior=raw(weights.prior, terms.prior),
-        domain=raw(weights.domain, terms.domain),
-        retain=raw(weights.retain, terms.retain),
+        prior=raw(weights.prior, "prior"),
+        domain=raw(weights.domain, "domain"),
+        retain=raw(weights.retain, "retain"),
         ridge=weights.ridge * n_main,
     )
 
@@ -94,17 +110,52 @@ def ridge_floor(A: torch.Tensor) -> float:
 
 
 def regularise(
-    C: torch.Tensor, weights: Weights, n_main: int, terms: Preservation
-) -> tuple[torch.Tensor, float, RawWeights]:
+    main: Blocked, weights: Weights, terms: Preservation
+) -> tuple[torch.Tensor, float | torch.Tensor, RawWeights]:
     """The preservation sum R (``preservation_sum``) and the ridge r that both closed forms
-    add to their own second moment C: r is the requested ridge, raised to ``ridge_floor``
-    when C + R + r I is too close to singular. Returns (R, r, raw weights with the floor)."""
-    raw = raw_weights(weights, n_main, terms)
-    R = preservation_sum(C.shape[0], terms, raw)
-    floor = ridge_floor(C + R + raw.ridge * torch.eye(C.shape[0], dtype=torch.float64))
+    add to the second moment C of their mapping term ``main``: r is the requested ridge, raised
+    to ``ridge_floor`` when C + R + r I is too close to singular. Returns (R, r, raw weights
+    with the floor); ``r * I`` is the ridge matrix (r is a float, or per column with blocks).
+
+    With a pooled block, R and r are built block by block, each block's weights
+    (``weights.block``) converted with its own rows: the solve is one per block (module doc)."""
+    d = main.C.shape[0]
+    if main.pooled is None:
+        raw = raw_weights(weights, main.n, terms)
+        R = preservation_sum(d, terms, raw)
+        ridge: float | torch.Tensor = raw.ridge
+    else:
+        R, ridge, raw = _block_sums(main, weights, terms)
+    floor = ridge_floor(main.C + R + ridge * torch.eye(d, dtype=torch.float64))
     if floor:
-        raw = RawWeights(raw.prior, raw.domain, raw.retain, raw.ridge, floor)
-    return R, raw.ridge + floor, raw
+        pooled = replace(raw.pooled, ridge_floor=floor) if raw.pooled is not None else None
+        raw = replace(raw, ridge_floor=floor, pooled=pooled)
+    return R, ridge + floor, raw
+
+
+def _block_sums(
+    main: Blocked, weights: Weights, terms: Preservation
+) -> tuple[torch.Tensor, torch.Tensor, RawWeights]:
+    """``regularise``'s R and per-column ridge for a [context | pooled] space, block by block."""
+    d = main.C.shape[0]
+    width = main.pooled.width if main.pooled is not None else 0
+    for name, m in terms.terms().items():
+        if m is not None and (m.pooled is None or m.pooled.width != width):
+            raise ArtefactError(
+                f"the {name} statistics are not laid out as the concepts' ([context | pooled])"
+            )
+    R = torch.zeros(d, d, dtype=torch.float64)
+    ridge = torch.zeros(d, dtype=torch.float64)
+    raws = {}
+    for block in (CONTEXT, POOLED):
+        raw = raws[block] = raw_weights(weights.block(block), main.rows(block), terms, block)
+        cols = main.columns(block)
+        for name, m in terms.terms().items():
+            w = getattr(raw, name)
+            if m is not None and w:
+                R[cols, cols] += w * m.C[cols, cols]
+        ridge[cols] = raw.ridge
+    return R, ridge, replace(raws[CONTEXT], pooled=raws[POOLED])
 
 
 def solve_right(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -118,7 +169,7 @@ def cfr_matrix(stats: MappingStats, weights: Weights, terms: Preservation) -> tu
     A ridge too small to solve (r = 0 on a singular system) is raised to the floor of
     ``ridge_floor`` and reported in the returned ``RawWeights``; never NaN.
     """
-    R, ridge, raw = regularise(stats.C, weights, stats.n, terms)
+    R, ridge, raw = regularise(stats, weights, terms)
     rI = ridge * torch.eye(stats.C.shape[0], dtype=torch.float64)
     M = solve_right(stats.C + R + rI, stats.X + R + rI)  # left factor symmetric positive definite
     return M, raw

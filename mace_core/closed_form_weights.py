@@ -16,6 +16,20 @@ with s_eff = s^2 in CFR (the reference experiments apply the scale twice there) 
 (fusion; CFR with ``cfr_scale_squared`` off). The raw domain weight is given for a few
 concept counts; between them it is interpolated linearly in (log N, log w_d), and it is
 held at the end values outside them (the paper publishes nothing beyond).
+
+Blocks. An MMDiT's statistics are block-diagonal in [context | pooled] (``mace_core.text_stats``),
+so each closed form is one least-squares problem per block, and each block converts the paper's
+configuration with its own counts: N_f, N_p, N_d are the block's rows (context: aligned context
+tokens, T5 / CLIP + T5 positions; pooled: one row per prompt or aligned pair), and N_coco is the
+paper's prior sum in that block: 616,767 x 77 token states for the context (as for SD), and one
+pooled row per caption, 616,767, for the pooled block. Raw, the pooled prior is then
+s_eff * 616,767 / (our captions): each of our captions stands for the same share of the paper's
+captions in both blocks. The reference experiments squared the scale in their CFR of attn2,
+the context block's counterpart; no reference experiment edits a pooled projection, so its
+block takes Eq. 2 as the paper writes it, s_eff = s in both closed forms. (Squared, its prior
+is s^2 x 616,767 = 0.006 caption-equivalents against one pooled pair per prompt: nothing, and
+CFR overfits the pooled projection; the context block has no such problem because most of its
+aligned pairs are the prompt's other tokens, which the mapping term itself keeps.)
 """
 
 from __future__ import annotations
@@ -23,10 +37,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from mace_core.concepts import ConceptType
 from mace_core.settings import ClosedFormSettings
+from mace_core.text_stats import CONTEXT, POOLED, Blocked
 
 # MS-COCO 2014 captions (train + val) at all 77 positions: the paper's prior sum.
 PAPER_PRIOR_CAPTIONS = 616_767
@@ -102,15 +118,28 @@ def profile_type(types: Iterable[ConceptType]) -> ConceptType:
 
 @dataclass(frozen=True)
 class Weights:
-    """Resolved weights of one closed form on the per-token-mean scale (``settings``)."""
+    """Resolved weights of one closed form on the per-token-mean scale (``settings``).
+
+    ``pooled``: the pooled block's own weights (an MMDiT's, module doc); None: these in every
+    block, each block converting them with its own counts.
+    """
 
     prior: float
     domain: float
     retain: float
     ridge: float
+    pooled: Weights | None = None
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def block(self, name: str) -> Weights:
+        """The weights of block ``name`` (``mace_core.text_stats.BLOCKS``)."""
+        return self.pooled if name == POOLED and self.pooled is not None else replace(self, pooled=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(replace(self, pooled=None))
+        del out["pooled"]
+        if self.pooled is not None:
+            out["pooled"] = self.pooled.to_dict()
+        return out
 
 
 def resolve_weights(
@@ -120,19 +149,23 @@ def resolve_weights(
     n_main: int,
     n_domain: int,
     scale_squared: bool = False,
+    block: str = CONTEXT,
 ) -> Weights:
-    """The weights of one solve: each given setting as is, each None from the paper (module doc).
+    """The weights of one block of one solve: each given setting as is, each None from the paper
+    (module doc).
 
-    ``n_main``: tokens of the mapping term (aligned pairs for CFR, all concept tokens for
-    the fusion); ``n_domain``: tokens of the domain prompts; ``scale_squared``: CFR as in
-    the reference experiments (s^2).
+    ``n_main``: the block's tokens of the mapping term (aligned pairs for CFR, all concept
+    tokens for the fusion); ``n_domain``: its tokens of the domain prompts; ``scale_squared``:
+    CFR as in the reference experiments (s^2; the context block only); ``block``: context (SD's
+    only one) or pooled.
     """
     paper = PAPER_WEIGHTS[profile]
     n_main = max(n_main, 1)
-    s = paper.prior**2 if scale_squared else paper.prior
+    pooled = block == POOLED
+    s = paper.prior**2 if scale_squared and not pooled else paper.prior
     prior = settings.prior_weight
     if prior is None:
-        prior = s * PAPER_PRIOR_TOKENS / n_main
+        prior = s * (PAPER_PRIOR_CAPTIONS if pooled else PAPER_PRIOR_TOKENS) / n_main
     domain = settings.domain_weight
     if domain is None:
         domain = s * paper.domain_at(n_concepts) * n_domain / n_main
@@ -140,6 +173,27 @@ def resolve_weights(
     if ridge is None:
         ridge = paper.ridge / n_main
     return Weights(prior=prior, domain=domain, retain=settings.retain_weight, ridge=ridge)
+
+
+def solve_weights(
+    settings: ClosedFormSettings,
+    profile: ConceptType,
+    n_concepts: int,
+    main: Blocked,
+    domain: Blocked | None,
+    scale_squared: bool = False,
+) -> Weights:
+    """The weights of one solve whose mapping term is ``main`` (CFR's aligned pairs, the fusion's
+    concept tokens) and domain set ``domain``: every block's from its own counts (module doc)."""
+
+    def of(block: str) -> Weights:
+        n_domain = domain.rows(block) if domain is not None else 0
+        return resolve_weights(
+            settings, profile, n_concepts, main.rows(block), n_domain, scale_squared, block
+        )
+
+    weights = of(CONTEXT)
+    return replace(weights, pooled=of(POOLED)) if POOLED in main.blocks() else weights
 
 
 def domain_phrase(profile: ConceptType) -> str | None:

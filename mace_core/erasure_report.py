@@ -83,13 +83,6 @@ def kv_gaps(
     return gap, {name: (v / gap if gap > 0 else None) for name, v in left.items()}
 
 
-def kv_residual(
-    encoder: PromptEncoder, concept: Concept, original: KVProjection, new: KVProjection
-) -> float | None:
-    """Residual of ``concept`` under ``new`` on its held-out pairs (module doc)."""
-    return kv_gaps(encoder, concept, original, {"new": new})[1]["new"]
-
-
 def kv_drift(
     encoder: PromptEncoder, prompts: Sequence[str], original: KVProjection, new: KVProjection
 ) -> float | None:

@@ -49,8 +49,7 @@ class FusionSums:
 
     def add_concept(self, C_k: SecondMoment, lora: LoraFactors) -> None:
         """Stream one concept in: C_k now, its dW_k C_k = B_k (A_k C_k) with its block."""
-        self.C.C += C_k.C
-        self.C.n += C_k.n
+        self.C += C_k  # its rows per block of the token-state space too
         keys = sorted(lora.factors)
         if keys:
             # One product for every projection: C_k is read once per concept.
@@ -95,17 +94,18 @@ def fuse(
 
     ``original`` is W (anchors the preservation terms), ``refined`` is W' (the CFR
     result, on which the LoRAs were trained and which the ridge pulls towards). A ridge
-    too small to solve is raised to ``ridge_floor`` and reported, as in CFR.
+    too small to solve is raised to ``ridge_floor`` and reported, as in CFR. An MMDiT's
+    [context | pooled] blocks take their own weights and counts (``regularise``).
     """
     sums.flush()
-    R, ridge, raw = regularise(sums.C.C, weights, sums.C.n, terms)
+    R, ridge, raw = regularise(sums.C, weights, terms)
     # Denominator: sum_k C_k + R + r I (shared by all projections).
     D = sums.C.C + R + ridge * torch.eye(sums.C.C.shape[0], dtype=torch.float64)
     numerators = []
     for key, W in original.items():
         W = W.double()
         Wr = refined[key].double()
-        N = Wr @ sums.C.C + W @ R + ridge * Wr
+        N = Wr @ sums.C.C + W @ R + ridge * Wr  # a per-column ridge scales Wr's columns: Wr diag(r)
         if key in sums.dWC:
             N = N + sums.dWC[key]
         numerators.append(N)

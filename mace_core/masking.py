@@ -18,6 +18,7 @@ Backends (``MaskSettings.masker``): ``grounded-sam`` (transformers Grounding DIN
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,29 +138,30 @@ def masker_specs(settings: MaskSettings, tiny: bool = False) -> tuple[str, str |
     return detector, settings.segmenter or (TINY if tiny else DEFAULT_SEGMENTER)
 
 
-def check_masker_sources(settings: MaskSettings, tiny: bool = False) -> None:
+def check_masker_sources(settings: MaskSettings, tiny: bool = False, checked: Collection[str] = ()) -> None:
     """Fail fast, without loading a model, on a detector or segmenter the workers could not load.
 
     The driver calls this before a run writes anything: a local path must be a model folder
     (or, for segment-anything, a SAM .pth file); a hub id must be in the local Hugging Face
     cache or, unless HF_HUB_OFFLINE is set, on the hub (one request each). The defaults of a
     model that is not ``tiny`` are hub ids, checked the same way: an offline machine learns
-    at once that it needs --detector/--segmenter (or --masker whole-image).
+    at once that it needs --detector/--segmenter (or --masker whole-image). ``checked``:
+    specs the caller has checked where they are (remote ones, fetched later by the workers).
     """
     name = check_masker(settings.masker)
     if name == "whole-image":
         return
     detector, seg = masker_specs(settings, tiny)
-    if detector != TINY:
+    if detector != TINY and detector not in checked:
         _check_source(detector, "detector", "--detector")
     if name == "segment-anything":
         if seg is None:
             raise MaskerError(
                 "the segment-anything masker needs --segmenter = the path of an original SAM .pth"
             )
-        if seg != TINY and not Path(seg).expanduser().is_file():
+        if seg != TINY and seg not in checked and not Path(seg).expanduser().is_file():
             raise MaskerError(f"SAM checkpoint {seg!r}: no such file")
-    elif seg is not None and seg != TINY:
+    elif seg is not None and seg != TINY and seg not in checked:
         _check_source(seg, "segmenter", "--segmenter")
 
 

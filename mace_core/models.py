@@ -1,10 +1,12 @@
-"""Model entry points: loading a pipeline, the built-in tiny pipeline, devices, attn2 access.
+"""Model entry points: loading a pipeline or its text side, the edited projections and the
+prompt encoder of a loaded pipeline, devices.
 
 Pipelines load through their family (``mace_core/families/``: SD 1.x, 2.x, XL, FLUX.1, SD 3.x) from a hub
-id or a local diffusers folder. ``tiny`` is a seeded random SD-1.x pipeline with the real
-CLIP tokenizer, built offline in about a second, for demos and tests: it runs every stage
-of the method, its images are noise. attn2 access lives in ``mace_core/attn2.py`` and the
-offline CLIP tokenizer in ``mace_core/clip_text.py``; both are importable from here too.
+id or a local diffusers folder, or the built-in ``tiny`` (``TINY_MODEL``,
+``mace_core/families/model_index.py``): a seeded random SD-1.x pipeline with the real CLIP
+tokenizer, built offline in about a second (``mace_core/families/sd1.py``), for demos and
+tests: it runs every stage of the method, its images are noise. attn2 access lives in
+``mace_core/attn2.py``, the offline CLIP tokenizer in ``mace_core/clip_text.py``.
 """
 
 from __future__ import annotations
@@ -12,34 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mace_core.attn2 import attn2_projections, attn2_weights, get_attn2_weights, set_attn2_weights
-from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer, write_clip_tokenizer_files
 from mace_core.errors import ModelLoadError
 from mace_core.families import family_for, family_of_pipeline
 from mace_core.families.base import TEXT_DTYPE, PromptEncoder
-from mace_core.families.model_index import TINY_MODEL, resolve_source
-from mace_core.families.sd1 import build_tiny_pipeline
 from mace_core.projections import Projections
-
-# What callers import from here (mace_ray, benchmarks, tests); each lives in its own module.
-__all__ = [
-    "TINY_CLIP_TEXT",
-    "TINY_MODEL",
-    "attn2_projections",
-    "attn2_weights",
-    "build_tiny_pipeline",
-    "clip_tokenizer",
-    "get_attn2_weights",
-    "load_pipeline",
-    "load_prompt_encoder",
-    "load_text_components",
-    "pick_device",
-    "pipeline_projections",
-    "pipeline_prompt_encoder",
-    "resolve_source",
-    "set_attn2_weights",
-    "write_clip_tokenizer_files",
-]
 
 
 def pick_device(device: str | None = None) -> torch.device:

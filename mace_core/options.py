@@ -1,15 +1,7 @@
-"""How settings fields appear on the command line, as plain data (no CLI library here).
-
-Every field of a settings dataclass carries one of these in ``field(metadata=...)`` under the
-key ``"cli"``: an ``Option`` (a command-line option or argument), a ``Group`` (a nested settings
-dataclass whose fields are options too) or ``Internal`` (deliberately not on the command
-line). mace_ray/cli/build.py turns them into the options of ``mace-ray erase`` and
-``mace-ray eval`` and the parsed values back into the dataclasses; ``--config`` keys are the
-same names.
-
-Fields with a fixed set of values are typed with a ``Choice`` enum: a ``str`` subclass, so a
-setting still compares equal to, formats as and serialises to JSON as its plain string value.
-"""
+"""How settings fields appear on the command line, as plain data (no CLI library here): each
+field's metadata ``"cli"`` is an ``Option``, a ``Group`` (a nested settings dataclass) or
+``Internal`` (not on the command line); mace_ray/cli/build.py makes the commands of them. A field
+with a fixed set of values is a ``Choice``: a str enum that formats and serialises as its value."""
 
 from __future__ import annotations
 
@@ -40,25 +32,17 @@ class Panel:
     CLUSTER = "Cluster and devices"
     RUN = "Run control"
 
-    @classmethod
-    def order(cls) -> list[str]:
-        return [v for k, v in vars(cls).items() if k.isupper()]
-
 
 @dataclass(frozen=True)
 class Option:
-    """A field set from the command line.
-
-    ``name``: the option (``--name``), argument or ``--config`` key; default: the field name
-    with dashes, after the enclosing group's prefix. A bool is one flag that turns its default
-    around: ``--<name>`` for a False default, ``--no-<name>`` for a True one (``name`` names
-    that flag, e.g. ``quiet``). ``help`` may say ``{group}`` for the enclosing group's title.
-    ``shared``: the same name feeds every field that declares it (all must say so, with the
-    same type and default); one of them carries the help. ``none_as``: the word that spells
-    None on the command line (e.g. ``auto``). ``aliases``: hidden deprecated names. ``min`` /
-    ``max``: bounds checked while parsing. ``basic``: in the command's short ``--help`` (what a
-    first run needs); every option is in ``--help-all``.
-    """
+    """A field set from the command line. ``name``: the option (``--name``), argument or
+    ``--config`` key; default: the field name with dashes, after the group's prefix. A bool is one
+    flag that turns its default around: ``--<name>`` for a False default, ``--no-<name>`` for a
+    True one (``name`` names that flag, e.g. ``quiet``). ``help`` may say ``{group}`` for the
+    group's title. ``shared``: the same name feeds every field that declares it (all must say so,
+    with the same type and default; one carries the help). ``none_as``: the word that spells None
+    (``auto``). ``aliases``: hidden old names. ``min``/``max``: bounds checked while parsing.
+    ``basic``: in the short ``--help`` (what a first run needs); all are in ``--help-all``."""
 
     help: str = ""
     name: str | None = None
@@ -105,6 +89,19 @@ def cli_metadata(f: dataclasses.Field) -> Option | Group | Internal | None:
     return f.metadata.get(CLI)
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A settings field set from the command line: ``field(default=..., metadata=option(...))``."""
+    return dataclasses.field(default=default, metadata=option(help, **kw))
+
+
+def unwrap_optional(t: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, else ``(t, False)``."""
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0], True
+    return t, False
+
+
 class Choice(str, enum.Enum):
     """A str-valued enum whose members print, format and serialise as their value."""
 
@@ -120,7 +117,7 @@ class Choice(str, enum.Enum):
 
     @classmethod
     def parse(cls: type[C], value: Any, what: str) -> C:
-        """``value`` (a member or its string) as a member; ValueError naming ``what`` if none."""
+        """``value`` (a member or its string) as a member; SettingError naming ``what`` if none."""
         try:
             return cls(value)
         except ValueError:
@@ -132,9 +129,8 @@ T = TypeVar("T")
 
 
 def coerce_choices(obj: Any, names: Mapping[str, tuple[type[Choice], str]]) -> None:
-    """In a frozen dataclass's ``__post_init__``: turn strings given for choice fields into
-    members, so that settings made in code (``masker="whole-image"``) and from the command
-    line hold the same thing."""
+    """In a frozen dataclass's ``__post_init__``: strings given for choice fields become members,
+    so that settings made in code (``masker="whole-image"``) and on the command line are equal."""
     for name, (cls, what) in names.items():
         object.__setattr__(obj, name, cls.parse(getattr(obj, name), what))
 
@@ -151,27 +147,18 @@ def plain(value: Any) -> Any:
 
 
 def from_plain(cls: type[T], values: Mapping[str, Any]) -> T:
-    """The settings dataclass that ``plain(dataclasses.asdict(obj))`` came from (a run's
-    manifest or report): nested groups rebuilt, choices parsed by their fields' checks; a
-    key the dataclass does not have is a ValueError naming it."""
+    """The settings dataclass that ``plain(dataclasses.asdict(obj))`` came from (a run's manifest
+    or report): groups rebuilt, choices parsed by their fields' checks; ValueError for a key the
+    dataclass does not have."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown setting {unknown[0]!r}")
-    kwargs: dict[str, Any] = {}
+    kwargs = dict(values)
     for name, value in values.items():
-        t = hints[name]
-        if typing.get_origin(t) in (typing.Union, types.UnionType):  # X | None
-            t = next((a for a in typing.get_args(t) if a is not type(None)), t)
+        t = unwrap_optional(hints[name])[0]
         if dataclasses.is_dataclass(t) and isinstance(value, Mapping):
-            value = from_plain(t, value)
+            kwargs[name] = from_plain(t, value)
         elif typing.get_origin(t) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+            kwargs[name] = tuple(value)
     return cls(**kwargs)
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A settings field set from the command line: ``field(default=..., metadata=option(...))``."""
-    return dataclasses.field(default=default, metadata=option(help, **kw))

@@ -29,6 +29,10 @@ def resolve_pretrained(spec: str, what: str) -> tuple[str, bool]:
     """(source for ``from_pretrained``, local_files_only); a local spec must be a folder."""
     if not looks_like_path(spec):
         return spec, False
+    if "://" in spec:  # never through Path (s3://b/k would become s3:/b/k)
+        raise ModelLoadError(
+            f"{what} {spec!r}: a URL; give a local folder (mace-ray fetches s3:// ones first)"
+        )
     local = Path(spec).expanduser()
     if not local.exists():
         raise ModelLoadError(f"{what} {spec!r}: no such folder")

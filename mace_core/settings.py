@@ -191,9 +191,11 @@ class MaskSettings:
         "(the same with an original SAM .pth as --segmenter) or whole-image.",
     )
     detector: str | None = setting(
-        None, "Grounding DINO: hub id, local folder or 'tiny' (default: for the model)."
+        None, "Grounding DINO: hub id, folder (local or s3://) or 'tiny' (default: for the model)."
     )
-    segmenter: str | None = setting(None, "SAM: hub id, local folder, 'tiny', or a .pth (segment-anything).")
+    segmenter: str | None = setting(
+        None, "SAM: hub id, folder, 'tiny', or a .pth (segment-anything); local or s3://."
+    )
     box_threshold: float = setting(0.3, "Grounding DINO box threshold.", min=0.0, max=1.0)
     text_threshold: float = setting(0.25, "Grounding DINO text threshold.", min=0.0, max=1.0)
 

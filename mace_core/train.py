@@ -22,7 +22,7 @@ from mace_core.concepts import Concept
 from mace_core.errors import ConceptError
 from mace_core.families.base import PromptEncoder, conditioning_to, stack_rows
 from mace_core.lora import LoraBank, LoraFactors
-from mace_core.noise import NoiseSchedule, training_schedule
+from mace_core.noise import training_schedule
 from mace_core.progress import Progress, no_progress
 from mace_core.projections import Projections, pad_columns
 from mace_core.settings import ResolvedTrain, TrainSettings
@@ -108,22 +108,6 @@ def draw(
     t = sample_timesteps(1, g, cfis, settings.cfis_t1, settings.cfis_t2, settings.cfis_gamma, n_timesteps)
     noise = torch.randn(latent_shape, generator=g)
     return i, p, t, noise
-
-
-def draw_sample(
-    g: torch.Generator,
-    latents: torch.Tensor,
-    n_prompts: int,
-    schedule: NoiseSchedule,
-    cfis: bool,
-    settings: TrainSettings,
-) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """One draw (``draw``) and its noised latent x_t, on the latents' device."""
-    i, p, t, noise = draw(
-        g, len(latents), n_prompts, latents.shape[1:], schedule.num_timesteps, cfis, settings
-    )
-    t = t.to(latents.device)
-    return i, p, t, schedule.noised(latents[i][None], t, noise.to(latents.device)[None])[0]
 
 
 def train_loras(
@@ -223,41 +207,3 @@ def train_loras(
     for j in range(k):
         results[j].lora = padded_factors(bank.factors(j), projections, encoder.component)
     return results
-
-
-@torch.no_grad()
-def evaluate_attention_loss(
-    unet,
-    vae,
-    noise_scheduler,
-    encoder: PromptEncoder,
-    job: TrainJob,
-    settings: TrainSettings,
-    lora: LoraFactors | None,
-    device: torch.device,
-    n: int = 16,
-) -> float:
-    """Mean Eq. 3 loss over n fixed (image, prompt, t, noise) draws, with or without a LoRA."""
-    projections = encoder.edited_projections(unet)
-    shapes = {key: tuple(m.weight.shape) for key, m in projections.trained().items()}
-    bank = LoraBank(shapes, 1, settings.rank, [torch.Generator().manual_seed(0)], device)
-    if lora is not None:
-        for key in lora.factors:
-            A, B = lora.layer_factors(key)
-            bank.A[bank.index[key]].data[0] = A.to(device)
-            bank.B[bank.index[key]].data[0] = B.to(device)
-    bank.slot = torch.zeros(1, dtype=torch.long, device=device)
-    g = torch.Generator().manual_seed(concept_seed(settings.seed, job.concept, "eval"))
-    lat = encode_latents(vae, job.images, device)
-    cond = conditioning_to(encoder.conditioning(job.prompts), device)
-    schedule = training_schedule(noise_scheduler).to(device)
-    total = 0.0
-    with encoder.attention_probes(unet, bank) as store:
-        for _ in range(n):
-            i, p, t, x = draw_sample(g, lat, len(job.prompts), schedule, True, settings)
-            store.clear()
-            c = {key: v[p][None] for key, v in cond.items()}
-            encoder.unet_forward(unet, x[None], schedule.model_time(t), c)
-            tm = loss_token_mask(encoder, job.prompts[p], job.concept, settings.penalize_eot)[None].to(device)
-            total += float(attention_loss(store, job.masks[i][None].to(device), tm, tuple(lat.shape[-2:]))[0])
-    return total / n

@@ -14,4 +14,5 @@ prompt files (templates, held-out prompts) are hashed on their own
 
 from __future__ import annotations
 
-METHOD_VERSION = 1
+# 2: the closed forms weigh an MMDiT's pooled block on its own (its statistics record its rows).
+METHOD_VERSION = 2

@@ -8,16 +8,26 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread for torch in the tests and in every process they start (CLI runs, Ray
+# workers, set before torch is imported): the tiny models are too small to gain from two
+# threads, and on a 2-core CI machine shared with other jobs the second thread's spin-waiting
+# doubled the CPU time of an erase (a tiny two-concept erase: 4.6 s of CPU with one thread,
+# 10.1 s with two, and no faster). OMP_NUM_THREADS set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mace_core.clip_text import clip_tokenizer
 from mace_core.concepts import ConceptType
-from mace_core.models import build_tiny_pipeline, clip_tokenizer
-from mace_core.text_stats import TextEncoder
+from mace_core.families.sd1 import build_tiny_pipeline
+from mace_core.families.stable_diffusion import TextEncoder
 
 # tests/helpers.py is imported as `helpers` by the end-to-end tests.
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import SETTINGS  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -223,9 +223,9 @@ def train_and_attention_mass(pipe, family, concept: Concept, size: int) -> tuple
     mass with the original weights and with zero keys, all checked: 2 distinct ``size`` px
     images, a finite loss per step, a LoRA on every attn2 to_k / to_v, and zero keys giving
     uniform attention. Returns the concept's artefacts and the masses."""
+    from mace_core.attn2 import get_attn2_weights
     from mace_core.concept_job import ConceptBatchWorker
     from mace_core.erasure_report import attention_mass
-    from mace_core.models import get_attn2_weights
 
     cpu = torch.device("cpu")
     settings = tiny_settings(train_steps=2, inference_steps=2, prompts=3, lr=1e-2)
@@ -254,3 +254,52 @@ def train_and_attention_mass(pipe, family, concept: Concept, size: int) -> tuple
     # Zero keys: uniform attention over 77 tokens, 2 of them the concept's.
     assert mass["zero keys"] == pytest.approx(2 / 77, rel=1e-4)
     return art, mass
+
+
+@torch.no_grad()
+def evaluate_attention_loss(
+    unet,
+    vae,
+    noise_scheduler,
+    encoder: Any,  # mace_core.families.base.PromptEncoder
+    job: Any,  # mace_core.train.TrainJob
+    settings: Any,  # mace_core.settings.TrainSettings
+    lora: Any,  # mace_core.lora.LoraFactors, or None: without a LoRA
+    device: torch.device,
+    n: int = 16,
+) -> float:
+    """Mean Eq. 3 loss over n fixed (image, prompt, t, noise) draws, with or without a LoRA:
+    what LoRA training must lower (tests/test_train.py, tests/mmdit_checks.py)."""
+    from mace_core.attention_loss import attention_loss
+    from mace_core.families.base import conditioning_to
+    from mace_core.lora import LoraBank
+    from mace_core.noise import training_schedule
+    from mace_core.train import concept_seed, draw, encode_latents, loss_token_mask
+
+    projections = encoder.edited_projections(unet)
+    shapes = {key: tuple(m.weight.shape) for key, m in projections.trained().items()}
+    bank = LoraBank(shapes, 1, settings.rank, [torch.Generator().manual_seed(0)], device)
+    if lora is not None:
+        for key in lora.factors:
+            A, B = lora.layer_factors(key)
+            bank.A[bank.index[key]].data[0] = A.to(device)
+            bank.B[bank.index[key]].data[0] = B.to(device)
+    bank.slot = torch.zeros(1, dtype=torch.long, device=device)
+    g = torch.Generator().manual_seed(concept_seed(settings.seed, job.concept, "eval"))
+    lat = encode_latents(vae, job.images, device)
+    cond = conditioning_to(encoder.conditioning(job.prompts), device)
+    schedule = training_schedule(noise_scheduler).to(device)
+    total = 0.0
+    with encoder.attention_probes(unet, bank) as store:
+        for _ in range(n):
+            i, p, t, noise = draw(
+                g, len(lat), len(job.prompts), lat.shape[1:], schedule.num_timesteps, True, settings
+            )
+            t = t.to(device)
+            x = schedule.noised(lat[i][None], t, noise.to(device)[None])[0]
+            store.clear()
+            c = {key: v[p][None] for key, v in cond.items()}
+            encoder.unet_forward(unet, x[None], schedule.model_time(t), c)
+            tm = loss_token_mask(encoder, job.prompts[p], job.concept, settings.penalize_eot)[None].to(device)
+            total += float(attention_loss(store, job.masks[i][None].to(device), tm, tuple(lat.shape[-2:]))[0])
+    return total / n

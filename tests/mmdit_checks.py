@@ -95,7 +95,9 @@ def check_probes_and_training(enc, pipe, noise_scheduler) -> None:
     probabilities per joint block; LoRA steps (Eq. 3 through the context_embedder hook) lower
     the concept's attention loss; the LoRA sits on context_embedder only, padded to the
     token-state space with zeros outside T5's columns."""
-    from mace_core.train import TrainJob, evaluate_attention_loss, train_loras
+    from helpers import evaluate_attention_loss
+
+    from mace_core.train import TrainJob, train_loras
 
     tr = pipe.transformer
     cond = enc.conditioning(["a photo of Bill Clinton", "a dog"])
@@ -156,8 +158,28 @@ def check_strength(rep: dict) -> None:
     assert e["residual_cfr"]["pooled"] < 0.42
     # The pooled projection: closer to the anchors than before, little drift after the fusion.
     assert 0 < e["residual_pooled"]["max"] < 1 and e["prior_drift_pooled"] <= 0.035, e
+    # ... and already after CFR, which a --method cfr run keeps: one pooled row per prompt must
+    # not overfit (weighed as its own block, the scale once, it was residual 1.8, drift 0.65).
+    assert 0 < e["residual_pooled_cfr"]["max"] < 1 and e["prior_drift_pooled_cfr"] <= 0.05, e
     # The attention mass of the joint attention, before and after (Eq. 3 on it: test_probes_...).
     assert all(0 < e["attention_mass"][k] < 1 for k in ("original", "erased"))
+    check_pooled_weights(rep)
+
+
+def check_pooled_weights(rep: dict) -> None:
+    """The pooled block's counts reach the report through storage (one pooled row per prompt
+    pair, prompt and caption), and its paper prior is one pooled row per MS-COCO caption,
+    the scale once: raw prior x our captions = s x 616,767, in CFR as in the fusion."""
+    from mace_core.closed_form_weights import PAPER_PRIOR_CAPTIONS, PAPER_WEIGHTS
+
+    tokens, pooled = rep["tokens"], rep["tokens"]["pooled"]
+    assert pooled["cfr_pairs"] == pooled["fusion"] == 60  # 2 concepts x 30 prompts
+    assert tokens["prior"] % pooled["prior"] == 0 and tokens["prior"] // pooled["prior"] > 24  # rows/caption
+    s = PAPER_WEIGHTS[ConceptType.CELEBRITY].prior
+    for stage in ("cfr", "fusion"):
+        raw = rep["raw_weights"][stage]["pooled"]
+        assert raw["prior"] * pooled["prior"] == pytest.approx(s * PAPER_PRIOR_CAPTIONS, rel=1e-9)
+        assert rep["weights"][stage]["pooled"]["prior"] == pytest.approx(s * PAPER_PRIOR_CAPTIONS / 60)
 
 
 def check_output(pipeline_cls, folder: Path, root: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mace_core.attn2 import get_attn2_weights
 from mace_core.audit.attacks import AttackSettings, attack_names, parse_attacks
 from mace_core.audit.attacks.indirect import IndirectSettings, misspellings, variants
 from mace_core.audit.attacks.inversion import InversionSettings
@@ -28,12 +29,8 @@ from mace_core.concepts import Concept, ConceptType
 from mace_core.erasure_report import KVProjection, kv_gaps
 from mace_core.errors import ConceptError
 from mace_core.evaluation.generation import GenerationSettings
-from mace_core.models import (
-    build_tiny_pipeline,
-    get_attn2_weights,
-    pipeline_prompt_encoder,
-    set_attn2_weights,
-)
+from mace_core.families.sd1 import build_tiny_pipeline
+from mace_core.models import pipeline_projections, pipeline_prompt_encoder
 from mace_core.prompts import prompt_pairs
 from mace_core.text_stats import mapping_stats
 
@@ -66,7 +63,7 @@ def erased() -> AuditModels:
     M, _ = cfr_matrix(
         mapping_stats(encoder, prompt_pairs(AIRPLANE.concept)), Weights(0, 0, 0, 1e-3), Preservation()
     )
-    set_attn2_weights(erased.unet, apply_cfr(get_attn2_weights(original.unet), M))
+    pipeline_projections(erased).set_weights(apply_cfr(get_attn2_weights(original.unet), M))
     return AuditModels.of(original, erased, CPU)
 
 

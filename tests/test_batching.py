@@ -7,6 +7,7 @@ import torch
 from helpers import assert_same_seed_images
 
 from mace_core import concept_job
+from mace_core.attn2 import get_attn2_weights
 from mace_core.batching import (
     CPU_CONCEPTS_PER_BATCH,
     MAX_CONCEPTS_PER_BATCH,
@@ -15,7 +16,6 @@ from mace_core.batching import (
 )
 from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
-from mace_core.models import get_attn2_weights
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
 
 CPU = torch.device("cpu")

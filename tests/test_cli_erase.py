@@ -12,8 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mace_core.attn2 import attn2_projections
 from mace_core.checkpoints import read_erasure
-from mace_core.models import attn2_projections, build_tiny_pipeline
+from mace_core.families.sd1 import build_tiny_pipeline
 from mace_ray.cli.main import app
 
 FAST = [

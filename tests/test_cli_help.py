@@ -21,7 +21,7 @@ from mace_core.errors import SettingError
 from mace_ray.cli.main import app
 from mace_ray.erase.request import STAGE_NAMES, EraseRequest, Method
 
-COMMANDS = ["erase", "status", "gc", "cache-prior", "apply", "eval", "audit"]
+COMMANDS = ["erase", "status", "gc", "cache-prior", "apply", "pull", "eval", "audit"]
 NARROW = {"COLUMNS": "80"}
 
 
@@ -106,7 +106,8 @@ def test_stages_lists_the_stage_names():
 
 
 def test_method_is_its_own_switch(caplog):
-    from mace_ray.erase.stages import CFR_STAGES, ERASE_STAGES, plan_stages
+    from mace_ray.erase.plan import plan_stages
+    from mace_ray.erase.stages import CFR_STAGES, ERASE_STAGES
 
     assert plan_stages("all", Method.CFR) == ("cfr", CFR_STAGES)
     assert plan_stages("all") == ("mace", ERASE_STAGES)

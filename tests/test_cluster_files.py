@@ -627,7 +627,7 @@ def test_job_config_keys_are_erase_options_and_values_parse(task, monkeypatch):
         if key in config:
             assert (REPO / config[key]).is_file(), f"{path}: {key} {config[key]!r} does not exist"
     # The whole config as command-line options, through the real parser (types, ranges).
-    args = [str(config["concepts"])]
+    args = [str(config.get("concepts", "jobs/cifar10/dog.txt"))]
     for key, value in config.items():
         if key == "concepts":
             continue
@@ -656,7 +656,7 @@ def test_job_config_loads_through_erase_config(task, monkeypatch):
         return
     monkeypatch.chdir(REPO)
     config = yaml.safe_load((JOBS / task / "job.yaml").read_text())
-    ctx = parse_erase([config["concepts"], "--config", f"jobs/{task}/job.yaml"])
+    ctx = parse_erase([config.get("concepts", "jobs/cifar10/dog.txt"), "--config", f"jobs/{task}/job.yaml"])
     for key, value in config.items():
         name = "type_" if key == "type" else key
         got = ctx.params[name]

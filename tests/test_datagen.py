@@ -9,7 +9,7 @@ import torch
 from mace_core.concepts import Concept, ConceptType
 from mace_core.datagen import generate_images, image_seeds
 from mace_core.families.base import initial_noise
-from mace_core.models import build_tiny_pipeline
+from mace_core.families.sd1 import build_tiny_pipeline
 from mace_core.settings import DataSettings
 
 DOG = Concept("dog", ConceptType.OBJECT, "scene")

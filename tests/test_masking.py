@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mace_core.attn2 import get_attn2_weights
 from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
 from mace_core.errors import MaceError, ModelLoadError
@@ -27,10 +28,9 @@ from mace_core.masking import (
     load_masker,
     union_masks,
 )
-from mace_core.models import get_attn2_weights
+from mace_core.pretrained import TINY
 from mace_core.segmentation import (
     PATCH_KEY,
-    TINY,
     build_segment_anything,
     build_tiny_transformers_sam,
     sam_model_type,

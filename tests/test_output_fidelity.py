@@ -43,13 +43,35 @@ def release(pipe, folder: Path, shard: bool = False) -> Path:
     return folder
 
 
+def tiny_safety_checker():  # -> StableDiffusionSafetyChecker
+    """A random StableDiffusionSafetyChecker in tiny widths (its CLIP vision tower and
+    concept embeddings): what an SD 1.x release folder carries beside the model."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(tower, vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    return StableDiffusionSafetyChecker(config).eval()
+
+
+def tiny_feature_extractor():  # -> CLIPImageProcessor
+    """The safety checker's image processor at the tiny checker's 32 px."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
 def sd1_release(folder: Path) -> Path:
     """The tiny SD 1.x pipeline as SD v1.4 ships: PNDM, a safety checker and its feature
     extractor, fp16; and three more UNet weight files (see the module)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from mace_core.families.sd1 import build_tiny_pipeline
-    from mace_core.families.tiny import SD_NOISE_SCHEDULE, tiny_feature_extractor, tiny_safety_checker
+    from mace_core.families.tiny import SD_NOISE_SCHEDULE
 
     p = build_tiny_pipeline()
     pipe = StableDiffusionPipeline(

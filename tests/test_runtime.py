@@ -1,11 +1,11 @@
-"""The shared runtime: typed jobs, the worker pool's re-queueing, stages as data, and the
-CPU text workers that hold only a text encoder."""
+"""The shared runtime: typed jobs, the worker pool's re-queueing, the stage tables in the
+docs, and the CPU text workers that hold only a text encoder (the stages' declarations and
+how the runtime holds stages to them: tests/test_stage_declarations.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from helpers import SETTINGS
 
@@ -15,7 +15,7 @@ from mace_ray.audit.stages import AUDIT_STAGES
 from mace_ray.engine.backend import LocalBackend, LocalRef
 from mace_ray.engine.pool import WorkerPool
 from mace_ray.engine.resources import Resources
-from mace_ray.engine.stages import Stage, Timer, run_stages, stage_table
+from mace_ray.engine.stages import stage_table
 from mace_ray.erase import artefacts
 from mace_ray.erase.jobs import PromptStats, TrainConcepts
 from mace_ray.erase.stages import ERASE_STAGES
@@ -88,16 +88,6 @@ def test_pool_requeues_only_the_concepts_a_lost_worker_did_not_finish():
     assert pool.replaced == 1 and pool.requeued_concepts == 3
 
 
-def test_stages_run_in_order_and_are_timed_once():
-    seen: list[str] = []
-    stages = [
-        Stage(n, ERASE_STAGES[0].placement, "r", "w", "m", lambda ctx, n=n: seen.append(n)) for n in "abc"
-    ]
-    timer = Timer()
-    run_stages(stages, None, timer)
-    assert seen == ["a", "b", "c"] and list(timer.seconds) == ["a", "b", "c"]
-
-
 def test_architecture_doc_shows_the_declared_stages():
     doc = (Path(__file__).parent.parent / "docs" / "ARCHITECTURE.md").read_text()
     assert stage_table(ERASE_STAGES) in doc
@@ -118,10 +108,3 @@ def test_text_worker_holds_only_the_text_encoder(tmp_path, encoder):
     stored = artefacts.read_text_stats(w.storage, w.layout, DOG.slug)
     expect = concept_text_stats(encoder, DOG, SETTINGS.prompts_per_concept)  # the pipeline's encoder
     assert torch.equal(stored.mapping.X, expect.mapping.X) and torch.equal(stored.fusion.C, expect.fusion.C)
-
-
-@pytest.mark.parametrize("stages", [ERASE_STAGES, EVAL_STAGES, AUDIT_STAGES])
-def test_stage_names_are_unique_and_declare_their_io(stages):
-    names = [s.name for s in stages]
-    assert len(set(names)) == len(names)
-    assert all(s.reads and s.writes and s.marker for s in stages)

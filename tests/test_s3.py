@@ -40,8 +40,9 @@ from mace_ray.cli.main import app
 from mace_ray.storage.base import StorageError, StorageUnavailableError
 from mace_ray.storage.model_cache import TEXT_COMPONENTS, resolve_model
 from mace_ray.storage.open_store import open_storage
-from mace_ray.storage.s3 import COMPLETE, PARTIAL, S3Storage
+from mace_ray.storage.s3 import S3Storage
 from mace_ray.storage.s3_client import make_client
+from mace_ray.storage.s3_folders import COMPLETE, PARTIAL
 
 MB = 1024 * 1024
 CREDENTIALS = (ADMIN_ACCESS_KEY, ADMIN_SECRET_KEY, READER_ACCESS_KEY, READER_SECRET_KEY)

@@ -10,15 +10,16 @@ import pytest
 import torch
 from helpers import CONCEPTS, SETTINGS, assert_same_erasure, erasure, request
 
+from mace_core.attn2 import get_attn2_weights
 from mace_core.cfr import apply_cfr
 from mace_core.checkpoints import read_erasure
 from mace_core.errors import SettingError
-from mace_core.models import build_tiny_pipeline, get_attn2_weights
+from mace_core.families.sd1 import build_tiny_pipeline
 from mace_core.sealed import open_sealed
 from mace_core.settings import MaskSettings
 from mace_ray.erase.driver import run_erase
 from mace_ray.erase.layout import DATA_ROOT
-from mace_ray.erase.stages import plan_stages
+from mace_ray.erase.plan import plan_stages
 
 
 def test_a_stage_list_brings_what_it_needs():

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mace_core.attn2 import get_attn2_weights
 from mace_core.checkpoints import read_erasure
 from mace_core.concepts import ConceptType, read_concept_file
 from mace_core.erasure_report import KVProjection, concept_drifts
-from mace_core.models import get_attn2_weights
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
 from mace_ray.erase.driver import run_erase
 from mace_ray.erase.request import EraseRequest

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from helpers import evaluate_attention_loss
 
 from mace_core.attention import cross_attention_probes
+from mace_core.attn2 import attn2_projections
 from mace_core.concepts import Concept, ConceptType
 from mace_core.datagen import generate_images, images_to_tensor
-from mace_core.models import attn2_projections
 from mace_core.prompts import concept_prompts
 from mace_core.settings import DataSettings, TrainSettings
-from mace_core.train import TrainJob, evaluate_attention_loss, loss_token_mask, train_loras
+from mace_core.train import TrainJob, loss_token_mask, train_loras
 
 CPU = torch.device("cpu")
 CLINTON = Concept("Bill Clinton", ConceptType.CELEBRITY, "a person")

@@ -74,6 +74,9 @@ class PromptEncoder(ABC):
     max_length: int
     batch_size: int
     device: torch.device
+    # Columns of the pooled block at the end of ``encode``'s rows (an MMDiT's pooled row,
+    # ``families/mmdit.py``; ``mace_core.text_stats`` counts its rows): none for SD.
+    pooled_width: int = 0
     # The pipeline component the denoiser is (its family's ``edited_component``).
     component: ClassVar[str] = "unet"
     # Whether ``encode`` and ``conditioning`` record gradients: no (no-grad batches), but

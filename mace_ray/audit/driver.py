@@ -18,7 +18,6 @@ import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mace_core.audit.concepts import AuditConcept, read_audit_concepts
@@ -27,7 +26,7 @@ from mace_core.errors import ConceptError, MaceError, ModelLoadError
 from mace_core.evaluation.clip_model import DEFAULT_CLIP, TINY_CLIP
 from mace_core.evaluation.errors import MetricUnavailableError
 from mace_core.families import family_for
-from mace_core.models import TINY_MODEL
+from mace_core.families.model_index import TINY_MODEL
 from mace_core.pretrained import looks_like_path
 from mace_ray.audit.layout import AuditLayout
 from mace_ray.audit.request import AuditRequest
@@ -35,7 +34,8 @@ from mace_ray.audit.stages import AUDIT_STAGES, AuditRun
 from mace_ray.engine.staged_job import run_staged_job
 from mace_ray.eval.driver import ResolvedModel, resolve_model
 from mace_ray.storage.base import Storage, write_json
-from mace_ray.storage.model_cache import fingerprint_model
+from mace_ray.storage.model_cache import is_remote, split_run
+from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -84,18 +84,17 @@ class PreparedAudit:
 
 
 def _erase_run(model: ResolvedModel) -> tuple[str | None, str | None]:
-    """(the erase run's output folder, its run id) when ``model`` is an erase run's pipeline."""
-    if model.manifest is None:
+    """(the erase run's output, local or s3://, and its run id) when ``model`` is the
+    pipeline of an erase run in its place (``ROOT/runs/<run_id>/final/pipeline``)."""
+    parts = split_run(model.load) if model.manifest is not None else None
+    if parts is None or parts[2] != "final/pipeline":
         return None, None
-    run_dir = Path(model.load).parent.parent  # runs/<run_id>/final/pipeline
-    if run_dir.parent.name != "runs":
-        return None, None
-    return str(run_dir.parent.parent), run_dir.name
+    return parts[0] or ".", parts[1]
 
 
 def _check_family(model: str, what: str) -> None:
     """Refuse, before any worker starts, a local model the attacks cannot run on."""
-    if model != TINY_MODEL and not (looks_like_path(model) and "://" not in model):
+    if model != TINY_MODEL and not (looks_like_path(model) and not is_remote(model)):
         return  # hub ids and s3:// folders are checked by the workers, which load them
     family = family_for(model)
     if family.name not in AUDITABLE_FAMILIES:
@@ -105,9 +104,9 @@ def _check_family(model: str, what: str) -> None:
         )
 
 
-def _same_model(spec: str, load: str) -> bool:
+def _same_model(spec: str, load: str, sources: Sources) -> bool:
     try:
-        return resolve_model(spec).load == load
+        return resolve_model(spec, sources=sources).load == load
     except MaceError:  # a folder that is not there (any more, or from here): not the same
         return False
 
@@ -130,7 +129,8 @@ def prepare(req: AuditRequest) -> PreparedAudit:
     any worker starts or anything is written."""
     if importlib.util.find_spec("matplotlib") is None:
         raise MetricUnavailableError("mace-ray audit plots with matplotlib: pip install 'mace-ray[eval]'")
-    model = resolve_model(req.model)
+    sources = Sources(req.s3_endpoint)
+    model = resolve_model(req.model, sources=sources)
     run_output, run_id = _erase_run(model)
     notes: list[str] = []
     base = model.manifest["model"] if model.manifest else None
@@ -139,14 +139,14 @@ def prepare(req: AuditRequest) -> PreparedAudit:
             "--original MODEL is required: the audited model is not an erase run, so it names no original"
         )
     if req.original:
-        original = resolve_model(req.original, "--original").load
-        if base is not None and not _same_model(str(base), original):
+        original = resolve_model(req.original, "--original", sources).load
+        if base is not None and not _same_model(str(base), original, sources):
             notes.append(
                 f"--original {original} is not the erase run's model ({base}): its stored images are not used"
             )
             run_output = run_id = None
     else:
-        original = resolve_model(str(base), "the erase run's model (pass --original)").load
+        original = resolve_model(str(base), "the erase run's model (pass --original)", sources).load
     for m, what in ((model.load, "model"), (original, "--original")):
         _check_family(m, what)
     concepts = _concepts(req, model)
@@ -160,15 +160,17 @@ def prepare(req: AuditRequest) -> PreparedAudit:
     if not req.settings.images:
         notes.append("--images 0: mechanistic figures only")
     # By content, not path: an audited folder changed in place (an erase rerun with
-    # --no-resume to the same path) is another audit, never resumed from the old jobs.
+    # --no-resume to the same path) is another audit, never resumed from the old jobs; the
+    # same run audited where it was written (s3://) or from a copy is the same audit (its
+    # stored images are addressed by content and checked, wherever the run lives).
     key = {
-        "model": fingerprint_model(model.load, req.s3_endpoint).full,
-        "original": fingerprint_model(original, req.s3_endpoint).full,
+        "model": sources.fingerprint(model.load).full,
+        "original": sources.fingerprint(original).full,
         "concepts": [c.to_dict() for c in concepts],
         "attacks": list(attacks),
         "settings": req.settings.to_dict(),
         "clip": clip,
-        "run_images": [run_output, run_id],
+        "run_images": run_id,
     }
     audit_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return PreparedAudit(req, model, original, concepts, attacks, clip, audit_id, run_output, run_id, notes)

@@ -21,7 +21,7 @@ class AuditRequest(WhereItRuns):
         metadata=option(
             "The erased model to audit: an erase run's folder (runs/<run_id>: its original model, "
             "concepts and stored images are used), its final/pipeline folder, a diffusers folder, "
-            "a hub id or 'tiny'.",
+            "a hub id or 'tiny'; folders local or s3://.",
             argument=True,
         )
     )

@@ -16,10 +16,12 @@ from mace_ray.audit.jobs import AuditAttack, AuditBaseline
 from mace_ray.audit.layout import BASELINE, AuditLayout
 from mace_ray.audit.worker import AuditSpec, AuditWorker, has_explicit, verified_result
 from mace_ray.engine.backend import Backend
+from mace_ray.engine.declared import given, stored
 from mace_ray.engine.jobs import Job
-from mace_ray.engine.pool import WorkerPool, run_on_workers
+from mace_ray.engine.pool import WorkerPool
 from mace_ray.engine.provenance import versions
 from mace_ray.engine.report_files import write_report_files
+from mace_ray.engine.stage_workers import StageWorkers
 from mace_ray.engine.stages import Placement, Stage, Timer, write_report
 from mace_ray.storage.base import Storage, read_json
 from mace_ray.storage.open_store import absolute_output
@@ -51,9 +53,15 @@ class AuditRun:
             **req.for_workers(),
         )
         self.session = f"{p.audit_id[:8]}-{uuid.uuid4().hex[:6]}"
-        self.pool: WorkerPool | None = None
+        workers = {Placement.GPU: (AuditWorker, "mace-audit")}
+        self.workers = StageWorkers(backend, self.spec, workers, req, self.session, p.audit_id)
         self.reused = 0
         self.report: dict[str, Any] = {}
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The GPU workers' pool if any job ran, kept for the report's summary."""
+        return self.workers.built.get(Placement.GPU)
 
     def jobs(self) -> list[Job]:
         """A baseline job per concept and a job per (concept, attack), minus those already done."""
@@ -108,29 +116,36 @@ def attacks_stage(run: AuditRun) -> None:
     jobs = run.jobs()
     if run.reused:
         log.info("audit: %d jobs reused from an earlier audit with the same inputs", run.reused)
-    if not jobs:
-        return
-    run.pool = run_on_workers(
-        run.backend, AuditWorker, run.spec, run.p.request, jobs, run.session, "mace-audit", run.p.audit_id,
-        what="audit",
-    )  # fmt: skip
+    run.workers.run(jobs)  # no worker starts when every result was reused
+
+
+def job_results(run: AuditRun) -> list[str]:
+    """Every job's completion marker: the baseline and each attack, of every concept."""
+    names = (BASELINE, *run.p.attacks)
+    return [run.layout.result(c.slug, name) for c in run.p.concepts for name in names]
 
 
 AUDIT_STAGES: tuple[Stage[AuditRun], ...] = (
     Stage(
         "attacks",
         Placement.GPU,
-        reads="both models, the concepts (with their variants), the erase run's stored images",
+        reads=given(
+            "both models, the concepts (with their variants), the erase run's stored images "
+            "(checked by prepare)"
+        ),
         writes="audits/<audit id>/jobs/<slug>/<job>.json (and .safetensors), images/<slug>/<set>/",
-        marker="each job's JSON, with the checksums of its embeddings and images",
+        marker=stored("each job's JSON, with the checksums of its embeddings and images", job_results),
         run=attacks_stage,
     ),
     Stage(
         "report",
         Placement.DRIVER,
-        reads="every job's JSON",
+        reads=stored("every job's JSON", job_results),
         writes="audits/<audit id>/report.json, summary.md, plots",
-        marker="none (written again: seconds)",
+        marker=stored(
+            "report.json, summary.md (written again on a rerun: seconds)",
+            lambda run: [run.layout.report, run.layout.summary],
+        ),
         run=write_report,
     ),
 )

@@ -70,7 +70,8 @@ def _options(
 def erase(req: EraseRequest) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
     from mace_core.erasure_report import above_limit
-    from mace_ray.erase.driver import Interrupted, on_sigterm, run_erase
+    from mace_ray.erase.driver import run_erase
+    from mace_ray.erase.stopping import Interrupted, on_sigterm
 
     setup_logging(req.progress)
     try:
@@ -95,12 +96,27 @@ def erase(req: EraseRequest) -> None:
 app.command("erase", cls=OneLineErrors)(command(EraseRequest, erase, "erase"))
 
 
+# How every command names a run (mace_ray/erase/locate.py).
+RunArg = Annotated[
+    str,
+    typer.Argument(
+        help="A run id under --output, or the path or s3:// URL of the run's folder "
+        "(ROOT/runs/<run_id>: ROOT is then the output).",
+        show_default=False,
+    ),
+]
+RunOutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        help="The --output the run was written to, a folder or s3://bucket/prefix (default: mace-runs; "
+        "not needed when RUN is the run's folder).",
+    ),
+]
+
+
 @app.command(cls=OneLineErrors)
-def status(
-    run: Annotated[str, typer.Argument(help="Run id (the folder name under runs/).")],
-    output: Annotated[str, typer.Option(help="The --output the run was written to.")] = "mace-runs",
-    s3_endpoint: S3EndpointOpt = None,
-) -> None:
+def status(run: RunArg, output: RunOutputOpt = None, s3_endpoint: S3EndpointOpt = None) -> None:
     """Show a run's status and progress from its manifest."""
     from mace_ray.erase.status import run_status
 
@@ -112,7 +128,11 @@ def status(
 @app.command(cls=OneLineErrors)
 def gc(
     output: Annotated[
-        str, typer.Option(help="The --output of the runs (a folder or s3://bucket/prefix).")
+        str,
+        typer.Option(
+            help="The --output of the runs: a folder or s3://bucket/prefix (a run's folder there, "
+            "ROOT/runs/<run_id>, stands for ROOT)."
+        ),
     ] = "mace-runs",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
@@ -130,8 +150,12 @@ def gc(
 @app.command("cache-prior", cls=OneLineErrors)
 def cache_prior_cmd(
     captions: Annotated[Path, typer.Argument(help="Caption file, one caption per line (e.g. MS-COCO).")],
-    model: Annotated[str, typer.Option(help="Hub id, local diffusers folder, or 'tiny'.")] = DEFAULT_MODEL,
-    output: Annotated[str, typer.Option(help="The --output that erase runs will use.")] = "mace-runs",
+    model: Annotated[
+        str, typer.Option(help="Hub id, diffusers folder (local or s3://), or 'tiny'.")
+    ] = DEFAULT_MODEL,
+    output: Annotated[
+        str, typer.Option(help="The --output that erase runs will use (a folder or s3://bucket/prefix).")
+    ] = "mace-runs",
     executor: ExecutorOpt = Executor.RAY,
     address: AddressOpt = None,
     s3_endpoint: S3EndpointOpt = None,
@@ -157,10 +181,20 @@ def cache_prior_cmd(
 
 @app.command(cls=OneLineErrors)
 def apply(
-    erasure: Annotated[Path, typer.Argument(help="An erasure.safetensors file written by 'erase'.")],
-    output: Annotated[Path, typer.Option(help="Folder for the erased diffusers pipeline.")],
+    # Strings, never Path: Path("s3://b/k") is "s3:/b/k".
+    erasure: Annotated[
+        str,
+        typer.Argument(
+            help="An erasure.safetensors file written by 'erase' (a path or s3:// URL), or a run's "
+            "folder (its final/erasure.safetensors).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str, typer.Option(help="New folder (or s3:// location) for the erased diffusers pipeline.")
+    ],
     model: Annotated[
-        str | None, typer.Option(help="Base model (default: the one named in the file).")
+        str | None, typer.Option(help="Base model (default: the one named in the file); local or s3://.")
     ] = None,
     other_model: Annotated[
         bool,
@@ -169,7 +203,7 @@ def apply(
             help="Apply to a model other than the one the erasure was computed on (its fingerprint differs).",
         ),
     ] = False,
-    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for an s3:// --model.")] = None,
+    s3_endpoint: S3EndpointOpt = None,
 ) -> None:
     """Apply a compact erasure file to its base model and save the erased pipeline."""
     from mace_ray.erase.apply import apply_erasure_file
@@ -177,7 +211,24 @@ def apply(
     setup_logging(False)
     with reported_errors():
         apply_erasure_file(erasure, output, model, other_model, s3_endpoint)
-    typer.echo(str(output))
+    typer.echo(output)
+
+
+@app.command(cls=OneLineErrors)
+def pull(
+    run: RunArg,
+    dest: Annotated[
+        str, typer.Argument(metavar="DIR", help="Local folder for the run's outputs.", show_default=False)
+    ],
+    output: RunOutputOpt = None,
+    s3_endpoint: S3EndpointOpt = None,
+) -> None:
+    """Copy a complete run's outputs (pipeline, erasure, LoRAs, report) to DIR, checked."""
+    from mace_ray.erase.pull import pull_run
+
+    setup_logging(False)
+    with reported_errors():
+        typer.echo(json.dumps(pull_run(run, dest, output, s3_endpoint)))
 
 
 def main() -> None:

@@ -13,8 +13,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from mace_ray.engine.jobs import ConceptJob, Job
@@ -211,39 +210,6 @@ class WorkerPool:
         self.idle.clear()
         self.busy.clear()
         self.starting.clear()
-
-
-@contextmanager
-def autoscaled_pool(
-    backend: Any, cls: type, spec: Any, resources: Resources, n: int, *names: str
-) -> Iterator[WorkerPool]:
-    """A WorkerPool (``names``: session, actor prefix, run id) whose n workers an autoscaling
-    cluster is asked for while it lives; shut down and the request withdrawn however it ends."""
-    backend.request_resources([resources.bundle()] * n)
-    pool = WorkerPool(backend, cls, spec, resources, n, *names)
-    try:
-        yield pool
-    finally:
-        pool.shutdown()
-        backend.request_resources([])
-
-
-def run_on_workers(
-    backend: Any,
-    cls: type,
-    spec: Any,
-    where: Any,  # mace_ray.engine.requests.WhereItRuns: workers, gpus_per_worker
-    jobs: list[Job],
-    *names: str,
-    what: str,
-) -> WorkerPool:
-    """Every job on a pool of ``cls`` workers shaped by ``where`` (``worker_shape``), asked
-    of the autoscaler while the jobs run; returns the (shut down) pool for its summary."""
-    n, resources = worker_shape(backend, where.workers, where.gpus_per_worker, len(jobs))
-    log.info("%s workers: %d x %s (%s executor), %d jobs", what, n, resources, backend.name, len(jobs))
-    with autoscaled_pool(backend, cls, spec, resources, n, *names) as pool:
-        pool.run(jobs)
-    return pool
 
 
 def worker_shape(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from mace_ray.engine.backend import Backend, backend_for
+from mace_ray.engine.stage_workers import StageWorkers
 from mace_ray.engine.stages import Stage, Timer, run_stages
 from mace_ray.storage.base import Storage
 from mace_ray.storage.open_store import NamesOutput, open_output
@@ -34,9 +35,15 @@ class PreparedJob(Protocol):
 
 
 class StagedRun(Protocol):
-    """The state the stages share; the last stage leaves the job's report in it."""
+    """The state the stages share (with the run's workers); the last stage leaves the job's
+    report in it."""
 
     report: dict[str, Any]
+
+    @property
+    def storage(self) -> Storage: ...
+    @property
+    def workers(self) -> StageWorkers: ...
 
 
 Req = TypeVar("Req", bound=JobRequest)
@@ -59,5 +66,8 @@ def run_staged_job(
     p.start(storage)
     with backend_for(req.executor, req.address) as backend:
         run = make_run(backend, p, storage, p.layout, timer)
-        run_stages(stages, run, timer)
+        try:
+            run_stages(stages, run, timer)
+        finally:
+            run.workers.close()  # however the stages ended
         return run.report

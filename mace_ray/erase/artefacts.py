@@ -121,13 +121,6 @@ def run_data(storage: Storage, layout: RunLayout, concept: Concept) -> ConceptDa
     return read_data(storage, DataLayout(key), concept) if isinstance(key, str) else None
 
 
-def existing(storage: Storage, keys: list[str], threads: int = 8) -> set[str]:
-    """Which of ``keys`` exist (one request each, in parallel: S3 has no batch HEAD)."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        found = list(pool.map(storage.exists, keys))
-    return {k for k, ok in zip(keys, found, strict=True) if ok}
-
-
 def write_result(storage: Storage, layout: RunLayout, art: ConceptArtefacts) -> None:
     """LoRA and notes, then the DONE marker with their checksums. The concept's data must
     already be stored."""

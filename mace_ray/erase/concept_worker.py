@@ -34,15 +34,17 @@ from mace_core.erasure_report import (
     lora_relative_norm,
 )
 from mace_core.families import family_of_pipeline
+from mace_core.families.model_index import TINY_MODEL
 from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fingerprint
 from mace_core.masking import load_masker
-from mace_core.models import TINY_MODEL, load_pipeline, pipeline_projections, pipeline_prompt_encoder
+from mace_core.models import load_pipeline, pipeline_projections, pipeline_prompt_encoder
 from mace_core.progress import no_progress
 from mace_core.prompts import heldout_captions, prompt_pairs
 from mace_core.source_folder import folder_files, source_folder
 from mace_ray.engine.progress import StageProgress
 from mace_ray.engine.worker import PoolWorker
 from mace_ray.erase import artefacts
+from mace_ray.erase.locate import local_masks
 from mace_ray.erase.spec import RunSpec, load_checked
 from mace_ray.storage.model_cache import resolve_model
 
@@ -65,8 +67,11 @@ class ConceptWorker(PoolWorker[RunSpec]):
         self.projections = pipeline_projections(self.pipe)
         self.original = self.projections.weights()
         # A closed-form-only run makes no masks: no detector or segmenter to load (or lack).
+        # An s3:// detector or segmenter is fetched into this node's model cache first.
         self.masker = (
-            load_masker(spec.settings.masks, self.device, tiny=spec.model == TINY_MODEL)
+            load_masker(
+                local_masks(spec.settings.masks, spec.s3_endpoint), self.device, tiny=spec.model == TINY_MODEL
+            )
             if spec.method == "mace"
             else None
         )

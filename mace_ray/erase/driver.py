@@ -22,10 +22,10 @@ from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
 from mace_core.errors import ConceptError, MaceError, quoted
 from mace_core.families.base import PromptEncoder
+from mace_core.families.model_index import TINY_MODEL
 from mace_core.fingerprint import ModelFingerprint
-from mace_core.masking import check_masker_sources
 from mace_core.model_files import check_model_files
-from mace_core.models import TINY_MODEL, load_prompt_encoder, pick_device
+from mace_core.models import load_prompt_encoder, pick_device
 from mace_core.prompts import (
     domain_prompts,
     generation_prompt,
@@ -47,16 +47,17 @@ from mace_ray.engine.stages import Stage, Timer
 from mace_ray.erase import artefacts
 from mace_ray.erase.extend import BaseRun, extend_request, merge_concepts
 from mace_ray.erase.layout import RunLayout
+from mace_ray.erase.locate import check_masker_inputs
+from mace_ray.erase.plan import needs_masker, plan_stages
 from mace_ray.erase.request import EraseRequest
 from mace_ray.erase.run import EraseRun
 from mace_ray.erase.run_report import closing_summary
-from mace_ray.erase.stages import needs_masker, plan_stages
 from mace_ray.erase.stopping import Interrupted, RunStop, on_sigterm, stopped_by
 from mace_ray.storage.base import Storage, read_json, write_json
 from mace_ray.storage.lease import RunLock, RunLocked
-from mace_ray.storage.model_cache import TEXT_COMPONENTS, fingerprint_model, resolve_model
-from mace_ray.storage.open_store import open_storage
+from mace_ray.storage.model_cache import TEXT_COMPONENTS
 from mace_ray.storage.probe import preflight_storage
+from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -139,10 +140,13 @@ def compute_run_id(
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(req: EraseRequest, base: BaseRun | None = None) -> Prepared:
+def prepare(req: EraseRequest, base: BaseRun | None = None, sources: Sources | None = None) -> Prepared:
     """Stage 1, on the driver. Everything that can be wrong with the inputs fails here,
     before anything is written; only the tokenizer and text encoder are loaded. ``base``:
-    the run that ``--from`` extends (its concepts come first, its retained set is kept)."""
+    the run that ``--from`` extends (its concepts come first, its retained set is kept).
+    ``sources``: how the inputs are read (s3:// ones through the output's client where they
+    lie under it, ``mace_ray.storage.resolve``)."""
+    sources = sources or Sources(req.s3_endpoint)
     method, stages = plan_stages(req.stages, req.method)
     concepts = read_concept_file(req.concept_file, req.default_type)
     retain: list[Concept] = []
@@ -156,21 +160,19 @@ def prepare(req: EraseRequest, base: BaseRun | None = None) -> Prepared:
             raise ConceptError(f"{req.retain_file}: concepts both erased and retained: {sorted(clash)[:5]}")
     captions = read_captions(req.prior_captions or default_captions_path())
     # An s3:// model is fetched (text components only) into the local model cache.
-    encoder = load_prompt_encoder(
-        resolve_model(req.model, req.s3_endpoint, components=TEXT_COMPONENTS), torch.device("cpu")
-    )
+    encoder = load_prompt_encoder(sources.pipeline(req.model, TEXT_COMPONENTS), torch.device("cpu"))
     # What the workers will load, checked here, before anything is written (not when a
     # worker fails to load it stages later): the model's components (a local folder's),
     # and the masker's detector and segmenter where the workers load one (a
     # closed-form-only run makes no masks and needs none).
     check_model_files(req.model)
     if needs_masker(method, stages):
-        check_masker_sources(req.settings.masks, tiny=req.model == TINY_MODEL)
+        check_masker_inputs(req.settings.masks, req.model == TINY_MODEL, sources)
     n = req.settings.prompts_per_concept
     validate_prompts(encoder, concepts.concepts, n, concepts.source)
     validate_prompts(encoder, retain, n, req.retain_file or "")
     # Every file of the model that can change the result: a model changed in place is a new run.
-    fingerprint = fingerprint_model(req.model, req.s3_endpoint)
+    fingerprint = sources.fingerprint(req.model)
     prior_key = prior_cache_key(fingerprint.text, captions)
     run_id = compute_run_id(
         req.model, fingerprint.full, concepts.concepts, retain, prior_key, req.settings, method
@@ -256,15 +258,17 @@ def run_erase(req: EraseRequest) -> dict[str, Any]:
     timer = Timer()
     # Storage and device first, in seconds: a bad output (an unreachable or read-only S3
     # bucket too) or device is reported before any model is loaded, and nothing is created.
-    preflight_storage(req.output, req.s3_endpoint)
-    storage = open_storage(req.output, s3_endpoint=req.s3_endpoint)
+    # The output is opened once: --from, the model, the detector and segmenter (read through
+    # its client where they lie under it) and, stages later, the prior cache use that object.
+    storage = preflight_storage(req.output, req.s3_endpoint)
+    sources = Sources(req.s3_endpoint, output=storage)
     if req.device is not None:
         pick_device(req.device)
     with timer.stage("prepare"):
         base = None
         if req.extend:  # the union run: the earlier run's inputs plus the new concepts
-            req, base = extend_request(storage, req)
-        p = prepare(req, base)
+            req, base = extend_request(storage, req, sources)
+        p = prepare(req, base, sources)
     layout = RunLayout(p.run_id)
     # One driver per run: a second one waits for the first (then finds the run complete),
     # or refuses in one line naming it. The lease lives outside the run's folder, which

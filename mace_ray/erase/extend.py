@@ -25,8 +25,10 @@ from mace_core.errors import ConceptError, MaceError
 from mace_core.options import from_plain
 from mace_core.settings import EraseSettings
 from mace_ray.erase.layout import RunLayout
+from mace_ray.erase.locate import locate_run
 from mace_ray.erase.request import EraseRequest
 from mace_ray.storage.base import Storage, read_json
+from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -65,13 +67,23 @@ def _differs(given: Any, default: Any, base: Any) -> bool:
     return given != default and given != base
 
 
-def extend_request(storage: Storage, req: EraseRequest) -> tuple[EraseRequest, BaseRun]:
+def extend_request(
+    storage: Storage, req: EraseRequest, sources: Sources | None = None
+) -> tuple[EraseRequest, BaseRun]:
     """The request of the union run, and the run it extends. MaceError (one line) when RUN
-    does not exist under the output or an option contradicts it."""
+    does not exist or an option contradicts it. RUN: a run id under the output (``storage``),
+    or the path or s3:// URL of a run's folder anywhere (``mace_ray.erase.locate``; its
+    manifest is read there, the union run is written under the output)."""
     run = req.extend or ""
     flag = f"--from {run!r}"
-    if not _RUN_ID.match(run):
-        raise MaceError(f"{flag}: not a run id (16 hex digits, as `mace-ray erase` prints)")
+    sources = sources or Sources(req.s3_endpoint, output=storage)
+    if "/" in run:
+        ref = locate_run(run, None, req.s3_endpoint, sources, flag="--from")
+        storage, run = ref.storage, ref.run_id
+    elif not _RUN_ID.match(run):
+        raise MaceError(
+            f"{flag}: not a run id (16 hex digits, as `mace-ray erase` prints) nor a run's folder"
+        )
     layout = RunLayout(run)
     if not storage.exists(layout.manifest):
         raise MaceError(f"{flag}: no such run under {storage.url}/runs/")

@@ -17,6 +17,7 @@ from typing import Any
 
 from mace_core.errors import MaceError
 from mace_ray.erase.layout import DATA_ROOT
+from mace_ray.erase.locate import run_root
 from mace_ray.storage.base import Storage, read_json
 from mace_ray.storage.lease import lease_is_live
 from mace_ray.storage.open_store import open_storage
@@ -60,8 +61,10 @@ def referenced_data(storage: Storage) -> tuple[set[str], int]:
 
 
 def collect_garbage(output: str, s3_endpoint: str | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """Delete (or, ``dry_run``, list) the data folders no run refers to; returns the counts."""
-    storage = open_storage(output, s3_endpoint=s3_endpoint, must_exist=True)
+    """Delete (or, ``dry_run``, list) the data folders no run refers to; returns the counts.
+    ``output``: a folder or s3:// URL, or a run's folder there (ROOT/runs/<run_id> stands for
+    ROOT, as everywhere a command takes a run root: ``mace_ray.erase.locate``)."""
+    storage = open_storage(run_root(output), s3_endpoint=s3_endpoint, must_exist=True)
     running = live_runs(storage)
     if running:
         raise MaceError(

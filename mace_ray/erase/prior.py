@@ -17,9 +17,11 @@ from mace_core.text_stats import (
 )
 from mace_ray.erase.artefacts import reusable
 from mace_ray.erase.layout import prior_cache_path
+from mace_ray.erase.locate import run_root
 from mace_ray.storage.base import Storage
-from mace_ray.storage.model_cache import TEXT_COMPONENTS, fingerprint_model, resolve_model
+from mace_ray.storage.model_cache import TEXT_COMPONENTS
 from mace_ray.storage.open_store import open_storage
+from mace_ray.storage.resolve import Sources
 
 
 def write_prior_cache(
@@ -38,13 +40,14 @@ def write_prior_cache(
 def cache_prior(
     model: str, captions_file: str, output: str, s3_endpoint: str | None = None, device: str | None = None
 ) -> dict[str, Any]:
-    """``mace-ray cache-prior``: the cache that every erase with this model and file reuses."""
+    """``mace-ray cache-prior``: the cache that every erase with this model and file reuses.
+    ``model``: as erase's --model (an s3:// folder is read through the output's client when
+    it lies under the output, ``mace_ray.storage.resolve``)."""
     captions = read_captions(captions_file)
-    storage = open_storage(output, s3_endpoint=s3_endpoint)
-    fingerprint = fingerprint_model(model, s3_endpoint)
-    encoder = load_prompt_encoder(
-        resolve_model(model, s3_endpoint, components=TEXT_COMPONENTS), pick_device(device)
-    )
+    storage = open_storage(run_root(output), s3_endpoint=s3_endpoint)
+    sources = Sources(s3_endpoint, output=storage)
+    fingerprint = sources.fingerprint(model)
+    encoder = load_prompt_encoder(sources.pipeline(model, TEXT_COMPONENTS), pick_device(device))
     key = prior_cache_key(fingerprint.text, captions)
     with torch.no_grad():
         n, cached = write_prior_cache(storage, encoder, captions, key)

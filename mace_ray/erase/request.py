@@ -40,7 +40,7 @@ class EraseRequest(WhereItRuns):
     )
     model: str = setting(
         DEFAULT_MODEL,
-        "Hub id, local diffusers folder, or 'tiny' (built-in random model).",
+        "Hub id, diffusers folder (local or s3://), or 'tiny' (built-in random model).",
         panel=Panel.MODEL,
         basic=True,
     )
@@ -101,7 +101,7 @@ class EraseRequest(WhereItRuns):
         min=0.0,
         panel=Panel.CLUSTER,
     )
-    # Which stages run (mace_ray/erase/stages.py, plan_stages): checked in erase.prepare.
+    # Which stages run (mace_ray/erase/plan.py, plan_stages): checked in erase.prepare.
     stages: str = setting(
         "all",
         "all, or a partial run of --method mace: stage names, comma-separated, with the stages "
@@ -113,9 +113,9 @@ class EraseRequest(WhereItRuns):
     # An earlier run to add CONCEPTS to (mace_ray/erase/extend.py); its inputs replace the defaults.
     extend: str | None = setting(
         None,
-        "Add CONCEPTS to run RUN under OUTPUT: a new run over both, with RUN's model, "
-        "settings, retained set and captions; the images and masks of RUN's concepts are "
-        "reused, not made again.",
+        "Add CONCEPTS to run RUN (a run id under OUTPUT, or the path or s3:// URL of its folder, "
+        "ROOT/runs/<run_id>): a new run over both, with RUN's model, settings, retained set and "
+        "captions; the images and masks of RUN's concepts in OUTPUT are reused, not made again.",
         name="from",
         panel=Panel.RUN,
         metavar="RUN",

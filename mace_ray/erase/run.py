@@ -1,5 +1,7 @@
-"""The state the stages of one erase run share (``EraseRun``): inputs, storage, worker pools
-and the results each stage leaves for the next (mace_ray/erase/stages.py)."""
+"""The state the stages of one erase run share (``EraseRun``): inputs, storage, the run's
+workers by placement (``StageWorkers``: which class serves each placement; the stages'
+declarations say where each stage runs) and the results each stage leaves for the next
+(mace_ray/erase/stages.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ from typing import Any
 from mace_core.concepts import Concept
 from mace_core.text_stats import second_moment_from_bytes
 from mace_ray.engine.backend import Backend
-from mace_ray.engine.jobs import Job
+from mace_ray.engine.declared import Presence
 from mace_ray.engine.metrics import make_metrics
 from mace_ray.engine.pool import WorkerPool
-from mace_ray.engine.resources import Resources
-from mace_ray.engine.stages import Timer, run_stages
+from mace_ray.engine.stage_workers import StageWorkers
+from mace_ray.engine.stages import Placement, Timer, run_stages
 from mace_ray.erase import artefacts
+from mace_ray.erase.concept_worker import ConceptWorker
 from mace_ray.erase.layout import RunLayout
 from mace_ray.erase.spec import RunSpec
 from mace_ray.erase.stats_worker import StatsWorker
@@ -25,10 +28,12 @@ from mace_ray.storage.lease import RunLock
 
 log = logging.getLogger("mace_ray")
 
-# The most CPU text workers a run starts.
-MAX_TEXT_WORKERS = 8
-# A CPU text worker: one core and room for a text encoder (OpenCLIP ViT-H is 1.4 GB in fp32).
-TEXT_WORKER = Resources(cpus=1, memory_gb=2)
+# The worker class of each placement of an erase run, and its actors' name prefix.
+ERASE_WORKERS = {
+    Placement.TEXT: (TextWorker, "mace-text"),
+    Placement.GPU: (ConceptWorker, "mace-worker"),
+    Placement.STATS: (StatsWorker, "mace-stats"),
+}
 
 
 class EraseRun:
@@ -74,50 +79,37 @@ class EraseRun:
             [c for c in self.concepts if c.slug not in self.done_before] if prepared.method == "mace" else []
         )
         self.batch_size = req.concepts_per_batch or 1
-        self.pool: WorkerPool | None = None
-        self.stats: Any = None
+        self.workers = StageWorkers(
+            backend, self.spec, ERASE_WORKERS, req, self.session, prepared.run_id, backend.name
+        )
+        # What storage holds as the runtime's checks found it; stages that look for the same
+        # keys ask it (the data stage's markers: asked once, not again when the stage ends).
+        self.presence = Presence(storage)
+        # What each stage leaves for the next (None until then: stages declare what they need).
         self.prior_cached = False
-        self.cfr_solve: Any = None
+        self.cfr_solve: Any = None  # the CFR solve the statistics actor started (text_statistics)
         self.original: Any = None
         self.fused: Any = None
         self.fusion_info: dict[str, Any] = {}
         self.outputs: dict[str, str] = {}
         # What writing final/pipeline did: files copied, rewritten, left out (and why).
         self.pipeline_files: dict[str, Any] = {}
-        self.erasure: dict[str, Any] = {}
+        self.erasure: dict[str, Any] | None = None
         self.report: dict[str, Any] = {}
         # Concepts whose images and masks this run made, and those it found stored (shared
         # by content address, possibly made by another run); None until the data stage.
         self.data_made: int | None = None
         self.data_reused: int | None = None
 
-    # ------------------------------------------------------------ pools
+    # ------------------------------------------------------------ what stages use
 
-    def text_pool(self, n_jobs: int) -> WorkerPool:
-        """CPU workers with only the text encoder: one per job up to the cluster's spare CPUs."""
-        if self.backend.name == "local":
-            n, resources = 1, Resources(cpus=0)
-        else:
-            spare = int(self.backend.cpus_available()) - 1  # leave the driver's core
-            n, resources = max(1, min(n_jobs, spare, MAX_TEXT_WORKERS)), TEXT_WORKER
-        log.info("text workers: %d x %s (%s executor)", n, resources, self.backend.name)
-        return self._pool(TextWorker, resources, n, "mace-text")
-
-    def _pool(self, cls: type, resources: Resources, n: int, prefix: str) -> WorkerPool:
-        return WorkerPool(
-            self.backend, cls, self.spec, resources, n, self.session, prefix, self.p.run_id, self.backend.name
-        )
-
-    def run_text_jobs(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        pool = self.text_pool(len(jobs))
-        try:
-            pool.run(jobs)
-        finally:
-            pool.shutdown()
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The GPU workers' pool once started (stage workers_start), kept for its summary."""
+        return self.workers.built.get(Placement.GPU)
 
     def gpu_pool(self) -> WorkerPool:
+        """The GPU workers' pool, for the report (stages send jobs through ``workers``)."""
         assert self.pool is not None, "the GPU workers start in stage workers_start"
         return self.pool
 
@@ -133,21 +125,15 @@ class EraseRun:
         return [concepts[i : i + k] for i in range(0, len(concepts), k)]
 
     def run(self) -> dict[str, Any]:
-        """Every stage; the pools and the statistics actor are shut down however it ends."""
+        """Every stage; the workers and the statistics actor are shut down however it ends."""
         self.metrics.run_started(self.p.run_id, len(self.concepts), len(self.done_before))
         # Before any shared artefact is made or reused: what this run refers to (mace-ray gc).
         data = (
             {c.slug: self.spec.data_layout(c).key for c in self.concepts} if self.p.method == "mace" else {}
         )
         write_json(self.storage, self.layout.refs, {"data": data})
-        self.stats = self.backend.spawn(
-            StatsWorker, (self.spec,), Resources(cpus=0), f"mace-stats-{self.session}", True
-        )
         try:
-            run_stages(self.stages, self, self.timer)
+            run_stages(self.stages, self, self.timer, self.presence)
         finally:
-            if self.pool is not None:
-                self.pool.shutdown()
-            self.backend.kill(self.stats)
-            self.backend.request_resources([])
+            self.workers.close()
         return self.report

@@ -1,9 +1,11 @@
-"""The stages of an erase run (after ``prepare``), as data, and the state they share.
+"""The stages of an erase run (after ``prepare``), as data.
 
-``ERASE_STAGES`` is the run: each ``Stage`` says where it runs and what it reads and
-writes, and its function plans typed jobs (``mace_ray.engine.jobs``) for a pool of workers. The
-statistics actor starts solving CFR as soon as the text statistics are in, so images and
-masks (which need only the original model) never wait for the closed form.
+``ERASE_STAGES`` is the run: each ``Stage`` says where it runs, what it reads and writes
+and the marker it leaves (the runtime checks them, ``mace_ray.engine.stages``), and its
+function plans typed jobs (``mace_ray.engine.jobs``) for the workers of its placement
+(``run.workers``). The statistics actor starts solving CFR as soon as the text statistics
+are in, so images and masks (which need only the original model) never wait for the
+closed form.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from typing import Any
 from mace_core.concepts import Concept
 from mace_core.erasure_report import summarize as erasure_summary
 from mace_core.erasure_report import summary_line
-from mace_core.errors import ArtefactError, SettingError
+from mace_core.errors import ArtefactError
 from mace_core.fingerprint import expect_fingerprint
 from mace_core.prompts import heldout_prompts
+from mace_ray.engine.declared import given, state, stored
 from mace_ray.engine.jobs import Job, concept_label
-from mace_ray.engine.pool import worker_shape
 from mace_ray.engine.stages import Placement, Stage
 from mace_ray.erase import artefacts
-from mace_ray.erase.concept_worker import ConceptWorker
 from mace_ray.erase.jobs import (
     BatchPlan,
     ConceptReport,
@@ -72,30 +73,33 @@ def text_statistics(run: EraseRun) -> None:
             jobs.append(PromptStats(key, prompts, label=label))
     have = artefacts.slugs_with(run.storage, layout, "stats.safetensors")
     missing = [c for c in run.concepts if c.slug not in have]
-    run.run_text_jobs(jobs + text_stats_jobs(missing))
+    run.workers.run(jobs + text_stats_jobs(missing))
     log.info(
         "text_statistics: %d concepts computed, %d reused", len(missing), len(run.concepts) - len(missing)
     )
     # The statistics actor solves CFR while the GPU workers start and make images and masks.
-    run.cfr_solve = run.backend.call(run.stats, "solve_cfr", run.slugs, task_name="cfr-solve")
+    run.cfr_solve = run.workers.call(Placement.STATS, "solve_cfr", run.slugs, task_name="cfr-solve")
+
+
+def text_statistics_files(run: EraseRun) -> list[str]:
+    """What text_statistics leaves: every concept's statistics, the prior's (shared cache),
+    and those of the domain and retained sets where the run has such prompts."""
+    layout = run.layout
+    keys = [layout.stats(slug) for slug in run.slugs] + [prior_cache_path(run.p.prior_key)]
+    keys += [layout.domain_stats] if run.p.domain_prompts() else []
+    return keys + ([layout.retain_stats] if run.p.retain_prompts() else [])
 
 
 def workers_start(run: EraseRun) -> None:
     """Start the GPU workers and wait until a first one has loaded its models."""
     req = run.p.request
-    n, resources = worker_shape(
-        run.backend, req.workers, req.gpus_per_worker, max(1, len(run.batches(run.todo)))
-    )
-    log.info("workers: %d x %s (%s executor)", n, resources, run.backend.name)
-    # Autoscaling clusters grow to what the GPU stages can use, and shrink after.
-    run.backend.request_resources([resources.bundle()] * n)
-    run.pool = run._pool(ConceptWorker, resources, n, "mace-worker")
-    run.pool.wait_started()
+    pool = run.workers.pool(n_jobs=max(1, len(run.batches(run.todo))))
+    pool.wait_started()
     if run.todo and req.concepts_per_batch is None:
         # Concepts per batch from what a worker's free memory holds, capped so that the
         # concepts spread over every worker of the pool.
-        plan = run.pool.ask_one(BatchPlan(label="batch-plan"))
-        run.batch_size = max(1, min(plan["concepts_per_batch"], -(-len(run.todo) // run.pool.size)))
+        plan = run.workers.ask_one(BatchPlan(label="batch-plan"))
+        run.batch_size = max(1, min(plan["concepts_per_batch"], -(-len(run.todo) // pool.size)))
         log.info(
             "concepts per batch: %d (auto; one worker's memory holds %d)",
             run.batch_size,
@@ -108,16 +112,17 @@ def data(run: EraseRun) -> None:
     (by this run before it was stopped, or by any other run over the same model and data
     settings: a run that adds concepts to an earlier one makes only the new concepts' data)."""
     where = {c.slug: run.spec.data_layout(c).marker for c in run.todo}
-    ready = artefacts.existing(run.storage, list(where.values()))
-    need = [c for c in run.todo if where[c.slug] not in ready]
+    # data/ holds every run's images and masks: asked one by one (in parallel), not listed.
+    absent = set(run.presence.missing(list(where.values()), listing=False))
+    need = [c for c in run.todo if where[c.slug] in absent]
     jobs = [PrepareData(b, label=concept_label("data", b)) for b in run.batches(need)]
-    run.gpu_pool().run(jobs, run.finished)
+    run.workers.run(jobs, run.finished)
     run.data_made, run.data_reused = len(need), len(run.todo) - len(need)
     log.info("data: images and masks of %d concepts made, %d reused", run.data_made, run.data_reused)
 
 
 def cfr(run: EraseRun) -> None:
-    backend = run.backend
+    backend, workers = run.backend, run.workers
     M, damaged = backend.get(run.cfr_solve)
     if damaged:
         # Checked where they are read (the statistics actor reads them all anyway): damaged
@@ -125,11 +130,12 @@ def cfr(run: EraseRun) -> None:
         log.warning("statistics of %d concepts are damaged; computing them again", len(damaged))
         for slug in damaged:
             run.storage.delete_prefix(run.layout.stats(slug))
-        run.run_text_jobs(text_stats_jobs([c for c in run.concepts if c.slug in set(damaged)]))
-        M, damaged = backend.get(backend.call(run.stats, "solve_cfr", run.slugs, task_name="cfr-solve"))
+        redo = text_stats_jobs([c for c in run.concepts if c.slug in set(damaged)])
+        workers.run(redo, placement=Placement.TEXT)
+        M, damaged = backend.get(workers.call(Placement.STATS, "solve_cfr", run.slugs, task_name="cfr-solve"))
         if damaged:
             raise ArtefactError(f"statistics of {damaged[:3]} are damaged again just after being written")
-    run.gpu_pool().broadcast("set_cfr", backend.put(M))
+    workers.broadcast(Placement.GPU, "set_cfr", backend.put(M))
 
 
 def train(run: EraseRun) -> None:
@@ -142,32 +148,32 @@ def train(run: EraseRun) -> None:
         run.metrics.concepts_done(progress["done"], run.p.run_id)
         # Stream the finished concepts into the fusion sums while others train.
         slugs = [c.slug for c in job.concepts]
-        streamed.append(run.backend.call(run.stats, "add_concepts", slugs))
+        streamed.append(run.workers.call(Placement.STATS, "add_concepts", slugs))
         log.info("train: %d/%d concepts done (%s)", progress["done"], len(run.concepts), job.label)
 
     jobs = [
         TrainConcepts(b, label=concept_label("train", b), on_done=finished) for b in run.batches(run.todo)
     ]
-    run.gpu_pool().run(jobs, run.finished)
+    run.workers.run(jobs, run.finished)
     for ref in streamed:
         run.backend.get(ref)
 
 
 def fusion(run: EraseRun) -> None:
-    backend = run.backend
-    run.original = backend.put(run.gpu_pool().ask_one(OriginalWeights(label="original-weights")))
+    backend, workers = run.backend, run.workers
+    run.original = backend.put(workers.ask_one(OriginalWeights(label="original-weights"), Placement.GPU))
     fused, run.fusion_info = backend.get(
-        backend.call(run.stats, "fuse", run.slugs, run.original, task_name="fusion-solve")
+        workers.call(Placement.STATS, "fuse", run.slugs, run.original, task_name="fusion-solve")
     )
     run.fused = backend.put(fused)
 
 
 def refined_weights(run: EraseRun) -> None:
     """A closed-form-only run's result: W' = W M for every projection (Eq. 2)."""
-    backend = run.backend
-    run.original = backend.put(run.gpu_pool().ask_one(OriginalWeights(label="original-weights")))
+    backend, workers = run.backend, run.workers
+    run.original = backend.put(workers.ask_one(OriginalWeights(label="original-weights"), Placement.GPU))
     refined, run.fusion_info = backend.get(
-        backend.call(run.stats, "refined", len(run.concepts), run.original, task_name="cfr-weights")
+        workers.call(Placement.STATS, "refined", len(run.concepts), run.original, task_name="cfr-weights")
     )
     run.fused = backend.put(refined)
 
@@ -184,7 +190,7 @@ def write(run: EraseRun) -> None:
         for rel, why in sorted(result["pipeline"]["left_out"].items()):
             log.warning("write: final/pipeline/%s left out: %s", rel, why)
 
-    run.gpu_pool().run([WriteFinal(run.fused, meta, label="write-final", on_done=written)])
+    run.workers.run([WriteFinal(run.fused, meta, label="write-final", on_done=written)])
 
 
 def erasure_report(run: EraseRun) -> None:
@@ -200,7 +206,7 @@ def erasure_report(run: EraseRun) -> None:
     ]
     retain = heldout_prompts(run.p.retain)
     jobs.append(DriftReport(run.fused, retain, label="drift-report", on_done=lambda j, r: drift.update(r)))
-    run.gpu_pool().run(jobs)
+    run.workers.run(jobs)
     run.erasure = erasure_summary(per_concept, drift, run.p.request.max_residual)
 
 
@@ -228,77 +234,133 @@ def finish(run: EraseRun) -> None:
     log.info("erasure report: %s", summary_line(run.erasure))
 
 
+# ------------------------------------------------------------------ what stages read and leave
+
+
+def data_markers(run: EraseRun) -> list[str]:
+    return [run.spec.data_layout(c).marker for c in run.todo]
+
+
+def done_markers(run: EraseRun) -> list[str]:
+    return [run.layout.done(slug) for slug in run.slugs]
+
+
+def cfr_matrix(run: EraseRun) -> list[str]:
+    return [run.layout.cfr_matrix]
+
+
+def fusion_inputs(run: EraseRun) -> list[str]:
+    return done_markers(run) + [run.layout.stats(slug) for slug in run.slugs] + cfr_matrix(run)
+
+
+def final_files(run: EraseRun) -> list[str]:
+    """The final files, and every file of final/pipeline/ the write reported."""
+    return [run.layout.erasure, run.layout.cfr_erasure, *sorted(run.outputs)]
+
+
+def trained(run: EraseRun) -> list[str]:
+    """DONE of every concept, which vouches for its LoRA and notes (none: --method cfr)."""
+    return done_markers(run) if run.spec.method == "mace" else []
+
+
 ERASE_STAGES: tuple[Stage[EraseRun], ...] = (
     Stage(
         "text_statistics",
         Placement.TEXT,
-        reads="concept list, prior captions, --retain set",
+        reads=given("concept list, prior captions, --retain set (checked by prepare)"),
         writes="concepts/<slug>/stats.safetensors, cache/prior/<key>.safetensors, cfr/domain, cfr/retain",
-        marker="each file present with a matching sealed checksum",
+        marker=stored(
+            "each of those files (one reused: with a matching sealed checksum)", text_statistics_files
+        ),
         run=text_statistics,
+        calls=(Placement.STATS,),
     ),
     Stage(
         "workers_start",
         Placement.GPU,
-        reads="the model (fingerprint checked before and after loading), the masker",
+        reads=given("the model (fingerprint checked before and after loading), the masker"),
         writes="nothing",
-        marker="none (models load on every start)",
+        marker=state("a GPU worker with its models loaded (they load on every start)", "pool"),
         run=workers_start,
     ),
     Stage(
         "data",
         Placement.GPU,
-        reads="the original model",
+        reads=state("the original model, on the started GPU workers", "pool"),
         writes="data/<key>/images/, masks/, data.json (shared by runs: key = model, concept, data settings)",
-        marker="data.json with the images' and masks' checksums",
+        marker=stored(
+            "data.json of each concept to train, with the images' and masks' checksums",
+            data_markers,
+            scattered=True,  # data/ holds every run's images and masks: one request each
+        ),
         run=data,
     ),
     Stage(
         "cfr",
         Placement.STATS,
-        reads="every concept's statistics, prior, domain and retain statistics",
-        writes="cfr/M.safetensors (Eq. 2)",
-        marker="none (solved again: seconds)",
+        reads=stored(
+            "every concept's statistics, prior, domain and retain statistics; "
+            "the CFR solve text_statistics began",
+            text_statistics_files,
+            "cfr_solve",
+        ),
+        writes="cfr/M.safetensors (Eq. 2), M to every GPU worker",
+        marker=stored("cfr/M.safetensors (solved again on a rerun: seconds)", cfr_matrix),
         run=cfr,
+        calls=(Placement.GPU, Placement.TEXT),
     ),
     Stage(
         "train",
         Placement.GPU,
-        reads="images, masks, M",
+        reads=stored(
+            "M (cfr/M.safetensors); images and masks where stored (a concept without them gets them first)",
+            cfr_matrix,
+        ),
         writes="concepts/<slug>/lora.safetensors, notes.json, DONE",
-        marker="DONE with the LoRA's and notes' checksums",
+        marker=stored("DONE of every concept, with its LoRA's and notes' checksums", done_markers),
         run=train,
+        calls=(Placement.STATS,),
     ),
     Stage(
         "fusion",
         Placement.STATS,
-        reads="every LoRA and fusion statistic, M",
+        reads=stored("every concept's DONE (its LoRA) and statistics, M", fusion_inputs),
         writes="nothing (the fused weights go to the next stage)",
-        marker="none (solved again: seconds)",
+        marker=state("the fused weights, in the run (solved again on a rerun: seconds)", "fused"),
         run=fusion,
+        calls=(Placement.GPU,),
     ),
     Stage(
         "write",
         Placement.GPU,
-        reads="the fused weights",
+        reads=state("the fused weights, the model's folder", "fused"),
         writes="final/pipeline/, final/erasure.safetensors, final/cfr.safetensors",
-        marker="the manifest's output checksums (once complete)",
+        marker=stored(
+            "each of those files (the manifest records their checksums once complete)", final_files
+        ),
         run=write,
     ),
     Stage(
         "erasure_report",
         Placement.GPU,
-        reads="the fused weights, images, masks, LoRAs",
+        reads=stored(
+            "the fused weights, every concept's LoRA (its DONE); images and masks where stored",
+            trained,
+            "fused",
+        ),
         writes="nothing (the figures go into report.json)",
-        marker="report.json",
+        marker=state("the figures, in the run (computed again on a rerun)", "erasure"),
         run=erasure_report,
     ),
     Stage(
         "finish",
         Placement.DRIVER,
-        reads="notes of every concept",
+        reads=stored("every concept's notes (its DONE), the erasure figures", trained, "erasure"),
         writes="report.json, manifest.json (status complete, output checksums)",
-        marker="manifest.json status complete and every output matching its checksum",
+        marker=stored(
+            "report.json, manifest.json; a rerun checks that every output matches its checksum",
+            lambda run: [run.layout.report, run.layout.manifest],
+        ),
         run=finish,
     ),
 )
@@ -313,69 +375,13 @@ CFR_STAGES: tuple[Stage[EraseRun], ...] = (
     Stage(
         "refined_weights",
         Placement.STATS,
-        reads="M, the original weights",
+        reads=stored("M", cfr_matrix),
         writes="nothing (W' goes to the next stage)",
-        marker="none (seconds)",
+        marker=state("W', in the run (seconds)", "fused"),
         run=refined_weights,
+        calls=(Placement.GPU,),
     ),
     _BY_NAME["write"],
     _BY_NAME["erasure_report"],
     _BY_NAME["finish"],
 )
-# What a stage needs done before it in the same driver (a partial run adds it).
-NEEDS: dict[str, tuple[str, ...]] = {
-    "text_statistics": (),
-    "workers_start": (),
-    "data": ("workers_start",),
-    "cfr": ("text_statistics", "workers_start"),
-    "train": ("cfr",),
-    "fusion": ("train",),
-    "write": ("fusion",),
-    "erasure_report": ("write",),
-    "finish": ("erasure_report",),
-}
-CFR_ONLY = "cfr"
-
-
-def plan_stages(spec: str, method: str = "mace") -> tuple[str, tuple[Stage[EraseRun], ...]]:
-    """``--stages`` of ``--method``: (method, stages to run). ``--method cfr``: closed-form
-    refinement only (a different result, so a different run), whole. ``--stages all``: the
-    method; else stage names of a MACE run, comma-separated, with what they need: a partial run
-    whose artefacts the full run reuses. ``--stages cfr`` alone is the old spelling of
-    ``--method cfr``: it still means that, with a warning."""
-    text = spec.strip().lower()
-    if text == CFR_ONLY:
-        log.warning(
-            "--stages cfr is deprecated: use --method cfr (for a MACE run stopped after its cfr "
-            "stage, name another stage with it: --stages text_statistics,cfr)"
-        )
-        text, method = "all", CFR_ONLY
-    if method == CFR_ONLY:
-        if text not in ("", "all"):
-            raise SettingError(f"--stages {spec}: --method cfr runs whole; partial runs are of --method mace")
-        return CFR_ONLY, CFR_STAGES
-    if text in ("", "all"):
-        return "mace", ERASE_STAGES
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in _BY_NAME]
-    if unknown:
-        valid = ", ".join(["all", *_BY_NAME])
-        raise SettingError(f"--stages: unknown stage {unknown[0]!r} (valid: {valid})")
-    wanted: set[str] = set()
-
-    def add(name: str) -> None:
-        if name not in wanted:
-            wanted.add(name)
-            for need in NEEDS[name]:
-                add(need)
-
-    for name in names:
-        add(name)
-    return "mace", tuple(s for s in ERASE_STAGES if s.name in wanted)
-
-
-def needs_masker(method: str, stages: tuple[Stage[EraseRun], ...]) -> bool:
-    """Whether a run's GPU workers load a masker (at start, so that their batch plan counts its
-    memory): those of a MACE run do; a closed-form-only run makes no masks and loads none, and
-    a partial run without GPU stages (``--stages text_statistics``) starts no worker."""
-    return method == "mace" and any(s.name == "workers_start" for s in stages)

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from mace_core.cfr import Preservation, apply_cfr, cfr_matrix
-from mace_core.closed_form_weights import PAPER_WEIGHTS, resolve_weights
+from mace_core.closed_form_weights import PAPER_WEIGHTS, solve_weights
 from mace_core.errors import ArtefactError
 from mace_core.fusion import FusionSums, fuse
 from mace_core.sealed import open_sealed, sealed_bytes
 from mace_core.text_stats import (
+    POOLED,
     MappingStats,
     SecondMoment,
     second_moment_from_bytes,
@@ -87,16 +88,18 @@ class StatsWorker:
             raise ArtefactError("CFR needs at least one concept")
         terms = self._preservation()
         settings = self.spec.settings
-        weights = resolve_weights(
+        weights = solve_weights(
             settings.cfr,
             self.spec.profile,
             len(slugs),
-            total.n,
-            terms.tokens()["domain"],
+            total,
+            terms.domain,
             scale_squared=settings.cfr_scale_squared,
         )
         M, raw = cfr_matrix(total, weights, terms)
         info = {"tokens": total.n, "weights": weights.to_dict(), "raw_weights": raw.to_dict()}
+        if total.pooled is not None:
+            info["tokens_pooled"] = total.rows(POOLED)
         self.storage.write_bytes(
             self.layout.cfr_matrix, sealed_bytes({"M": M.contiguous()}, {"info": json.dumps(info)})
         )
@@ -134,12 +137,12 @@ class StatsWorker:
         refined = apply_cfr(original, M)
         terms = self._preservation()
         settings = self.spec.settings
-        weights = resolve_weights(
-            settings.fusion, self.spec.profile, len(slugs), self.sums.C.n, terms.tokens()["domain"]
-        )
+        weights = solve_weights(settings.fusion, self.spec.profile, len(slugs), self.sums.C, terms.domain)
         fused, raw = fuse(self.sums, original, refined, weights, terms)
         info = self._info(len(slugs), cfr_info, terms)
         info["tokens"]["fusion"] = self.sums.C.n
+        if "pooled" in info["tokens"]:
+            info["tokens"]["pooled"]["fusion"] = self.sums.C.rows(POOLED)
         info["weights"]["fusion"] = weights.to_dict()
         info["raw_weights"]["fusion"] = raw.to_dict()
         return fused, info
@@ -152,13 +155,18 @@ class StatsWorker:
         return apply_cfr(original, M), self._info(n_concepts, cfr_info, self._preservation())
 
     def _info(self, n_concepts: int, cfr_info: dict[str, Any], terms: Preservation) -> dict[str, Any]:
-        """For the report: token counts, weights (per-token and raw) and where they come from."""
+        """For the report: token counts, weights (per-token and raw) and where they come from;
+        with a pooled block, its rows of each count (``tokens.pooled``) and its weights
+        (``weights.*.pooled``)."""
         settings = self.spec.settings
         stages = [("cfr", settings.cfr)] + (
             [("fusion", settings.fusion)] if self.spec.method == "mace" else []
         )
+        tokens: dict[str, Any] = {"cfr_pairs": cfr_info["tokens"], **terms.tokens()}
+        if cfr_info.get("tokens_pooled") is not None:
+            tokens["pooled"] = {"cfr_pairs": cfr_info["tokens_pooled"], **terms.tokens(POOLED)}
         return {
-            "tokens": {"cfr_pairs": cfr_info["tokens"], **terms.tokens()},
+            "tokens": tokens,
             "weights": {"cfr": cfr_info.get("weights")},
             "raw_weights": {"cfr": cfr_info["raw_weights"]},
             "weights_profile": {

@@ -12,15 +12,17 @@ from mace_core.erasure_report import headline, summary_line
 from mace_core.errors import MaceError
 from mace_ray.erase import artefacts
 from mace_ray.erase.layout import RunLayout
+from mace_ray.erase.locate import locate_run
 from mace_ray.storage.base import Storage, read_json
 from mace_ray.storage.lease import lease_is_live
-from mace_ray.storage.open_store import open_storage
 
 
-def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:
-    """A run's manifest status and progress, read from storage."""
-    storage = open_storage(output, s3_endpoint=s3_endpoint, must_exist=True)
-    layout = RunLayout(run)
+def run_status(output: str | None, run: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """A run's manifest status and progress, read from storage. ``run``: a run id under
+    ``output`` (default mace-runs), or the path or s3:// URL of the run's folder
+    (``mace_ray.erase.locate``)."""
+    ref = locate_run(run, output, s3_endpoint)
+    storage, layout, run = ref.storage, ref.layout, ref.run_id
     if not storage.exists(layout.manifest):
         raise MaceError(f"run {run!r}: no manifest under {storage.url}/{layout.root}")
     manifest = read_json(storage, layout.manifest)
@@ -38,6 +40,7 @@ def run_status(output: str, run: str, s3_endpoint: str | None = None) -> dict[st
         manifest.setdefault("error", "its driver stopped without a word (no live lease)")
     out = {
         "run_id": run,
+        "location": ref.where,
         "status": status,
         "model": manifest["model"],
         "concepts": len(manifest["concepts"]),

@@ -14,7 +14,8 @@ import torch
 
 from mace_core.concepts import Concept
 from mace_core.families.base import PromptEncoder
-from mace_core.models import TINY_MODEL, load_prompt_encoder
+from mace_core.families.model_index import TINY_MODEL
+from mace_core.models import load_prompt_encoder
 from mace_core.text_stats import (
     concept_text_stats,
     prompt_second_moment,

@@ -41,14 +41,15 @@ from mace_core.evaluation.suites import (
     objects_suite,
     styles_suite,
 )
-from mace_core.models import TINY_MODEL
+from mace_core.families.model_index import TINY_MODEL
 from mace_core.pretrained import looks_like_path, resolve_pretrained
 from mace_ray.engine.staged_job import run_staged_job
 from mace_ray.eval.layout import EvalLayout
 from mace_ray.eval.request import EvalRequest
 from mace_ray.eval.stages import EVAL_STAGES, EvalRun
 from mace_ray.storage.base import Storage, write_json
-from mace_ray.storage.model_cache import fingerprint_model
+from mace_ray.storage.model_cache import is_remote, split_run
+from mace_ray.storage.resolve import Sources, canonical, join
 
 log = logging.getLogger("mace_ray")
 
@@ -59,12 +60,13 @@ SUITE_TYPES = {
     "styles": ConceptType.STYLE,
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PIPELINE_IN_RUN = ("final", "pipeline")  # an erase run's pipeline, in its folder
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
     spec: str  # what the user gave
-    load: str  # what load_pipeline gets (absolute path for folders)
+    load: str  # what the workers load (an absolute path for folders; an s3:// URL, which they fetch)
     manifest: dict[str, Any] | None  # the erase run's manifest, when the model is one's output
 
     @property
@@ -105,31 +107,33 @@ class PreparedEval:
         )
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvalInputError(f"erase run manifest {str(path)!r} cannot be read: {e}") from None
-
-
-def resolve_model(spec: str, what: str = "model") -> ResolvedModel:
-    """'tiny', a hub id, a diffusers folder, an erase run's final/pipeline folder or run folder."""
-    if spec == TINY_MODEL or not looks_like_path(spec):
+def resolve_model(spec: str, what: str = "model", sources: Sources | None = None) -> ResolvedModel:
+    """'tiny', a hub id, a diffusers folder, an erase run's folder (``runs/<run_id>``, or one
+    ``mace-ray pull`` wrote) or its ``final/pipeline``: local, or s3:// read in place (the
+    manifest from S3; the pipeline is fetched, verified, by the workers that load it)."""
+    if spec == TINY_MODEL or not (is_remote(spec) or looks_like_path(spec)):
         return ResolvedModel(spec, spec, None)
-    p = Path(spec).expanduser().resolve()
-    if not p.is_dir():
-        raise ModelLoadError(f"{what} {spec!r}: no such folder")
-    if (p / "manifest.json").is_file() and (p / "final" / "pipeline").is_dir():
-        # An erase run's folder (runs/<run_id>): evaluate its final pipeline.
-        return ResolvedModel(spec, str(p / "final" / "pipeline"), _read_manifest(p / "manifest.json"))
-    if not (p / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"{what} {spec!r}: not a diffusers pipeline folder (no model_index.json) nor an erase run folder"
-        )
-    manifest = None
-    if p.name == "pipeline" and p.parent.name == "final":  # runs/<run_id>/final/pipeline
-        manifest = _read_manifest(p.parent.parent / "manifest.json")
-    return ResolvedModel(spec, str(p), manifest)
+    sources = sources or Sources()
+    where = canonical(spec)
+    if is_remote(spec) or Path(where).is_dir():
+        if sources.exists(join(where, "manifest.json")) and sources.exists(join(where, *PIPELINE_IN_RUN)):
+            # An erase run's folder (runs/<run_id>): evaluate its final pipeline.
+            manifest = sources.read_json(join(where, "manifest.json"), "erase run manifest")
+            return ResolvedModel(spec, join(where, *PIPELINE_IN_RUN), manifest)
+        if sources.exists(join(where, "model_index.json")):
+            manifest = None
+            parts = split_run(where)
+            if parts is not None and parts[2] == "/".join(PIPELINE_IN_RUN):  # runs/<run_id>/final/pipeline
+                run_manifest = join(parts[0] or ".", "runs", parts[1], "manifest.json")
+                if sources.exists(run_manifest):
+                    manifest = sources.read_json(run_manifest, "erase run manifest")
+            return ResolvedModel(spec, where, manifest)
+        if sources.exists(where):
+            raise ModelLoadError(
+                f"{what} {spec!r}: not a diffusers pipeline folder (no model_index.json) "
+                "nor an erase run folder"
+            )
+    raise ModelLoadError(f"{what} {spec!r}: no such folder")
 
 
 def model_id(fingerprint: str, generation: GenerationSettings) -> str:
@@ -230,14 +234,16 @@ def _scorers(req: EvalRequest, models: dict[str, ResolvedModel]) -> ScorerSettin
 def prepare(req: EvalRequest) -> PreparedEval:
     """Stage 1, on the driver: everything that can be wrong with the inputs fails here, before
     any worker starts or anything is written."""
-    models = {"model": resolve_model(req.model)}
+    sources = Sources(req.s3_endpoint)
+    models = {"model": resolve_model(req.model, sources=sources)}
     if req.baseline:
-        models["baseline"] = resolve_model(req.baseline, "baseline")
+        models["baseline"] = resolve_model(req.baseline, "baseline", sources)
     suite = build_suite(req, models["model"])
     scorers = _scorers(req, models)
     reference = _reference_files(req)
     # By content: every file of the model that can change an image (hashes are cached by file stat).
-    fingerprints = {t: fingerprint_model(m.load, req.s3_endpoint).full for t, m in models.items()}
+    # An s3:// run's pipeline by the checksums its run recorded: the fingerprint of any copy of it.
+    fingerprints = {t: sources.fingerprint(m.load).full for t, m in models.items()}
     model_ids = {t: model_id(fingerprints[t], req.generation) for t, m in models.items()}
     notes: list[str] = []
     if req.suite == "celebrities" and scorers.recognizer == CLIP_RECOGNIZER:

@@ -25,8 +25,9 @@ class SuiteName(Choice):
 class EvalRequest(WhereItRuns):
     model: str = field(
         metadata=option(
-            "Model to evaluate: hub id, local diffusers folder, 'tiny', or an erase run's final/pipeline "
-            "folder (or its runs/<run_id> folder: erased and retained concepts come from it).",
+            "Model to evaluate: hub id, diffusers folder, 'tiny', or an erase run's final/pipeline "
+            "folder (or its runs/<run_id> folder: erased and retained concepts come from it); "
+            "folders local or s3://.",
             argument=True,
         )
     )

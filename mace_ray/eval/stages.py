@@ -17,13 +17,15 @@ from mace_core.evaluation.scoring import ImageScore, ScorerSettings, ShardScores
 from mace_core.evaluation.suites import DEFAULT_IMAGES_PER_PROMPT
 from mace_core.evaluation.summary import markdown_summary
 from mace_ray.engine.backend import Backend
+from mace_ray.engine.declared import Declared, given, stored
 from mace_ray.engine.jobs import Job
-from mace_ray.engine.pool import WorkerPool, run_on_workers
+from mace_ray.engine.pool import WorkerPool
 from mace_ray.engine.provenance import versions
 from mace_ray.engine.report_files import write_report_files
+from mace_ray.engine.stage_workers import StageWorkers
 from mace_ray.engine.stages import Placement, Stage, Timer, write_report
 from mace_ray.eval.jobs import ReferenceFeatures, ScoreShard
-from mace_ray.eval.layout import EvalLayout, images_prefix, reference_cache_key
+from mace_ray.eval.layout import EvalLayout, image_key, images_prefix, reference_cache_key
 from mace_ray.eval.worker import EvalSpec, EvalWorker
 from mace_ray.storage.base import Storage, write_json
 from mace_ray.storage.open_store import absolute_output
@@ -54,13 +56,23 @@ class EvalRun:
             **req.for_workers(),
         )
         self.session = f"{p.eval_id[:8]}-{uuid.uuid4().hex[:6]}"
-        self.pool: WorkerPool | None = None
+        workers = {Placement.GPU: (EvalWorker, "mace-eval")}
+        self.workers = StageWorkers(backend, self.spec, workers, req, self.session, p.eval_id)
         self.ref_key: str | None = None
         self.ref_cached = False
         self.ref: FeatureMoments | None = None
         self.results: dict[str, dict[int, ShardScores]] = {}
         self.reference: dict[int, FeatureMoments] = {}
         self.report: dict[str, Any] = {}
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The GPU workers' pool once started, kept for the report's summary."""
+        return self.workers.built.get(Placement.GPU)
+
+    def shards(self, n: int) -> int:
+        """How many jobs ``n`` prompts or reference images make."""
+        return len(range(0, n, self.p.request.shard_size))
 
     def reference_key(self) -> str:
         """The cache key of the reference set's moments: its images' and the extractor's content."""
@@ -201,10 +213,7 @@ def generate_and_score(run: EvalRun) -> None:
     run.ref_key = reference_cache_key(run.reference_key()) if run.p.reference_files else None
     run.ref_cached = run.ref_key is not None and run.p.request.resume and run.storage.exists(run.ref_key)
     jobs, run.results, run.reference = run.jobs(run.ref_cached)
-    run.pool = run_on_workers(
-        run.backend, EvalWorker, run.spec, run.p.request, jobs, run.session, "mace-eval", run.p.eval_id,
-        what="eval",
-    )  # fmt: skip
+    run.workers.run(jobs)
 
 
 def reference_moments(run: EvalRun) -> None:
@@ -221,29 +230,61 @@ def reference_moments(run: EvalRun) -> None:
     run.storage.write_bytes(key, moments_bytes(run.ref, {"folder": run.p.request.reference_images or ""}))
 
 
+def eval_images(run: EvalRun) -> list[str]:
+    suite = run.p.suite
+    return [image_key(run.p.model_ids[t], suite.name, x.id) for t in run.p.models for x in suite.prompts]
+
+
+def reference_shards(run: EvalRun) -> list[str]:
+    """The reference images' moments, unless cached: one per shard of images."""
+    if run.ref_key is None or run.ref_cached or len(run.reference) == run.shards(len(run.p.reference_files)):
+        return []
+    return ["the reference images' feature moments"]
+
+
+def scored_models(run: EvalRun) -> list[str]:
+    """Models with a shard of prompts not scored."""
+    n = run.shards(len(run.p.suite.prompts))
+    return [f"the scores of model {t!r}" for t in run.p.models if len(run.results.get(t, {})) < n]
+
+
 EVAL_STAGES: tuple[Stage[EvalRun], ...] = (
     Stage(
         "generate_and_score",
         Placement.GPU,
-        reads="the models, the suite's prompts, reference images (coco)",
+        reads=given("the models, the suite's prompts, reference images (coco) (checked by prepare)"),
         writes="evals/images/<model id>/<suite>/<prompt id>.png",
-        marker="each image present (reused unless --no-resume)",
+        marker=stored("each image (reused unless --no-resume)", eval_images),
         run=generate_and_score,
     ),
     Stage(
         "reference_moments",
         Placement.DRIVER,
-        reads="per-shard feature moments of the reference images",
+        reads=Declared(
+            "per-shard feature moments of the reference images, or the cached moments",
+            lambda run: [run.ref_key] if run.ref_key and run.ref_cached else [],
+            reference_shards,
+        ),
         writes="evals/cache/fid-reference/<key>.safetensors",
-        marker="the cached moments of the same files and extractor",
+        marker=stored(
+            "the cached moments of the same files and extractor",
+            lambda run: [run.ref_key] if run.ref_key else [],
+        ),
         run=reference_moments,
     ),
     Stage(
         "report",
         Placement.DRIVER,
-        reads="per-image scores",
+        reads=Declared("per-image scores of every model", held=scored_models),
         writes="evals/<eval id>/report.json, summary.md, scores, plots",
-        marker="none (written again: seconds)",
+        marker=stored(
+            "report.json, summary.md and scores (written again on a rerun: seconds)",
+            lambda run: [
+                run.layout.report,
+                run.layout.summary,
+                *(run.layout.scores(t) for t in run.p.models),
+            ],
+        ),
         run=write_report,
     ),
 )

@@ -26,6 +26,7 @@ from mace_core.models import load_pipeline
 from mace_ray.engine.progress import StageProgress
 from mace_ray.engine.worker import PoolWorker
 from mace_ray.eval.layout import image_key
+from mace_ray.storage.model_cache import resolve_model
 
 log = logging.getLogger("mace_ray")
 
@@ -68,7 +69,9 @@ class EvalWorker(PoolWorker[EvalSpec]):
     def _pipe(self, tag: str):
         if tag not in self.pipes:
             half = self.spec.generation.precision == "auto" and self.device.type == "cuda"
-            pipe = load_pipeline(self.spec.models[tag], torch.float16 if half else torch.float32)
+            # An s3:// model: its copy in the model cache, fetched (and verified) once per content.
+            local = resolve_model(self.spec.models[tag], self.spec.s3_endpoint)
+            pipe = load_pipeline(local, torch.float16 if half else torch.float32)
             self.pipes[tag] = pipe.to(self.device)
         return self.pipes[tag]
 

@@ -1,42 +1,35 @@
 """A run lock: a lease object in the run's own storage, so two drivers never run one run at once.
 
-Why a lease, not a lock file or flock: the output may be S3, which has no locks, and a driver
-that dies (OOM, SIGKILL, a lost node) must not block its run forever. The lease is one small
-JSON object (owner, host, pid, pid namespace, started, heartbeat, ttl_s) at ``key``, written
-only with the storage's conditional operations (see ``Storage.create_exclusive`` and friends):
+Why a lease: the output may be S3, which has no locks, and a driver that dies (OOM, SIGKILL, a
+lost node) must not block its run forever. The lease is one small JSON object (owner, host, pid,
+pid namespace, started, heartbeat, ttl_s) at ``key``, written only with the storage's
+conditional operations (``Storage.create_exclusive`` and friends):
 
-- acquire: ``create_exclusive``; if the lease exists and its heartbeat is younger than its
-  ``ttl_s``, the run is held (wait or refuse). Otherwise the lease is stale and is replaced
-  with ``replace_if`` on the version seen: of contenders that saw the same stale lease exactly
-  one succeeds, the others see the winner's fresh lease on their next look. A holder on this
-  host whose process is gone is stale at once, but only when its pid namespace is this
-  process's (containers may share a host name, not pids); a lease without one waits ``ttl_s``.
-- heartbeat: a daemon thread rewrites the lease every ``heartbeat_s`` with ``replace_if`` on
-  the version it last wrote, through a client whose requests end within ``usable_s / 6`` (a
-  renewal of two requests cannot outlast a third of the lease's usable life); a renewal that
-  fails is tried again at the next beat. If another owner replaced the lease, the lock is
-  ``lost`` at once.
-- writes: the holder writes only while its last confirmed renewal is younger than
-  ``usable_s = ttl_s - margin_s`` (45 s of a 60 s lease): a run's storage is ``guarded`` by
-  ``check()``, and its workers' storage by ``mace_ray.storage.lease_guard`` (they get a
-  ``LeaseRef``: the key and the owner token), so every write of the run, the workers'
-  artefacts too, is refused once the lease is lost or unrenewed; the margin leaves a write
-  already under way time to land before any other driver can take the lease over (which
-  needs ``ttl_s`` of silence).
-- release: ``delete_if`` on the version last written, so another owner's lease is never
-  removed; short requests, not waiting for a renewal in flight: it ends within seconds.
+- acquire: ``create_exclusive``; a lease whose heartbeat is younger than its ``ttl_s`` is held
+  (wait or refuse); a stale one is replaced with ``replace_if`` on the version seen, so of
+  contenders that saw the same stale lease exactly one succeeds. A holder on this host whose
+  process is gone is stale at once, but only in this process's pid namespace (containers may
+  share a host name, not pids); a lease without one waits ``ttl_s``.
+- heartbeat: a daemon thread rewrites the lease every ``heartbeat_s`` (``replace_if`` on the
+  version it last wrote) through a client whose requests end within ``usable_s / 6`` (a renewal
+  of two requests cannot outlast a third of the lease's usable life); a failed renewal is tried
+  again at the next beat. If another owner replaced the lease, the lock is ``lost`` at once.
+- writes: the holder writes only while its last confirmed renewal is younger than ``usable_s =
+  ttl_s - margin_s`` (45 s of a 60 s lease): a run's storage is ``guarded`` by ``check()``, its
+  workers' by ``mace_ray.storage.lease_guard`` (a ``LeaseRef``: the key and the owner token), so
+  every write of the run is refused once the lease is lost or unrenewed; the margin leaves a
+  write under way time to land before another driver can take over (after ``ttl_s`` of silence).
+- release: ``delete_if`` on the version last written (never another owner's lease), with short
+  requests, not waiting for a renewal in flight: it ends within seconds.
 
-Clock assumption: staleness compares the heartbeat time the holder wrote (its wall clock) with
-the reader's wall clock, so the drivers' clocks must agree to well within ``margin_s`` (15 s
-with the defaults; NTP keeps them within milliseconds). A reader whose clock runs ahead by
-more than that could take over a lease whose holder still writes. A write request that takes
-longer than the margin to land (a stalled upload) can still land after a takeover: the lease
-narrows that window to the margin; S3 offers no fencing that would close it.
+Clocks: staleness compares the heartbeat the holder wrote (its wall clock) with the reader's, so
+drivers' clocks must agree to well within ``margin_s`` (15 s by default; NTP keeps them within
+milliseconds). A write that takes longer than the margin to land (a stalled upload) can still
+land after a takeover: the lease narrows that window to the margin; S3 offers no fencing.
 
-A request whose response was lost and was retried can fail its precondition although its first
-attempt succeeded; the lock therefore re-reads the lease after every conditional write and
-trusts only the owner it finds there. The owner id identifies the holder: two RunLocks given
-the same ``owner`` are the same holder.
+A request retried after a lost response can fail its precondition although its first attempt
+succeeded, so the lock re-reads the lease after every conditional write and trusts only the owner
+it finds there. Two RunLocks given the same ``owner`` are the same holder.
 """
 
 from __future__ import annotations
@@ -75,18 +68,20 @@ def _secs(s: float) -> str:
     return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
 
 
-def parse_lease(raw: bytes) -> dict[str, Any] | None:
-    """A lease as written by RunLock, or None for anything else (treated as stale)."""
+def parse_lease(raw: bytes | None) -> dict[str, Any] | None:
+    """A lease as written by RunLock, or None for anything else (treated as stale) or nothing."""
     try:
-        lease = json.loads(raw)
+        lease = json.loads(raw) if raw is not None else None
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(lease, dict):
-        return None
-    for field in ("heartbeat", "ttl_s"):
-        if isinstance(lease.get(field), bool) or not isinstance(lease.get(field), int | float):
-            return None
-    return lease
+    times = [lease.get(field) for field in ("heartbeat", "ttl_s")] if isinstance(lease, dict) else [None]
+    return lease if all(isinstance(t, int | float) and not isinstance(t, bool) for t in times) else None
+
+
+def read_lease(storage: Storage, key: str) -> tuple[dict[str, Any] | None, tuple[bytes, str] | None]:
+    """The lease at ``key`` (``parse_lease``) and what was read: ``(data, version)`` or None."""
+    current = storage.read_versioned(key)
+    return parse_lease(current[0] if current is not None else None), current
 
 
 def pid_namespace() -> int | None:
@@ -103,11 +98,14 @@ def _gone(lease: dict[str, Any]) -> bool:
     not wait ``ttl_s``. Containers sharing a host name but not pids, or a lease that does not
     say its namespace, are not "this host"."""
     pid, ns = lease.get("pid"), lease.get("pidns")
-    if lease.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+    if (
+        lease.get("host") != socket.gethostname()
+        or not isinstance(pid, int)
+        or pid <= 0
+        or pid == os.getpid()
+    ):
         return False
     if ns is None or ns != pid_namespace():
-        return False
-    if pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -118,13 +116,14 @@ def _gone(lease: dict[str, Any]) -> bool:
     return False
 
 
+def _live(lease: dict[str, Any] | None) -> bool:
+    return lease is not None and time.time() - lease["heartbeat"] <= lease["ttl_s"] and not _gone(lease)
+
+
 def lease_is_live(raw: bytes) -> bool:
     """Whether a stored lease is held now: readable, renewed within its ttl, and (on this
     host) its process alive. What ``RunLock`` would refuse to take over."""
-    lease = parse_lease(raw)
-    if lease is None:
-        return False
-    return time.time() - lease["heartbeat"] <= lease["ttl_s"] and not _gone(lease)
+    return _live(parse_lease(raw))
 
 
 def holder(lease: dict[str, Any]) -> str:
@@ -169,14 +168,9 @@ class RunLock:
                 f"run lock: heartbeat_s={heartbeat_s} must be above 0 and below ttl_s - margin_s "
                 f"= {ttl_s - margin:g}"
             )
-        self.storage = storage
-        self.key = key
-        self.ttl_s = float(ttl_s)
-        self.heartbeat_s = float(heartbeat_s)
-        self.usable_s = float(ttl_s - margin)
-        self.owner = owner or uuid.uuid4().hex
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
+        self.storage, self.key, self.owner = storage, key, owner or uuid.uuid4().hex
+        self.ttl_s, self.heartbeat_s, self.usable_s = float(ttl_s), float(heartbeat_s), float(ttl_s - margin)
+        self.host, self.pid = socket.gethostname(), os.getpid()
         # Renewals through requests that end within a sixth of the usable life (two per
         # renewal: a third); release through shorter ones still.
         self.renew_budget_s = self.usable_s / 6
@@ -192,6 +186,9 @@ class RunLock:
     @property
     def where(self) -> str:
         return f"{self.storage.url}/{self.key}"
+
+    def _mine(self, lease: dict[str, Any] | None) -> bool:
+        return lease is not None and lease.get("owner") == self.owner
 
     @property
     def ref(self) -> LeaseRef:
@@ -226,11 +223,10 @@ class RunLock:
                 f"{_secs(self.usable_s)}, another driver may take it over after {_secs(self.ttl_s)})"
             )
             try:
-                current = self._releaser.read_versioned(self.key)
+                lease = read_lease(self._releaser, self.key)[0]
             except Exception:  # storage unreachable: what the lease says cannot be known
-                current = None
-            lease = parse_lease(current[0]) if current is not None else None
-            if lease is not None and lease.get("owner") != self.owner:
+                lease = None
+            if lease is not None and not self._mine(lease):
                 message += f"; it is now held by {holder(lease)}"
             with self._mutex:
                 self._lost = f"{message}; stopping before the next write"
@@ -266,44 +262,34 @@ class RunLock:
         while True:
             self._renewed = time.monotonic()
             created = self.storage.create_exclusive(self.key, self._lease_bytes())
-            current = self.storage.read_versioned(self.key)
+            lease, current = read_lease(self.storage, self.key)
             if current is None:
                 continue  # released between our create and our read: try again
-            raw, version = current
-            lease = parse_lease(raw)
-            if lease is not None and lease.get("owner") == self.owner:
-                # Ours: just created, taken over, or created by a retried request.
-                self._version = version
+            if self._mine(lease):  # just created, taken over, or created by a retried request
+                self._version = current[1]
                 return None
             if created:
                 continue  # replaced already (a contender's clock far ahead): look again
-            age = time.time() - lease["heartbeat"] if lease is not None else float("inf")
-            if lease is not None and age <= lease["ttl_s"] and not _gone(lease):
+            if _live(lease):
                 return lease
             self._renewed = time.monotonic()
-            if self.storage.replace_if(self.key, self._lease_bytes(), version):
+            if self.storage.replace_if(self.key, self._lease_bytes(), current[1]):
                 if lease is None:
                     log.warning("run lock %s: replacing an unreadable lease", self.where)
                 else:
+                    age, ttl = time.time() - lease["heartbeat"], float(lease["ttl_s"])
                     log.warning(
                         "run lock %s: taking over a stale lease of %s (last heartbeat %s ago, ttl %s)",
                         self.where,
                         holder(lease),
                         _secs(age),
-                        _secs(float(lease["ttl_s"])),
+                        _secs(ttl),
                     )
             # Whoever won (us, another contender, or the holder's own heartbeat): look again.
 
     def _lease_bytes(self) -> bytes:
-        lease = {
-            "owner": self.owner,
-            "host": self.host,
-            "pid": self.pid,
-            "pidns": pid_namespace(),
-            "started": self._started,
-            "heartbeat": time.time(),
-            "ttl_s": self.ttl_s,
-        }
+        lease = {"owner": self.owner, "host": self.host, "pid": self.pid, "pidns": pid_namespace()}
+        lease |= {"started": self._started, "heartbeat": time.time(), "ttl_s": self.ttl_s}
         return json.dumps(lease, sort_keys=True).encode()
 
     def _held_message(self, lease: dict[str, Any]) -> str:
@@ -341,7 +327,7 @@ class RunLock:
         data = self._lease_bytes()
         try:
             self._renewer.replace_if(self.key, data, version)
-            current = self._renewer.read_versioned(self.key)
+            lease, current = read_lease(self._renewer, self.key)
         except Exception as e:  # storage trouble: tried again at the next beat
             left = self.usable_s - (time.monotonic() - self._renewed)
             log.warning(
@@ -352,12 +338,10 @@ class RunLock:
                 _secs(max(0.0, left)),
             )
             return True
-        lease = parse_lease(current[0]) if current is not None else None
         with self._mutex:
             if self._version is None or self._lost is not None:
                 return False  # released (or found lost) while the renewal was under way
-            if lease is not None and lease.get("owner") == self.owner:
-                assert current is not None
+            if self._mine(lease) and current is not None:
                 self._version = current[1]
                 if current[0] == data:
                     self._renewed = started
@@ -367,16 +351,11 @@ class RunLock:
 
     def _lose(self, lease: dict[str, Any] | None) -> None:
         """The lease is no longer ours (``lease``: what is there now); under ``_mutex``."""
-        if lease is None:
-            self._lost = (
-                f"run lock {self.where} was removed or overwritten by another writer; "
-                "stopping before the next write"
-            )
-        else:
-            self._lost = (
-                f"run lock {self.where} was taken over by {holder(lease)}; stopping so as not to "
-                "write over its run"
-            )
+        self._lost = f"run lock {self.where} " + (
+            "was removed or overwritten by another writer; stopping before the next write"
+            if lease is None
+            else f"was taken over by {holder(lease)}; stopping so as not to write over its run"
+        )
         log.warning("%s", self._lost)
 
     def verify(self) -> None:
@@ -385,13 +364,11 @@ class RunLock:
         if not self.held or self._lost is not None:
             return
         try:
-            current = self._renewer.read_versioned(self.key)
+            lease = read_lease(self._renewer, self.key)[0]
         except Exception:
             return
-        lease = parse_lease(current[0]) if current is not None else None
         with self._mutex:
-            mine = lease is not None and lease.get("owner") == self.owner
-            if self._version is not None and self._lost is None and not mine:
+            if self._version is not None and self._lost is None and not self._mine(lease):
                 self._lose(lease)
 
     # --- release ----------------------------------------------------------------------
@@ -414,9 +391,8 @@ class RunLock:
             # ...and when it was quick but found another version: a renewal (in flight, or whose
             # response was lost) may have changed it while keeping it ours; delete that one,
             # never another owner's (3 x RELEASE_S at most).
-            current = self._releaser.read_versioned(self.key)
-            lease = parse_lease(current[0]) if current is not None else None
-            if current is not None and lease is not None and lease.get("owner") == self.owner:
+            lease, current = read_lease(self._releaser, self.key)
+            if current is not None and self._mine(lease):
                 self._releaser.delete_if(self.key, current[1])
             elif current is not None:
                 log.warning("run lock %s: no longer ours at release, left in place", self.where)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from mace_ray.storage.base import Storage
-from mace_ray.storage.lease import LeaseRef, RunLocked, holder, parse_lease
+from mace_ray.storage.lease import LeaseRef, RunLocked, holder, read_lease
 
 
 class LeaseGuard:
@@ -28,8 +28,7 @@ class LeaseGuard:
         return f"{self.reader.url}/{self.ref.key}"
 
     def _read(self) -> None:
-        current = self.reader.read_versioned(self.ref.key)
-        lease = parse_lease(current[0]) if current is not None else None
+        lease = read_lease(self.reader, self.ref.key)[0]
         self._heartbeat = None
         if lease is None:
             raise RunLocked(

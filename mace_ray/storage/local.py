@@ -41,10 +41,6 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _locked(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-
-
 def _remove_if_unlocked(path: Path) -> None:
     """Remove a staging file or folder unless its writer still holds its lock."""
     try:
@@ -52,15 +48,13 @@ def _remove_if_unlocked(path: Path) -> None:
     except OSError:
         return  # gone meanwhile
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return  # a live writer's
-    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer's
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+    except BlockingIOError:
+        pass
     finally:
         os.close(fd)
 
@@ -135,13 +129,9 @@ class LocalStorage:
         base = self.path(prefix)
         if not base.is_dir():
             return []
-        keys = []
-        for p in base.rglob("*"):
-            rel = p.relative_to(self.root)
-            # Dot-names are temporaries (atomic writes, put_dir staging): never listed.
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-                keys.append(rel.as_posix())
-        return sorted(keys)
+        rels = (p.relative_to(self.root) for p in base.rglob("*") if p.is_file())
+        # Dot-names are temporaries (atomic writes, put_dir staging): never listed.
+        return sorted(r.as_posix() for r in rels if not any(part.startswith(".") for part in r.parts))
 
     def put_dir(self, local_dir: Path, key: str) -> None:
         """Copy a folder in under ``key``, replacing what was there, visible all at once."""
@@ -156,23 +146,19 @@ class LocalStorage:
             try:
                 tmp.mkdir()
                 fd = os.open(tmp, os.O_RDONLY)
-                _locked(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 # File by file rather than copytree, which folds a full disk into shutil.Error.
                 for src in entries:
                     target = tmp / src.relative_to(local_dir)
-                    if src.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                    else:
-                        target.parent.mkdir(parents=True, exist_ok=True)
+                    (target if src.is_dir() else target.parent).mkdir(parents=True, exist_ok=True)
+                    if not src.is_dir():
                         shutil.copy2(src, target)
                 self._check()  # the folder appears only while the writer may still write
-                old = None
+                old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
                 if dest.exists():
-                    old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
                     os.replace(dest, old)
                 os.replace(tmp, dest)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -190,15 +176,6 @@ class LocalStorage:
         elif p.exists():
             p.unlink()
 
-    # --- conditional operations (leases) ----------------------------------------------
-    # create_exclusive relies on link(2) failing when the name exists, so it needs no lock;
-    # replace_if and delete_if compare then act while holding an flock on a sibling
-    # ``.<name>.lock`` (hidden from list() like every dot-name). Nothing else removes or
-    # replaces a lease, so between the comparison and the action the file cannot change
-    # (an unconditional write_bytes to the same key would bypass this: leases use only these).
-    # flock works between processes and threads on one machine; on NFS it depends on the
-    # client (Linux emulates it with byte-range locks).
-
     @contextlib.contextmanager
     def _staged(self, dest: Path, data: bytes) -> Iterator[str]:
         """A complete, synced temporary sibling of ``dest`` holding ``data``, locked while the
@@ -207,7 +184,7 @@ class LocalStorage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
         try:
-            _locked(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             with os.fdopen(os.dup(fd), "wb") as f:
                 f.write(data)
                 f.flush()
@@ -247,6 +224,13 @@ class LocalStorage:
                 continue
             _remove_if_unlocked(Path(e.path))
 
+    # --- conditional operations (leases) ----------------------------------------------
+    # create_exclusive relies on link(2) failing when the name exists, so it needs no lock;
+    # replace_if and delete_if compare then act holding an flock on a sibling ``.<name>.lock``
+    # (hidden like every dot-name). Nothing else removes or replaces a lease (leases use only
+    # these), so between the comparison and the action the file cannot change. flock works
+    # between processes and threads on one machine; on NFS it depends on the client.
+
     @contextlib.contextmanager
     def _key_lock(self, dest: Path) -> Iterator[None]:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -257,12 +241,13 @@ class LocalStorage:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    def _version(self, dest: Path) -> tuple[bytes, str] | None:
-        """Contents and version read from one open file (files are replaced, never edited
-        in place, so both describe the same object). The version is inode, mtime and a
-        content hash: a replace changes at least the hash unless the bytes are identical."""
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """``(data, version)`` of ``key``, or None if absent; the version is what replace_if and
+        delete_if compare. Both come from one open file (files are replaced, never edited in
+        place); the version is inode, mtime and a content hash: a replace changes at least the
+        hash unless the bytes are identical."""
         try:
-            with open(dest, "rb") as f:
+            with open(self.path(key), "rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
         except FileNotFoundError:
@@ -282,16 +267,11 @@ class LocalStorage:
             except FileExistsError:
                 return False
 
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
-        """``(data, version)`` of ``key``, or None if absent; the version is what
-        replace_if/delete_if compare against."""
-        return self._version(self.path(key))
-
     def replace_if(self, key: str, data: bytes, version: str) -> bool:
         """Atomically replace ``key`` only if its version is still ``version``."""
         dest = self.path(key)
         with self._staged(dest, data) as tmp, self._key_lock(dest):
-            current = self._version(dest)
+            current = self.read_versioned(key)
             if current is None or current[1] != version:
                 return False
             os.replace(tmp, dest)
@@ -303,7 +283,7 @@ class LocalStorage:
         if not dest.exists():
             return False
         with self._key_lock(dest):
-            current = self._version(dest)
+            current = self.read_versioned(key)
             if current is None or current[1] != version:
                 return False
             dest.unlink()

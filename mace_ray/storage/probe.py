@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from mace_ray.storage.base import StorageError
+from mace_ray.storage.base import Storage, StorageError
 from mace_ray.storage.open_store import open_storage
 from mace_ray.storage.s3_retry import (
     NETWORK_ERRORS,
@@ -42,8 +42,9 @@ PROBE_BODY = b"mace-ray write probe; safe to delete\n"
 DENIED = frozenset({"AccessDenied", "AllAccessDisabled", "403"})
 
 
-def preflight_storage(url: str, s3_endpoint: str | None = None, budget_s: float = 15.0) -> None:
-    """Fail within about ``budget_s`` seconds, in one line, if ``url`` cannot take the run.
+def preflight_storage(url: str, s3_endpoint: str | None = None, budget_s: float = 15.0) -> Storage:
+    """Fail within about ``budget_s`` seconds, in one line, if ``url`` cannot take the run;
+    else the storage of ``url``, opened (the one object the run's preparation uses).
 
     Opening ``S3Storage`` waits out the run's whole retry budget (minutes, right for an
     outage mid-run) and then says "rerun to resume", which is wrong when nothing ran. This
@@ -51,9 +52,9 @@ def preflight_storage(url: str, s3_endpoint: str | None = None, budget_s: float 
     bucket, refused credentials, read-only credentials, or no right to delete.
     """
     if url[:5].lower() != "s3://":
-        open_storage(url, s3_endpoint=s3_endpoint)  # LocalStorage: checks, creates nothing
-        return
+        return open_storage(url, s3_endpoint=s3_endpoint)  # LocalStorage: checks, creates nothing
     _S3Probe(url, s3_endpoint, budget_s).run()
+    return open_storage(url, s3_endpoint=s3_endpoint)
 
 
 class _S3Probe:
@@ -97,18 +98,15 @@ class _S3Probe:
             self._bounded("reach the bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
         except ClientError as e:
             if http_status(e) == 404:
-                self._confirm_missing()
-                return
+                return self._confirm_missing()
             if http_status(e) != 403:
                 raise self._failed("reach the bucket", e) from None
-            # A HEAD error has no body: a one-key listing gives the precise code.
+            # A HEAD error has no body: a one-key listing gives the precise code (listing allowed
+            # but HEAD refused, an odd policy: the write probe decides).
             try:
                 self._bounded("list the bucket", self._list_one)
             except ClientError as e2:
                 raise self._failed("list the bucket", e2) from None
-            # Listing allowed but HEAD refused (an odd policy): the write probe decides.
-        except BotoCoreError as e:
-            raise self._failed("reach the bucket", e) from None
 
     def _confirm_missing(self) -> None:
         """After a HEAD 404: S3 servers say NoSuchBucket to a listing; anything else that
@@ -120,8 +118,6 @@ class _S3Probe:
                 f"{self.url}: {self.endpoint} answered HTTP {http_status(e) or '404'} without an S3 error "
                 "for the bucket: is it an S3 server? Check --s3-endpoint (or AWS_ENDPOINT_URL)"
             ) from None
-        except BotoCoreError as e:
-            raise self._failed("list the bucket", e) from None
         # Listed although HEAD said 404 (an odd server): the write probe decides.
 
     def _list_one(self) -> Any:
@@ -141,8 +137,6 @@ class _S3Probe:
                     f"but not write to it ({error_code(e)}): read-only credentials? The run writes its "
                     "results there"
                 ) from None
-            raise self._failed("write a probe object", e) from None
-        except BotoCoreError as e:
             raise self._failed("write a probe object", e) from None
         version = resp.get("VersionId")
         return version if version and version != "null" else None
@@ -174,12 +168,8 @@ class _S3Probe:
                     f"the probe object {left} is left behind"
                 ) from None
             raise self._failed("delete the probe object", e) from None
-        except StorageError as e:  # unreachable since the write: the object may be there
+        except StorageError as e:  # unreachable since the write, or no answer: the object may be there
             raise StorageError(f"{e}; the probe object {left} may be left behind") from None
-        except BotoCoreError as e:
-            raise StorageError(
-                f"{self._failed('delete the probe object', e)}; the probe object {left} may be left behind"
-            ) from None
 
     def _delete_one(self, version: str | None) -> Any:
         kwargs = {"VersionId": version} if version else {}
@@ -188,12 +178,10 @@ class _S3Probe:
     # --- retries and messages --------------------------------------------------------
 
     def _bounded(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()`` (its requests retried by the client until the deadline).
-
-        Raises a StorageError when the endpoint stays unreachable or busy, or for failures
-        no retry can fix (credentials, missing bucket); other errors (ClientError with a
-        code a step understands, BotoCoreError) propagate for the step to name.
-        """
+        """``fn()`` (its requests retried by the client until the deadline). A StorageError when
+        the endpoint stays unreachable or busy, for failures no retry can fix (credentials,
+        missing bucket) and for botocore's own errors; a ClientError with another code
+        propagates for the step to name."""
         try:
             return fn()
         except Exception as e:
@@ -202,15 +190,16 @@ class _S3Probe:
             fatal = fatal_error(e, self.url, self.bucket, self.endpoint)
             if fatal is not None and error_code(e) not in DENIED:
                 raise fatal from None
+            if isinstance(e, BotoCoreError):
+                raise self._failed(what, e) from None
             raise
 
     def _unreachable(self, what: str, e: BaseException) -> StorageError:
         network = isinstance(e, NETWORK_ERRORS)
         state = "unreachable" if network else "not answering normally"
-        detail = error_code(e) or (str(http_status(e)) if http_status(e) else type(e).__name__)
         hint = "check --s3-endpoint (or AWS_ENDPOINT_URL) and the network" if network else "try again later"
         return StorageError(
-            f"{self.url}: S3 endpoint {self.endpoint} {state} ({detail}; could not {what} "
+            f"{self.url}: S3 endpoint {self.endpoint} {state} ({_detail(e)}; could not {what} "
             f"within {self.budget_s:.0f}s): {hint}"
         )
 
@@ -218,5 +207,8 @@ class _S3Probe:
         fatal = fatal_error(e, self.url, self.bucket, self.endpoint)
         if fatal is not None:
             return fatal
-        detail = error_code(e) or (str(http_status(e)) if http_status(e) else type(e).__name__)
-        return StorageError(f"{self.url}: S3 at {self.endpoint}: could not {what} ({detail})")
+        return StorageError(f"{self.url}: S3 at {self.endpoint}: could not {what} ({_detail(e)})")
+
+
+def _detail(e: BaseException) -> str:
+    return error_code(e) or (str(http_status(e)) if http_status(e) else type(e).__name__)

@@ -1,48 +1,27 @@
-"""``S3Storage``: the Storage protocol on ``s3://bucket/prefix`` (AWS, MinIO, SeaweedFS...).
+"""``S3Storage``: the Storage protocol on ``s3://bucket/prefix`` (AWS, MinIO, SeaweedFS...), with
+the keys of ``LocalStorage``.
 
-Keys are relative POSIX paths under the prefix, exactly as for ``LocalStorage``.
+Connection (``mace_ray.storage.s3_client``): credentials, region and endpoint from the standard
+AWS configuration (the ``s3_endpoint`` argument, ``--s3-endpoint``, wins); path-style addressing
+for any endpoint that is not AWS (MACE_S3_ADDRESSING_STYLE overrides). Retries
+(``mace_ray.storage.s3_retry``): no request waits more than MACE_S3_RETRY_SECONDS (default 120 s)
+on an S3 that does not answer, opening included (workers open it mid-run); auth failures and
+missing buckets are a ``StorageError`` at once, an exhausted budget ``StorageUnavailableError``. A
+response body cut off mid-way is resumed where it stopped (a ranged GET of the same ETag), up to
+5 times as s3transfer does. ``bounded(seconds)``: the same location with a shorter budget (the run
+lock's renewals); ``guarded(check)``: every write request first calls ``check()`` (the run lock).
 
-Connection. A boto3 client built from the standard AWS configuration: credentials from
-AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN), AWS_PROFILE or an instance
-role; region from AWS_REGION/AWS_DEFAULT_REGION/the profile; endpoint from the
-``s3_endpoint`` argument (``--s3-endpoint``), else AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL or
-the profile's endpoint_url, else AWS itself.
+Atomicity. A single PUT is atomic, so DONE markers, manifests and reports appear whole or not at
+all; ``put_dir`` cannot rename, so it commits a folder with markers (``mace_ray.storage.s3_folders``):
+a crash leaves the old committed folder or nothing that looks complete. ``list()`` hides names
+starting with '.' and the files of uncommitted folders.
 
-Addressing. MACE_S3_ADDRESSING_STYLE=path|virtual|auto wins when set. Otherwise path-style
-(``http://host/bucket/key``) for any endpoint that is not AWS, because MinIO, SeaweedFS and
-most on-premise servers serve only that, and bucket-named host names do not resolve for
-``127.0.0.1`` or a cluster service name; and botocore's default (virtual-hosted) for AWS,
-which is deprecating path-style.
-
-Retries (see ``mace_ray.storage.s3_retry``). botocore's standard-mode retry decisions for
-throttling, 5xx and network errors, each retry logged as a warning, bounded in time: no
-request waits more than MACE_S3_RETRY_SECONDS (default 120 s) on an S3 that does not answer;
-its connect and read timeouts (5 s and 20 s; less for budgets under 40 s) are set so that a
-retry is made only while a whole attempt still fits. The budget is the same when storage is
-opened: workers open it mid-run, when an outage is as likely as at any other time (so a
-mistyped endpoint takes the budget to fail, its retries logged meanwhile). Auth failures and
-missing buckets are never retried: they raise ``StorageError`` naming the bucket and URI
-(never a key). When the budget runs out, ``StorageUnavailableError``. A response body cut
-off mid-way is resumed from where it stopped (a ranged GET of the same ETag), up to 5 times
-as s3transfer does for downloads; s3transfer's own retries cover multipart transfers.
-``bounded(seconds)`` is the same location with a shorter budget (the run lock's renewals);
-``guarded(check)`` one on which every write request first calls ``check()`` (the run lock).
-
-Atomicity. A single PUT is atomic on S3, so DONE markers, manifests and reports (written
-with ``write_bytes``) appear whole or not at all. ``put_dir`` cannot rename, so it:
-1. writes ``<key>/.mace-partial`` (the folder is now "being written"),
-2. deletes ``<key>/.mace-complete`` and then every other object left under ``<key>/``
-   (an older copy or a crashed partial upload),
-3. uploads every file (large ones as multipart uploads, several files at once),
-4. writes ``<key>/.mace-complete`` (JSON: every file and its size) - the commit point,
-5. deletes ``<key>/.mace-partial``.
-``exists(key)`` and ``get_dir(key)`` treat a folder with ``.mace-partial`` and no
-``.mace-complete`` as absent, and ``get_dir`` of a committed folder fetches exactly the
-files its marker lists and checks their sizes. A crash anywhere leaves either the old
-committed folder or nothing that looks complete. ``list()`` hides names starting with '.'
-(as LocalStorage hides its temporaries) and the files of uncommitted folders.
-A crashed multipart upload can leave invisible parts behind: give the bucket an
-AbortIncompleteMultipartUpload lifecycle rule.
+Conditional writes (the run lock's lease, ``mace_ray.storage.lease``): PutObject with If-None-Match
+``*`` or If-Match ``<etag>`` (AWS since 2024); the server decides, so of two racing requests exactly
+one succeeds and the other gets 412. Verified on SeaweedFS 4.48 (12 racing clients, one winner in
+each of 80 rounds) and required of the server. A request retried after a lost response can fail
+its precondition because its first attempt succeeded: False then means "not done by this
+attempt"; callers that must know re-read the object (RunLock compares the owner).
 """
 
 from __future__ import annotations
@@ -59,7 +38,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from mace_ray.storage import s3_conditional, s3_folders
+from mace_ray.storage import s3_folders
 from mace_ray.storage.base import StorageError, check_key
 from mace_ray.storage.s3_client import (
     addressing_style,
@@ -87,15 +66,9 @@ READ_CHUNK = MB
 BODY_ATTEMPTS = 5
 # Requests that change the bucket: a guarded storage checks before each (multipart parts too).
 WRITE_OPERATIONS = (
-    "PutObject",
-    "CopyObject",
-    "DeleteObject",
-    "DeleteObjects",
-    "CreateMultipartUpload",
-    "UploadPart",
-    "UploadPartCopy",
-    "CompleteMultipartUpload",
-)
+    "PutObject", "CopyObject", "DeleteObject", "DeleteObjects", "CreateMultipartUpload", "UploadPart",
+    "UploadPartCopy", "CompleteMultipartUpload",
+)  # fmt: skip
 # Parts of 16 MiB: a 3.4 GB SD UNet is ~210 parts (S3 allows 10,000, so files up to
 # 160 GB), a 235 MB text encoder still spreads over all 8 connections, and a failed part
 # re-sends at most 16 MiB. On loopback the part size (8-64 MiB) and concurrency (4-16) made
@@ -125,11 +98,14 @@ class S3Storage:
         concurrency: int = CONCURRENCY,
     ) -> None:
         self.loc = parse_s3_url(url)
-        self.url = self.loc.url
-        self.bucket = self.loc.bucket
-        self.s3_endpoint = s3_endpoint
-        self._retry_seconds = retry_seconds  # None: MACE_S3_RETRY_SECONDS of the process that opens it
-        self._transfer_args = (multipart_threshold, multipart_chunksize, concurrency)
+        self.url, self.bucket, self.s3_endpoint = self.loc.url, self.loc.bucket, s3_endpoint
+        # What a worker that unpickles it passes again (retry_seconds None: its own environment's).
+        self._args = {
+            "retry_seconds": retry_seconds,
+            "multipart_threshold": multipart_threshold,
+            "multipart_chunksize": multipart_chunksize,
+            "concurrency": concurrency,
+        }
         self.budget_s = retry_budget() if retry_seconds is None else retry_seconds
         self.guard: Callable[[], None] | None = None
         self._bounded: dict[float, S3Storage] = {}
@@ -144,25 +120,17 @@ class S3Storage:
         self._check_bucket()
 
     def _make_client(self) -> Any:
-        client = make_client(
-            self.url,
-            self.s3_endpoint,
-            addressing_style(),
-            pool=self._transfer_args[2] + 4,
-            retries=BoundedRetries(self.budget_s),
-        )
-        if self.guard is not None:
-            guard = self.guard
-            for op in WRITE_OPERATIONS:
-                client.meta.events.register(
-                    f"before-parameter-build.s3.{op}", lambda guard=guard, **_: guard()
-                )
+        pool, retries = self._args["concurrency"] + 4, BoundedRetries(self.budget_s)
+        client = make_client(self.url, self.s3_endpoint, addressing_style(), pool=pool, retries=retries)
+        for op in WRITE_OPERATIONS if self.guard is not None else ():
+            client.meta.events.register(
+                f"before-parameter-build.s3.{op}", lambda guard=self.guard, **_: guard()
+            )
         return client
 
     def _variant(self, budget_s: float, guard: Callable[[], None] | None) -> S3Storage:
         other = copy.copy(self)
-        other._bounded = {}
-        other._retry_seconds = other.budget_s = budget_s
+        other._bounded, other._args, other.budget_s = {}, {**self._args, "retry_seconds": budget_s}, budget_s
         other.guard = guard
         other.client = other._make_client()
         return other
@@ -184,7 +152,7 @@ class S3Storage:
     # credential; each process builds its own client from its own environment.
     def __reduce__(self) -> tuple[Callable[..., S3Storage], tuple[Any, ...]]:
         # A guard goes along (a lease check is picklable); one that is not fails loudly here.
-        return (_reopen, (self.url, self.s3_endpoint, self._retry_seconds, *self._transfer_args, self.guard))
+        return (_reopen, (self.url, self.s3_endpoint, self._args, self.guard))
 
     def __repr__(self) -> str:
         return f"S3Storage({self.url!r}, endpoint={self.endpoint!r})"
@@ -226,39 +194,37 @@ class S3Storage:
         if not self.request(self.url, head):
             raise StorageError(f"{self.url}: bucket {self.bucket!r} does not exist at {self.endpoint}")
 
-    def _head(self, full: str) -> bool:
-        def head() -> bool:
+    def head(self, full: str) -> str | None:
+        """The ETag of the object ``full``, None if there is none."""
+
+        def ask() -> str | None:
             try:
-                self.client.head_object(Bucket=self.bucket, Key=full)
-                return True
+                return str(self.client.head_object(Bucket=self.bucket, Key=full)["ETag"])
             except ClientError as e:
                 if http_status(e) == 404 and error_code(e) != "NoSuchBucket":
-                    return False
+                    return None
                 raise
 
-        return self.request(self.uri(self.loc.rel(full)), head)
+        return self.request(self.uri(self.loc.rel(full)), ask)
 
-    def _list_page(self, full_prefix: str, token: str | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix, "MaxKeys": self.page_size}
-        if token:
-            kwargs["ContinuationToken"] = token
+    def _first_page(self, full_prefix: str) -> dict[str, Any]:
         return self.request(
-            self.uri(self.loc.rel(full_prefix)), lambda: self.client.list_objects_v2(**kwargs)
+            self.uri(self.loc.rel(full_prefix)),
+            lambda: self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=full_prefix, MaxKeys=self.page_size
+            ),
         )
 
     def iter_objects(self, full_prefix: str) -> Iterator[dict[str, Any]]:
-        """Every object under ``full_prefix`` (which ends with '/'), page by page."""
-        token: str | None = None
-        while True:
-            page = self._list_page(full_prefix, token)
+        """Every object under ``full_prefix``, page by page (boto3's paginator)."""
+        what = self.uri(self.loc.rel(full_prefix))
+        paginator = self.client.get_paginator("list_objects_v2")
+        config = {"PageSize": self.page_size}
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=full_prefix, PaginationConfig=config))
+        while (page := self.request(what, lambda: next(pages, None))) is not None:
+            if page.get("IsTruncated") and not page.get("NextContinuationToken"):
+                raise StorageError(f"{what}: listing truncated without a token")
             yield from page.get("Contents", [])
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated"):
-                return
-            if not token:
-                raise StorageError(
-                    f"{self.uri(self.loc.rel(full_prefix))}: listing truncated without a token"
-                )
 
     def put_object(self, full: str, data: bytes) -> None:
         self.request(
@@ -299,13 +265,11 @@ class S3Storage:
         what = self.uri(key)
         offset, etag = 0, None
         for attempt in range(1, BODY_ATTEMPTS + 1):
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
-            if etag is not None:
-                kwargs.update(Range=f"bytes={offset}-", IfMatch=etag)
+            resumed = {} if etag is None else {"Range": f"bytes={offset}-", "IfMatch": etag}
 
-            def get(kwargs: dict[str, Any] = kwargs, resumed: bool = etag is not None) -> Any:
+            def get(resumed: dict[str, str] = resumed) -> Any:
                 try:
-                    return self.client.get_object(**kwargs)
+                    return self.client.get_object(Bucket=self.bucket, Key=full, **resumed)
                 except ClientError as e:
                     code = error_code(e)
                     if resumed and code in ("PreconditionFailed", "NoSuchKey", "404"):
@@ -319,9 +283,8 @@ class S3Storage:
             if resp is None:
                 return None
             etag = etag or str(resp["ETag"])
-            body = resp["Body"]
             try:
-                for chunk in body.iter_chunks(READ_CHUNK):
+                for chunk in resp["Body"].iter_chunks(READ_CHUNK):
                     sink(chunk)
                     offset += len(chunk)
                 return etag
@@ -331,7 +294,7 @@ class S3Storage:
                     raise classify(e, what, self.bucket, self.endpoint, seconds, self.budget_s) from None
                 log.warning("%s: S3 response cut off at byte %d (%s); resuming", what, offset, detail(e))
             finally:
-                body.close()
+                resp["Body"].close()
         raise AssertionError("unreachable")
 
     def _get(self, key: str, full: str) -> tuple[bytes, str] | None:
@@ -360,17 +323,15 @@ class S3Storage:
         """An object, a folder committed by put_dir, or a plain folder of objects; a folder
         whose put_dir has not committed does not exist."""
         full = self.loc.key(check_key(key))
-        if self._head(full):
+        if self.head(full) is not None:
             return True
-        page = self._list_page(full + "/", None)
+        page = self._first_page(full + "/")
         names = {self.loc.rel(o["Key"])[len(key) + 1 :] for o in page.get("Contents", [])}
         if not names:
             return False
         if page.get("IsTruncated") and not names & RESERVED:
             # Markers sort early but not first ('-' < '.'): ask for them directly.
-            if self._head(f"{full}/{COMPLETE}"):
-                return True
-            return not self._head(f"{full}/{PARTIAL}")
+            return self.head(f"{full}/{COMPLETE}") is not None or self.head(f"{full}/{PARTIAL}") is None
         return COMPLETE in names or PARTIAL not in names
 
     def list(self, prefix: str) -> list[str]:
@@ -379,16 +340,12 @@ class S3Storage:
         full = self.loc.key(check_key(prefix)) + "/"
         rels = [self.loc.rel(o["Key"]) for o in self.iter_objects(full)]
         present = set(rels)
-        uncommitted = [
-            r[: -len(PARTIAL)]
-            for r in rels
-            if _basename(r) == PARTIAL and r[: -len(PARTIAL)] + COMPLETE not in present
-        ]
+        folders = [r[: -len(PARTIAL)] for r in rels if _basename(r) == PARTIAL]
+        uncommitted = [f for f in folders if f + COMPLETE not in present]
         return sorted(r for r in rels if not hidden(r) and not any(r.startswith(u) for u in uncommitted))
 
     def put_dir(self, local_dir: Path, key: str) -> None:
-        """Upload a folder under ``key``, replacing what was there; visible once committed
-        (the protocol is in the module docstring and ``mace_ray.storage.s3_folders``)."""
+        """Upload a folder under ``key``, replacing what was there; visible once committed."""
         s3_folders.put_dir(self, local_dir, key)
 
     def get_dir(self, key: str, local_dir: Path, include: Collection[str] | None = None) -> None:
@@ -405,40 +362,62 @@ class S3Storage:
         what = self.uri(prefix)
         # The commit marker goes first, so a crash midway leaves nothing that looks complete.
         self.delete_keys([f"{full}/{COMPLETE}"], what)
-        keys = [o["Key"] for o in self.iter_objects(full + "/")]
-        self.delete_keys([*keys, full], what)
+        self.delete_keys([*(o["Key"] for o in self.iter_objects(full + "/")), full], what)
 
-    # --- conditional operations (leases): mace_ray.storage.s3_conditional -------------
+    # --- conditional operations (the module docstring) --------------------------------
+
+    def _conditional(self, key: str, request: Callable[[], Any]) -> bool:
+        """``request()`` under a precondition: True when applied, False when the precondition
+        failed (412, or 404 for an object that is gone). 409 ConditionalRequestConflict (a
+        concurrent operation on the key won the race) is retried by the client, as AWS advises."""
+
+        def attempt() -> bool:
+            try:
+                request()
+                return True
+            except ClientError as e:
+                code, status = error_code(e), http_status(e)
+                if status == 412 or code == "PreconditionFailed":
+                    return False
+                if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
+                    return False
+                raise
+
+        return self.request(self.uri(key), attempt)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        return s3_conditional.create_exclusive(self, key, data)
+        """Write ``key`` only if no object has that name (If-None-Match: *); False if one does."""
+        full = self.writable_key(key)
+        return self._conditional(
+            key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+        )
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """``(data, ETag)`` of ``key``, or None if absent."""
         return self._get(key, self.writable_key(key))
 
     def replace_if(self, key: str, data: bytes, version: str) -> bool:
-        return s3_conditional.replace_if(self, key, data, version)
+        """Replace ``key`` only if its ETag is still ``version`` (If-Match)."""
+        full = self.writable_key(key)
+        return self._conditional(
+            key, lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfMatch=version)
+        )
 
     def delete_if(self, key: str, version: str) -> bool:
-        return s3_conditional.delete_if(self, key, version)
+        """Delete ``key`` only if its ETag is still ``version``. DeleteObject with If-Match is
+        honoured by SeaweedFS 4.48 and AWS, but older S3-compatible servers delete
+        unconditionally; so the ETag is compared first (HEAD) as well: on such a server, a
+        replace between the HEAD and the DELETE is the only way another writer's object goes."""
+        full = self.writable_key(key)
+        if self.head(full) != version:
+            return False
+        return self._conditional(
+            key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=version)
+        )
 
 
 def _reopen(
-    url: str,
-    endpoint: str | None,
-    retry_seconds: float | None,
-    threshold: int,
-    chunk: int,
-    concurrency: int,
-    guard: Callable[[], None] | None,
+    url: str, endpoint: str | None, args: dict[str, Any], guard: Callable[[], None] | None
 ) -> S3Storage:
-    storage = S3Storage(
-        url,
-        endpoint,
-        retry_seconds=retry_seconds,
-        multipart_threshold=threshold,
-        multipart_chunksize=chunk,
-        concurrency=concurrency,
-    )
+    storage = S3Storage(url, endpoint, **args)
     return storage if guard is None else storage.guarded(guard)

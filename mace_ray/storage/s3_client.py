@@ -1,8 +1,13 @@
 """Addressing S3: ``s3://bucket/prefix`` URLs (``parse_s3_url``), endpoints as messages show them
-(``safe_endpoint``), and the boto3 client every S3 user of mace-ray builds (``make_client``):
-credentials, region and endpoint from the standard AWS configuration, path-style addressing
-for any endpoint that is not AWS (MACE_S3_ADDRESSING_STYLE overrides), and retries bounded by
-the retry budget (MACE_S3_RETRY_SECONDS, ``mace_ray.storage.s3_retry``).
+(``safe_endpoint``), and the boto3 client every S3 user of mace-ray builds (``make_client``).
+
+The client: credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN), AWS_PROFILE or
+an instance role), region and endpoint (``s3_endpoint``, else AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL or
+the profile's endpoint_url, else AWS) from the standard AWS configuration; retries bounded by the
+retry budget (MACE_S3_RETRY_SECONDS, ``mace_ray.storage.s3_retry``). Addressing:
+MACE_S3_ADDRESSING_STYLE=path|virtual|auto wins when set; otherwise path-style for any endpoint that
+is not AWS (MinIO, SeaweedFS and most on-premise servers serve only that, and bucket-named hosts do
+not resolve for 127.0.0.1 or a cluster service name), botocore's default for AWS.
 """
 
 from __future__ import annotations
@@ -49,8 +54,7 @@ def parse_s3_url(url: str) -> S3Location:
     """``s3://bucket[/prefix]`` -> S3Location; StorageError naming ``url`` when malformed."""
     if url[:5].lower() != "s3://":
         raise StorageError(f"{url!r} is not an s3:// URL")
-    rest = url[5:]
-    bucket, _, prefix = rest.partition("/")
+    bucket, _, prefix = url[5:].partition("/")
     if not bucket:
         raise StorageError(f"S3 URL {url!r} has no bucket (expected s3://bucket/prefix)")
     if not _BUCKET.match(bucket) or ".." in bucket:
@@ -59,14 +63,10 @@ def parse_s3_url(url: str) -> S3Location:
             "(3-63 lowercase letters, digits, '.' or '-')"
         )
     prefix = prefix.strip("/")
-    if prefix:
-        try:
-            check_key(prefix)
-        except StorageError:
-            raise StorageError(
-                f"S3 URL {url!r}: invalid prefix {prefix!r} (empty, '.' or '..' parts)"
-            ) from None
-    return S3Location(bucket, prefix)
+    try:
+        return S3Location(bucket, prefix and check_key(prefix))
+    except StorageError:
+        raise StorageError(f"S3 URL {url!r}: invalid prefix {prefix!r} (empty, '.' or '..' parts)") from None
 
 
 def safe_endpoint(url: str | None) -> str:

@@ -1,7 +1,14 @@
-"""Folders on S3 (``S3Storage.put_dir``, ``get_dir``, ``dir_entries``): the commit protocol of
-``mace_ray.storage.s3`` (an in-progress marker, then every file, then the commit marker
-that lists them), parallel transfers through s3transfer, and downloads checked against the
+"""Folders on S3 (``S3Storage.put_dir``, ``get_dir``, ``dir_entries``), parallel transfers
+through s3transfer (multipart, several files at once), downloads checked against the commit
 marker's sizes.
+
+S3 cannot rename, so ``put_dir`` 1. writes ``<key>/.mace-partial``; 2. deletes
+``<key>/.mace-complete``, then every other object under ``<key>/``; 3. uploads every file;
+4. writes ``<key>/.mace-complete`` (JSON: every file and its size), the commit point; 5. deletes
+``<key>/.mace-partial``. ``exists`` and ``get_dir`` treat a folder with ``.mace-partial`` and no
+``.mace-complete`` as absent; ``get_dir`` of a committed folder fetches exactly the files its
+marker lists, checking their sizes. A crashed multipart upload can leave invisible parts: give the
+bucket an AbortIncompleteMultipartUpload lifecycle rule.
 """
 
 from __future__ import annotations
@@ -47,9 +54,8 @@ def put_dir(self: S3Storage, local_dir: Path, key: str) -> None:
     if not local_dir.is_dir():
         raise StorageError(f"put_dir: {str(local_dir)!r} is not a folder")
     files = {p.relative_to(local_dir).as_posix(): p for p in sorted(local_dir.rglob("*")) if p.is_file()}
-    for rel in files:
-        if rel in RESERVED:
-            raise StorageError(f"put_dir: {str(local_dir / rel)!r} has a reserved marker name")
+    for rel in sorted(RESERVED & set(files)):
+        raise StorageError(f"put_dir: {str(local_dir / rel)!r} has a reserved marker name")
     full = self.loc.key(key)
     what = self.uri(key)
     # 1-2: mark as being written, uncommit, clear older or partial contents.
@@ -91,8 +97,7 @@ def get_dir(self: S3Storage, key: str, local_dir: Path, include: Collection[str]
         lambda e: e.key,
     )
     for e in entries:
-        got = (local_dir / e.rel).stat().st_size
-        if got != e.size:
+        if (got := (local_dir / e.rel).stat().st_size) != e.size:
             raise StorageError(f"{self.uri(key)}/{e.rel}: downloaded {got} bytes, expected {e.size}")
 
 
@@ -166,13 +171,10 @@ def transfer(
                 fut.result()
             except Exception as e:  # classified below, once every transfer has ended
                 failed.append((item, e))
-    if not failed:
-        return
-    item, err = failed[0]
-    seconds = time.monotonic() - started
-    mapped = classify(
-        err, f"{what} ({self.loc.rel(name(item))})", self.bucket, self.endpoint, seconds, self.budget_s
-    )
-    if mapped is None:
-        raise err
-    raise mapped from None
+    if failed:
+        item, err = failed[0]
+        where = f"{what} ({self.loc.rel(name(item))})"
+        mapped = classify(err, where, self.bucket, self.endpoint, time.monotonic() - started, self.budget_s)
+        if mapped is None:
+            raise err
+        raise mapped from None

@@ -1,24 +1,21 @@
 """How S3 requests are retried, and how their failures are classified (``mace_ray.storage.s3``).
 
-Retries are botocore's "standard" mode's decisions and backoff (which errors are retryable:
-throttling, 5xx, connection errors, timeouts; exponential backoff with full jitter, longer for
-throttling), run by a ``needs-retry`` handler on the client's events (``BoundedRetries``), with
-two changes. A time bound instead of an attempt count: a retry is made only if a whole attempt
-(connect + read timeout) still fits in the request's budget after the backoff, so no request
-waits longer than its budget on an S3 that does not answer, while refused connections (failing
-in milliseconds) are retried for nearly all of it; a count cannot do both (3 x (5 + 60) s
-against a stalled server is 195 s, against a refused one 0.2 s of retries). And no client-wide
-retry quota: the standard mode's (500 tokens, 14 a retry) is spent within seconds when 8
-transfers meet one outage, and then nothing is retried. "adaptive" mode would add a client-side
-rate limiter on top: not taken, because S3 throttles per prefix across all of a run's
-processes, which one client's limiter cannot see. ConditionalRequestConflict and
-OperationAborted (409: a concurrent request on the key won) are retried too, as AWS advises.
-Each retry is logged as a warning.
+``BoundedRetries``: botocore's "standard" mode's decisions and backoff (throttling, 5xx,
+connection errors, timeouts; exponential backoff with full jitter), run by a ``needs-retry``
+handler with two changes. A time bound instead of an attempt count: a retry is made only if a
+whole attempt (connect + read timeout) still fits in the request's budget after the backoff, so
+no request waits longer than its budget on an S3 that does not answer, while refused connections
+are retried for nearly all of it (3 x (5 + 60) s against a stalled server is 195 s, against a
+refused one 0.2 s). No client-wide retry quota: the standard mode's (500 tokens, 14 a retry) is
+spent within seconds when 8 transfers meet one outage. ("adaptive" mode's client-side limiter
+cannot see that S3 throttles per prefix across all of a run's processes.) 409 conflicts (a
+concurrent request on the key won) are retried too, as AWS advises; each retry is a warning.
 
-Once botocore gives up (``classify``): bad credentials, access denied or a missing bucket are
-a one-line ``StorageError`` naming the bucket and URI (never retried); what was retried until
-the budget ran out is ``StorageUnavailableError`` (completed work is kept, rerun to resume);
-any other ClientError a one-line ``StorageError`` with its code.
+``classify``, once botocore gives up: bad credentials, access denied or a missing bucket are a
+one-line ``StorageError`` naming the bucket and URI (never retried); a network error, or an
+error the handler would have retried but for the budget (it marks the response), is
+``StorageUnavailableError`` (completed work is kept, rerun to resume); any other ClientError a
+one-line ``StorageError`` with its code.
 """
 
 from __future__ import annotations
@@ -47,27 +44,7 @@ log = logging.getLogger("mace_ray.s3")
 MAX_ATTEMPTS = 50
 # Conflicts S3 resolves by letting one request win: retried (not in botocore's standard list).
 RETRY_CODES = frozenset({"ConditionalRequestConflict", "OperationAborted"})
-
-# Error codes that mean "try again later" (S3 and S3-compatible servers), for classifying what
-# botocore gave up on.
-TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestLimitExceeded",
-        "TooManyRequests",
-        "TooManyRequestsException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "OperationAborted",
-        "PriorRequestNotComplete",
-    }
-)
+RETRYABLE = "MaceRetryable"  # the response metadata of an error the handler would retry
 
 # Error codes that no retry can fix; the message says what to check, never the keys.
 AUTH_CODES = {
@@ -101,9 +78,7 @@ def timeouts(budget_s: float) -> tuple[float, float]:
 
 
 def error_code(e: BaseException) -> str:
-    if isinstance(e, ClientError):
-        return str(e.response.get("Error", {}).get("Code", ""))
-    return ""
+    return str(e.response.get("Error", {}).get("Code", "")) if isinstance(e, ClientError) else ""
 
 
 def http_status(e: BaseException) -> int:
@@ -114,24 +89,18 @@ def http_status(e: BaseException) -> int:
 
 def unwrap(e: BaseException) -> BaseException:
     """The underlying error of s3transfer's 'retries exceeded' wrapper."""
-    if isinstance(e, RetriesExceededError) and e.last_exception is not None:
-        return e.last_exception
-    return e
+    return e.last_exception if isinstance(e, RetriesExceededError) and e.last_exception is not None else e
 
 
 def detail(e: BaseException) -> str:
-    e = unwrap(e)
-    return error_code(e) or type(e).__name__
+    return error_code(unwrap(e)) or type(unwrap(e)).__name__
 
 
 def is_transient(e: BaseException) -> bool:
+    """A network error, or an error response the retry handler would have retried."""
     e = unwrap(e)
-    if isinstance(e, NETWORK_ERRORS):
-        return True
-    if isinstance(e, ClientError):
-        status = http_status(e)
-        return error_code(e) in TRANSIENT_CODES or status == 429 or status >= 500
-    return False
+    retryable = isinstance(e, ClientError) and e.response.get("ResponseMetadata", {}).get(RETRYABLE)
+    return isinstance(e, NETWORK_ERRORS) or bool(retryable)
 
 
 def fatal_error(e: BaseException, what: str, bucket: str, endpoint: str) -> StorageError | None:
@@ -197,7 +166,7 @@ class BoundedRetries:
         self.until: float | None = None
         self.quiet = quiet
         self._adapter = standard.RetryEventAdapter()
-        self._conditions = standard.StandardRetryConditions(max_attempts=MAX_ATTEMPTS)
+        self._conditions = standard.StandardRetryConditions(max_attempts=MAX_ATTEMPTS + 1)
         self._backoff = standard.ExponentialBackoff(
             service_name="s3", throttling_detector=standard.ThrottlingErrorDetector(self._adapter)
         )
@@ -224,18 +193,17 @@ class BoundedRetries:
         """The backoff before the next attempt, or None: no retry."""
         context = self._adapter.create_retry_context(**kwargs)
         code = context.get_error_code()
-        if context.attempt_number >= MAX_ATTEMPTS:
-            return None
         if not (code in RETRY_CODES or self._conditions.is_retryable(context)):
             return None
+        context.add_retry_metadata(**{RETRYABLE: True})  # for classify, if this is the last attempt
+        self._adapter.adapt_retry_response_from_context(context)
         delay = self._backoff.delay_amount(context)
         request = context.request_context
         now = time.monotonic()
-        elapsed = now - request.get("mace_started", now)
-        left = self.budget_s - elapsed
+        left = self.budget_s - (now - request.get("mace_started", now))
         if self.until is not None:
             left = min(left, self.until - now)
-        if delay + self.attempt_s > left:
+        if context.attempt_number >= MAX_ATTEMPTS or delay + self.attempt_s > left:
             return None  # the next attempt might not end within the budget: give up now
         if not self.quiet:
             cause = kwargs.get("caught_exception")
