@@ -8,6 +8,7 @@ computes softmax(Q K^T * scale) explicitly, because Eq. 3 needs the probabilitie
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,14 +18,13 @@ from torch import nn
 from mace_core.lora import LoraBank
 
 
-class CrossAttnProbe:
-    """attn2 processor: records per-layer probabilities, applies a LoraBank to to_k/to_v."""
+class AttentionProbe(ABC):
+    """An attention processor (diffusers' protocol) that computes the softmax explicitly and
+    appends the probabilities of image queries over text tokens to ``store``: an attn2's here,
+    an MMDiT joint block's in ``mace_core/joint_attention.py``."""
 
-    def __init__(self, prefix: str, store: list[torch.Tensor], bank: LoraBank | None) -> None:
-        self.k_key = f"{prefix}.to_k.weight"
-        self.v_key = f"{prefix}.to_v.weight"
+    def __init__(self, store: list[torch.Tensor]) -> None:
         self.store = store
-        self.bank = bank
 
     def __call__(
         self,
@@ -32,16 +32,40 @@ class CrossAttnProbe:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
+        *args,
         **kwargs,
+    ):
+        # Other keyword arguments are ignored (diffusers passes a processor only those its
+        # signature names); FLUX's rotary embedding comes positionally, in ``args``.
+        return self.probe(attn, hidden_states, encoder_hidden_states, attention_mask, *args)
+
+    @abstractmethod
+    def probe(
+        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
+    ):
+        """The attention's output of image tokens ``hidden_states`` and text tokens ``context``
+        (``encoder_hidden_states``) under ``mask``; the probabilities appended to ``store``."""
+
+
+class CrossAttnProbe(AttentionProbe):
+    """attn2 processor: records per-layer probabilities, applies a LoraBank to to_k/to_v."""
+
+    def __init__(self, prefix: str, store: list[torch.Tensor], bank: LoraBank | None) -> None:
+        super().__init__(store)
+        self.k_key = f"{prefix}.to_k.weight"
+        self.v_key = f"{prefix}.to_v.weight"
+        self.bank = bank
+
+    def probe(
+        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        if encoder_hidden_states is None:
+        if context is None:
             raise RuntimeError("CrossAttnProbe is for cross-attention (attn2) only")
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
             raise RuntimeError("CrossAttnProbe supports the transformer-block attn2 of SD UNets only")
         residual = hidden_states
         b, n_q, _ = hidden_states.shape
-        e = encoder_hidden_states
+        e = context
         if attn.norm_cross:
             e = attn.norm_encoder_hidden_states(e)
         q = attn.to_q(hidden_states)
@@ -53,8 +77,8 @@ class CrossAttnProbe:
         h = attn.heads
         q, k, v = (z.view(b, -1, h, z.shape[-1] // h).transpose(1, 2) for z in (q, k, v))
         scores = (q @ k.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b)
+        if mask is not None:
+            mask = attn.prepare_attention_mask(mask, k.shape[2], b)
             scores = scores + mask.view(b, h, -1, k.shape[2])
         probs = scores.float().softmax(-1).to(q.dtype)  # (b, heads, queries, tokens)
         self.store.append(probs)

@@ -15,12 +15,12 @@ with that block's own token counts (``regularise``); SD's space is one block, so
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from mace_core.closed_form_weights import Weights
+from mace_core.closed_form_weights import Weights, blocks_dict
 from mace_core.errors import ArtefactError
 from mace_core.text_stats import CONTEXT, POOLED, Blocked, MappingStats, SecondMoment
 
@@ -65,11 +65,7 @@ class RawWeights:
     pooled: RawWeights | None = None  # the pooled block's (an MMDiT's); None: no such block
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = asdict(replace(self, pooled=None))
-        del out["pooled"]
-        if self.pooled is not None:
-            out["pooled"] = self.pooled.to_dict()
-        return out
+        return blocks_dict(self)
 
 
 def raw_weights(weights: Weights, n_main: int, terms: Preservation, block: str | None = None) -> RawWeights:

@@ -8,6 +8,7 @@ import json
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from mace_core.errors import ModelLoadError
 
@@ -31,6 +32,12 @@ CLIP_VOCAB = dict(
 # The tiny CLIP text tower: the tiny pipeline's text encoder and the tiny evaluation CLIP
 # share it.
 TINY_CLIP_TEXT = dict(TINY_TOWER, **CLIP_VOCAB)
+
+
+def tiny_clip_text(width: int, **overrides: Any) -> dict[str, Any]:
+    """``TINY_CLIP_TEXT`` at ``width`` (its MLP twice as wide) with a family's ``overrides``: the
+    text encoders of the tiny pipelines."""
+    return dict(TINY_CLIP_TEXT, hidden_size=width, intermediate_size=2 * width, **overrides)
 
 
 def _clip_vocab_path() -> Path:

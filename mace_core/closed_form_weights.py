@@ -135,11 +135,17 @@ class Weights:
         return self.pooled if name == POOLED and self.pooled is not None else replace(self, pooled=None)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = asdict(replace(self, pooled=None))
-        del out["pooled"]
-        if self.pooled is not None:
-            out["pooled"] = self.pooled.to_dict()
-        return out
+        return blocks_dict(self)
+
+
+def blocks_dict(weights: Any) -> dict[str, Any]:
+    """A weights dataclass with a ``pooled`` field (``Weights``, ``cfr.RawWeights``) as a dict for
+    the run's report: its own fields, then the pooled block's nested (absent where None)."""
+    out: dict[str, Any] = asdict(replace(weights, pooled=None))
+    del out["pooled"]
+    if weights.pooled is not None:
+        out["pooled"] = blocks_dict(weights.pooled)
+    return out
 
 
 def resolve_weights(

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from mace_core.attention import AttentionProbe
 from mace_core.lora import LoraBank
 
 
@@ -31,23 +32,20 @@ def _probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return scores.float().softmax(-1).to(q.dtype)
 
 
-class FluxJointProbe:
+class FluxJointProbe(AttentionProbe):
     """Processor of a FLUX double-stream block's FluxAttention (text first in the sequence)."""
 
-    def __init__(self, store: list[torch.Tensor]) -> None:
-        self.store = store
-
-    def __call__(
+    def probe(
         self,
         attn,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None,
+        mask: torch.Tensor | None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         from diffusers.models.embeddings import apply_rotary_emb
 
-        if encoder_hidden_states is None or attention_mask is not None or attn.fused_projections:
+        if context is None or mask is not None or attn.fused_projections:
             raise RuntimeError(
                 "FluxJointProbe supports the unfused joint attention of double-stream blocks only"
             )
@@ -55,15 +53,15 @@ class FluxJointProbe:
         q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, d)))
         k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, d)))
         v = attn.to_v(hidden_states).unflatten(-1, (-1, d))
-        eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, d)))
-        ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, d)))
-        ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, d))
+        eq = attn.norm_added_q(attn.add_q_proj(context).unflatten(-1, (-1, d)))
+        ek = attn.norm_added_k(attn.add_k_proj(context).unflatten(-1, (-1, d)))
+        ev = attn.add_v_proj(context).unflatten(-1, (-1, d))
         q, k, v = (torch.cat(p, dim=1) for p in ((eq, q), (ek, k), (ev, v)))  # (b, s, h, d)
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, h, s, d)
-        n_txt = encoder_hidden_states.shape[1]
+        n_txt = context.shape[1]
         probs = _probs(q, k)
         self.store.append(probs[:, :, n_txt:, :n_txt])
         out = (probs @ v).transpose(1, 2).flatten(2, 3).to(q.dtype)
@@ -71,22 +69,13 @@ class FluxJointProbe:
         return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
 
 
-class SD3JointProbe:
+class SD3JointProbe(AttentionProbe):
     """Processor of an SD 3.x joint block's Attention (image first in the sequence)."""
 
-    def __init__(self, store: list[torch.Tensor]) -> None:
-        self.store = store
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args,
-        **kwargs,
+    def probe(
+        self, attn, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
     ):
-        if encoder_hidden_states is None or attention_mask is not None:
+        if context is None or mask is not None:
             raise RuntimeError("SD3JointProbe supports the joint attention of SD 3.x blocks only")
         b, n_img = hidden_states.shape[:2]
         h = attn.heads
@@ -103,7 +92,7 @@ class SD3JointProbe:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        e = encoder_hidden_states
+        e = context
         eq, ek, ev = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
         if attn.norm_added_q is not None:
             eq = attn.norm_added_q(eq)

@@ -16,16 +16,15 @@ import math
 from collections import Counter
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 _CORPUS = ("captions.txt", "templates", "heldout")
 _CHAR_SCORE = -12.0  # below any word's log frequency: a known word is one piece
 
 # T5 v1.1 (FLUX.1's and SD 3.x's text_encoder_2 / _3) in tiny widths; vocab_size is the
-# tokenizer's.
+# tokenizer's, d_model each pipeline's (``tiny_t5``).
 TINY_T5 = dict(
-    d_model=32,
-    d_ff=64,
     d_kv=8,
     num_layers=2,
     num_heads=4,
@@ -71,3 +70,11 @@ def t5_tokenizer(max_length: int = 512):  # -> transformers T5Tokenizer(Fast)
     from transformers import T5TokenizerFast
 
     return T5TokenizerFast(vocab=unigram_vocab(), extra_ids=0, model_max_length=max_length)
+
+
+def tiny_t5(tokenizer: Any, width: int):  # -> T5EncoderModel
+    """A random T5 encoder of ``TINY_T5``'s shape at ``width`` (its MLP twice as wide) over
+    ``tokenizer``'s vocabulary: the tiny FLUX.1 / SD 3.x pipelines' (seeded by their builders)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), **TINY_T5, d_model=width, d_ff=2 * width))

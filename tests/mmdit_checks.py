@@ -1,12 +1,12 @@
 """Checks shared by the FLUX.1 and SD 3.x family tests: a tiny random MMDiT pipeline saved as a
 diffusers folder, its text side against the pipeline's own prompt encoding, the joint
 attention probes and LoRA training (Eq. 3), and erase runs (local, Ray, S3) whose output
-differs from the source only in the declared projections."""
+differs from the source only in the declared projections (``MMDiTFamilyTests``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ import torch
 
 from mace_core.concepts import Concept, ConceptType
 from mace_core.errors import ConceptError
+from mace_core.families.base import ModelFamily
 from mace_core.families.mmdit import CONTEXT_KEY, POOLED_KEY
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainSettings
 from mace_core.train import concept_token_mask, loss_token_mask
@@ -263,3 +264,66 @@ def check_eval_and_audit(root: Path, tmp: Path, attack: str) -> None:
     assert rep["status"] == "complete" and rep["attacks"] == [attack]
     for c in rep["concepts"]:
         assert 0 <= c["plain"]["residual"] < 1 and 0 <= c["attacks"][attack]["leak"] <= 1, c
+
+
+class MMDiTFamilyTests:
+    """The tests every MMDiT family runs alike: probes and LoRA training, and the erase runs.
+    Its test module collects them through a subclass ``TestMMDiTFamily`` that names the
+    ``family`` and the audit's embedding ``attack``, and provides the ``model_folder`` and
+    ``pipe`` fixtures (tests/family_fixtures.py). One local erase run (``local_run``,
+    module-scoped) serves the erase tests."""
+
+    family: ClassVar[ModelFamily]
+    attack: ClassVar[str]
+
+    def test_probes_and_lora_training(self, pipe):
+        enc = self.family.prompt_encoder(self.family.text_components(pipe), CPU)
+        check_probes_and_training(enc, pipe, self.family.training_schedule(pipe))
+
+    @pytest.fixture(scope="module")
+    def local_run(self, model_folder, tmp_path_factory) -> dict:
+        tmp = tmp_path_factory.mktemp(f"{self.family.name}-run")
+        return erase(str(model_folder), str(tmp / "out"), tmp, executor="local")
+
+    def test_default_erase_is_as_strong_as_sd1(self, local_run):
+        check_strength(local_run)
+
+    def test_output_loads_and_differs_only_in_the_declared_projections(self, model_folder, local_run):
+        import diffusers
+
+        # The family's pipeline class: FluxPipeline, StableDiffusion3Pipeline.
+        check_output(
+            getattr(diffusers, self.family.pipeline_class), model_folder, Path(local_run["output"]["root"])
+        )
+
+    def test_eval_and_audit_run_on_the_erased_model(self, local_run, tmp_path):
+        check_eval_and_audit(Path(local_run["output"]["root"]), tmp_path, self.attack)
+
+    def test_erase_through_ray_from_and_to_s3(
+        self, aws_env, bucket, model_folder, local_run, tmp_path, monkeypatch
+    ):
+        """The model read from s3:// (the driver fetches only the text side), the run written to
+        s3://, the LoRAs trained by Ray workers: the local run's erasure."""
+        from helpers import assert_same_erasure, small_local_ray
+
+        from mace_core.checkpoints import read_erasure
+        from mace_ray.storage.s3 import S3Storage
+
+        monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "models"))
+        S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(model_folder, model_folder.name)
+        with small_local_ray(num_gpus=1):
+            rep = erase(
+                f"s3://{bucket}/models/{model_folder.name}",
+                f"s3://{bucket}/runs-out",
+                tmp_path,
+                s3_endpoint=aws_env.endpoint,
+                workers=1,
+                gpus_per_worker=1,
+            )
+        assert rep["executor"] == "ray"
+        out = S3Storage(f"s3://{bucket}/runs-out", aws_env.endpoint)
+        got = read_erasure(out.read_bytes(f"runs/{rep['run_id']}/final/erasure.safetensors"))[0]
+        root = Path(local_run["output"]["root"])
+        assert_same_erasure(
+            got, read_erasure((root / "final" / "erasure.safetensors").read_bytes())[0], atol=1e-5
+        )

@@ -6,47 +6,25 @@ with S3, whose output loads with FluxPipeline and differs only in those projecti
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
-from mmdit_checks import (
-    CPU,
-    check_eval_and_audit,
-    check_images,
-    check_output,
-    check_probes_and_training,
-    check_strength,
-    check_t5_segment,
-    check_text_side,
-    erase,
-)
+from family_fixtures import tiny_folder_and_pipe
+from mmdit_checks import CPU, MMDiTFamilyTests, check_images, check_t5_segment, check_text_side
 
 from mace_core.families import family_for, family_named, family_of_pipeline
-from mace_core.families.flux import SCHNELL_STEPS, build_tiny_pipeline
+from mace_core.families.flux import SCHNELL_STEPS
 from mace_core.families.mmdit import CONTEXT_KEY, POOLED_KEY
-from mace_core.models import load_pipeline, load_prompt_encoder, pipeline_projections
+from mace_core.models import load_prompt_encoder, pipeline_projections
 
 FLUX = family_named("flux")
+model_folder, pipe = tiny_folder_and_pipe(FLUX)
 
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny-flux"
-    build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipe(flux_folder):
-    return load_pipeline(str(flux_folder))
-
-
-def test_recognised_loaded_and_t5_tokenized(flux_folder, pipe):
-    assert family_for(str(flux_folder)) is FLUX and family_of_pipeline(pipe) is FLUX
+def test_recognised_loaded_and_t5_tokenized(model_folder, pipe):
+    assert family_for(str(model_folder)) is FLUX and family_of_pipeline(pipe) is FLUX
     assert type(pipe).__name__ == "FluxPipeline" and pipe.transformer.config.guidance_embeds
-    enc = load_prompt_encoder(str(flux_folder), CPU)  # the text side alone, as CPU workers load it
+    enc = load_prompt_encoder(str(model_folder), CPU)  # the text side alone, as CPU workers load it
     assert enc.max_length == enc.tokens == 77 and enc.dim == 32 + 32
     check_text_side(FLUX, enc, pipe, ["a photo of Bill Clinton", "a dog"])
     check_t5_segment(enc, pipe.tokenizer_2, offset=0)
@@ -70,9 +48,11 @@ def test_edited_projections_and_their_weights(pipe):
     assert torch.equal(projections.from_component_tensors(own)[POOLED_KEY], w[POOLED_KEY])
 
 
-def test_probes_and_lora_training(pipe):
-    enc = FLUX.prompt_encoder(FLUX.text_components(pipe), CPU)
-    check_probes_and_training(enc, pipe, FLUX.training_schedule(pipe))
+class TestMMDiTFamily(MMDiTFamilyTests):
+    """Probes and LoRA training, and the erase runs (tests/mmdit_checks.py)."""
+
+    family = FLUX
+    attack = "inversion"
 
 
 def test_generation_per_seed_and_schnell_steps(pipe):
@@ -87,54 +67,6 @@ def test_generation_per_seed_and_schnell_steps(pipe):
         tokenizer_2=pipe.tokenizer_2,
     )
     assert FLUX.pipeline_kwargs(schnell, noise, 28, 3.5)[0] == SCHNELL_STEPS
-
-
-@pytest.fixture(scope="module")
-def local_run(flux_folder, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("flux-run")
-    return erase(str(flux_folder), str(tmp / "out"), tmp, executor="local")
-
-
-def test_default_erase_is_as_strong_as_sd1(local_run):
-    check_strength(local_run)
-
-
-def test_output_loads_and_differs_only_in_the_declared_projections(flux_folder, local_run):
-    from diffusers import FluxPipeline
-
-    check_output(FluxPipeline, flux_folder, Path(local_run["output"]["root"]))
-
-
-def test_eval_and_audit_run_on_the_erased_model(local_run, tmp_path):
-    check_eval_and_audit(Path(local_run["output"]["root"]), tmp_path, "inversion")
-
-
-def test_erase_through_ray_from_and_to_s3(aws_env, bucket, flux_folder, local_run, tmp_path, monkeypatch):
-    """The model read from s3:// (the driver fetches only the text side), the run written to
-    s3://, the LoRAs trained by Ray workers: the local run's erasure."""
-    from helpers import assert_same_erasure, small_local_ray
-
-    from mace_core.checkpoints import read_erasure
-    from mace_ray.storage.s3 import S3Storage
-
-    monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "models"))
-    S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(flux_folder, "tiny-flux")
-    with small_local_ray(num_gpus=1):
-        rep = erase(
-            f"s3://{bucket}/models/tiny-flux",
-            f"s3://{bucket}/runs-out",
-            tmp_path,
-            s3_endpoint=aws_env.endpoint,
-            workers=1,
-            gpus_per_worker=1,
-        )
-    assert rep["executor"] == "ray"
-    out = S3Storage(f"s3://{bucket}/runs-out", aws_env.endpoint)
-    got = read_erasure(out.read_bytes(f"runs/{rep['run_id']}/final/erasure.safetensors"))[0]
-    root = Path(local_run["output"]["root"])
-    assert_same_erasure(
-        got, read_erasure((root / "final" / "erasure.safetensors").read_bytes())[0], atol=1e-5
-    )
 
 
 def test_cfis_over_flow_matching_noise_levels(pipe):

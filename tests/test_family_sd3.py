@@ -6,48 +6,24 @@ whose output loads with StableDiffusion3Pipeline and differs only in those proje
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from mmdit_checks import (
-    CLINTON,
-    CPU,
-    check_eval_and_audit,
-    check_images,
-    check_output,
-    check_probes_and_training,
-    check_strength,
-    check_t5_segment,
-    check_text_side,
-    erase,
-)
+from family_fixtures import tiny_folder_and_pipe
+from mmdit_checks import CLINTON, CPU, MMDiTFamilyTests, check_images, check_t5_segment, check_text_side
 
 from mace_core.errors import ConceptError
 from mace_core.families import family_for, family_named, family_of_pipeline
 from mace_core.families.mmdit import CONTEXT_KEY, POOLED_KEY
-from mace_core.families.sd3 import build_tiny_pipeline
-from mace_core.models import load_pipeline, load_prompt_encoder, pipeline_projections
+from mace_core.models import load_prompt_encoder, pipeline_projections
 from mace_core.train import loss_token_mask
 
 SD3 = family_named("sd3")
+model_folder, pipe = tiny_folder_and_pipe(SD3)
 
 
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny-sd3"
-    build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipe(sd3_folder):
-    return load_pipeline(str(sd3_folder))
-
-
-def test_recognised_loaded_and_both_segments_tokenized(sd3_folder, pipe):
-    assert family_for(str(sd3_folder)) is SD3 and family_of_pipeline(pipe) is SD3
+def test_recognised_loaded_and_both_segments_tokenized(model_folder, pipe):
+    assert family_for(str(model_folder)) is SD3 and family_of_pipeline(pipe) is SD3
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
-    enc = load_prompt_encoder(str(sd3_folder), CPU)
+    enc = load_prompt_encoder(str(model_folder), CPU)
     assert (enc.max_length, enc.tokens, enc.dim) == (24, 77 + 24, 64 + 64)
     check_text_side(SD3, enc, pipe, ["a photo of Bill Clinton!", "a dog"])
     check_t5_segment(enc, pipe.tokenizer_3, offset=77)
@@ -72,56 +48,12 @@ def test_edited_projections(pipe):
     assert not any(".attn2." in k for k in projections)
 
 
-def test_probes_and_lora_training(pipe):
-    enc = SD3.prompt_encoder(SD3.text_components(pipe), CPU)
-    check_probes_and_training(enc, pipe, SD3.training_schedule(pipe))
+class TestMMDiTFamily(MMDiTFamilyTests):
+    """Probes and LoRA training, and the erase runs (tests/mmdit_checks.py)."""
+
+    family = SD3
+    attack = "soft-prompt"
 
 
 def test_generation_per_seed(pipe):
     check_images(SD3, pipe)
-
-
-@pytest.fixture(scope="module")
-def local_run(sd3_folder, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("sd3-run")
-    return erase(str(sd3_folder), str(tmp / "out"), tmp, executor="local")
-
-
-def test_default_erase_is_as_strong_as_sd1(local_run):
-    check_strength(local_run)
-
-
-def test_output_loads_and_differs_only_in_the_declared_projections(sd3_folder, local_run):
-    from diffusers import StableDiffusion3Pipeline
-
-    check_output(StableDiffusion3Pipeline, sd3_folder, Path(local_run["output"]["root"]))
-
-
-def test_eval_and_audit_run_on_the_erased_model(local_run, tmp_path):
-    check_eval_and_audit(Path(local_run["output"]["root"]), tmp_path, "soft-prompt")
-
-
-def test_erase_through_ray_from_and_to_s3(aws_env, bucket, sd3_folder, local_run, tmp_path, monkeypatch):
-    from helpers import assert_same_erasure, small_local_ray
-
-    from mace_core.checkpoints import read_erasure
-    from mace_ray.storage.s3 import S3Storage
-
-    monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "models"))
-    S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(sd3_folder, "tiny-sd3")
-    with small_local_ray(num_gpus=1):
-        rep = erase(
-            f"s3://{bucket}/models/tiny-sd3",
-            f"s3://{bucket}/runs-out",
-            tmp_path,
-            s3_endpoint=aws_env.endpoint,
-            workers=1,
-            gpus_per_worker=1,
-        )
-    assert rep["executor"] == "ray"
-    out = S3Storage(f"s3://{bucket}/runs-out", aws_env.endpoint)
-    got = read_erasure(out.read_bytes(f"runs/{rep['run_id']}/final/erasure.safetensors"))[0]
-    root = Path(local_run["output"]["root"])
-    assert_same_erasure(
-        got, read_erasure((root / "final" / "erasure.safetensors").read_bytes())[0], atol=1e-5
-    )

@@ -8,35 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_fixtures import tiny_folder_and_pipe
 from helpers import assert_text_statistics, tiny_settings, train_and_attention_mass
 
 from mace_core.concepts import Concept, ConceptType
 from mace_core.errors import ConceptError
 from mace_core.families import family_for, family_named, family_of_pipeline
 from mace_core.families.sdxl import build_tiny_pipeline
-from mace_core.models import load_pipeline, load_prompt_encoder
+from mace_core.models import load_prompt_encoder
 from mace_core.train import loss_token_mask
 
 CPU = torch.device("cpu")
 CLINTON = Concept("Bill Clinton", ConceptType.CELEBRITY, "a man")
 SDXL = family_named("sdxl")
 D = 64  # 32 + 32: both tiny text encoders
+model_folder, pipe = tiny_folder_and_pipe(SDXL)
 
 
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny-sdxl"
-    build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pipe(sdxl_folder):
-    return load_pipeline(str(sdxl_folder))
-
-
-def test_the_folder_is_recognised_and_loads_as_sdxl(sdxl_folder, pipe):
-    assert family_for(str(sdxl_folder)) is SDXL and family_of_pipeline(pipe) is SDXL
+def test_the_folder_is_recognised_and_loads_as_sdxl(model_folder, pipe):
+    assert family_for(str(model_folder)) is SDXL and family_of_pipeline(pipe) is SDXL
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.unet.config.cross_attention_dim == D and pipe.unet.config.addition_embed_type == "text_time"
     assert (pipe.tokenizer_2.pad_token, pipe.tokenizer_2.pad_token_id) == ("!", 0)
@@ -45,8 +35,8 @@ def test_the_folder_is_recognised_and_loads_as_sdxl(sdxl_folder, pipe):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_prompt_encoder_concatenates_both_encoders_and_pads_by_position(sdxl_folder, pipe):
-    enc = load_prompt_encoder(str(sdxl_folder), CPU)
+def test_prompt_encoder_concatenates_both_encoders_and_pads_by_position(model_folder, pipe):
+    enc = load_prompt_encoder(str(model_folder), CPU)
     full = SDXL.prompt_encoder(SDXL.text_components(pipe), CPU)
     prompts = ["a photo of Bill Clinton!", "a dog"]
     states = enc.encode(prompts)
@@ -74,8 +64,8 @@ def test_prompt_encoder_concatenates_both_encoders_and_pads_by_position(sdxl_fol
     assert not mask.flatten()[:4].any()
 
 
-def test_text_statistics(sdxl_folder):
-    assert_text_statistics(load_prompt_encoder(str(sdxl_folder), CPU), CLINTON, D)
+def test_text_statistics(model_folder):
+    assert_text_statistics(load_prompt_encoder(str(model_folder), CPU), CLINTON, D)
 
 
 def test_images_training_and_attention_mass(pipe):
@@ -87,7 +77,7 @@ SDXL_SETTINGS = tiny_settings(inference_steps=2)
 
 
 @pytest.fixture(scope="module")
-def local_run(sdxl_folder, tmp_path_factory) -> dict:
+def local_run(model_folder, tmp_path_factory) -> dict:
     from mace_ray.erase.driver import run_erase
     from mace_ray.erase.request import EraseRequest
 
@@ -96,7 +86,7 @@ def local_run(sdxl_folder, tmp_path_factory) -> dict:
     cfile.write_text(SDXL_CONCEPTS)
     req = EraseRequest(
         concept_file=str(cfile),
-        model=str(sdxl_folder),
+        model=str(model_folder),
         output=str(tmp / "out"),
         settings=SDXL_SETTINGS,
         executor="local",
@@ -105,7 +95,7 @@ def local_run(sdxl_folder, tmp_path_factory) -> dict:
     return run_erase(req)
 
 
-def test_erase_run_end_to_end(sdxl_folder, local_run):
+def test_erase_run_end_to_end(model_folder, local_run):
     from diffusers import StableDiffusionXLPipeline
 
     residuals = [c["erasure"]["residual"] for c in local_run["concepts"]]
@@ -113,7 +103,7 @@ def test_erase_run_end_to_end(sdxl_folder, local_run):
     assert all(r < 0.9 for r in residuals)
     final = Path(local_run["output"]["root"]) / "final" / "pipeline"
     out = StableDiffusionXLPipeline.from_pretrained(final)
-    src = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    src = StableDiffusionXLPipeline.from_pretrained(model_folder)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(src, part).state_dict(), getattr(out, part).state_dict()
         assert a.keys() == b.keys()
@@ -124,7 +114,7 @@ def test_erase_run_end_to_end(sdxl_folder, local_run):
             assert not changed, part
 
 
-def test_fingerprint_covers_the_second_text_encoder(sdxl_folder, tmp_path):
+def test_fingerprint_covers_the_second_text_encoder(model_folder, tmp_path):
     """A changed text_encoder_2 is a different model (run id) and a different text side
     (prior-cache key): nothing built from the old one is reused."""
     import shutil
@@ -134,7 +124,7 @@ def test_fingerprint_covers_the_second_text_encoder(sdxl_folder, tmp_path):
     from mace_core.fingerprint import ModelFingerprint, folder_fingerprint
 
     folder, cache = tmp_path / "m", tmp_path / "digests"
-    shutil.copytree(sdxl_folder, folder)
+    shutil.copytree(model_folder, folder)
     before = folder_fingerprint(folder, cache)
     assert {"text_encoder_2", "tokenizer_2"} <= before.components.keys()
     weights = folder / "text_encoder_2" / "model.safetensors"
@@ -150,7 +140,7 @@ def test_fingerprint_covers_the_second_text_encoder(sdxl_folder, tmp_path):
     assert one.text == one.of(("text_encoder", "tokenizer"))
 
 
-def test_erase_through_ray_from_and_to_s3(aws_env, bucket, sdxl_folder, local_run, tmp_path, monkeypatch):
+def test_erase_through_ray_from_and_to_s3(aws_env, bucket, model_folder, local_run, tmp_path, monkeypatch):
     """The model read from s3:// (the driver fetches only the text side, both encoders), the
     run written to s3://, the concepts trained by Ray workers: the local run's result."""
     from helpers import assert_same_erasure, small_local_ray
@@ -162,7 +152,7 @@ def test_erase_through_ray_from_and_to_s3(aws_env, bucket, sdxl_folder, local_ru
     from mace_ray.storage.s3 import S3Storage
 
     monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "models"))
-    S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(sdxl_folder, "tiny-sdxl")
+    S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(model_folder, "tiny-sdxl")
     uri = f"s3://{bucket}/models/tiny-sdxl"
     text_side = Path(resolve_model(uri, aws_env.endpoint, components=TEXT_COMPONENTS))
     assert sorted(p.name for p in text_side.iterdir()) == [

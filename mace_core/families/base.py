@@ -220,6 +220,10 @@ class ModelFamily(ABC):
     edited_component: ClassVar[str] = "unet"
     # The half precision generation autocasts to on GPUs (T5 encoders overflow in fp16).
     half_dtype: ClassVar[torch.dtype] = torch.float16
+    # The text side: the transformers class of each tokenizer and text encoder, by its folder
+    # in a diffusers model, in the order ``prompt_encoder`` takes them.
+    tokenizers: ClassVar[dict[str, str]]
+    text_encoders: ClassVar[dict[str, str]]
 
     # ------------------------------------------------------------ recognition
 
@@ -261,13 +265,34 @@ class ModelFamily(ABC):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    @abstractmethod
     def load_text_components(self, model: str) -> tuple[Any, ...]:
-        """Only the text side (tokenizers, text encoders), as ``prompt_encoder`` takes them."""
+        """Only the text side, as ``prompt_encoder`` takes them: every tokenizer, then every text
+        encoder in TEXT_DTYPE whatever dtype it was saved in (``tokenizers``, ``text_encoders``).
+        Enough to validate prompts, fingerprint a model and compute the text statistics."""
+        if model == TINY_MODEL:
+            return self.text_components(self.build_tiny_pipeline())
+        import transformers
 
-    @abstractmethod
+        source, is_local = resolve_source(model)
+        kw: dict[str, Any] = dict(local_files_only=is_local)
+        # In TEXT_DTYPE: transformers would keep the checkpoint's own (fp16) dtype.
+        te_kw = dict(kw, use_safetensors=True, dtype=TEXT_DTYPE)
+        try:
+            toks = [
+                getattr(transformers, c).from_pretrained(source, subfolder=f, **kw)
+                for f, c in self.tokenizers.items()
+            ]
+            encs = [
+                getattr(transformers, c).from_pretrained(source, subfolder=f, **te_kw)
+                for f, c in self.text_encoders.items()
+            ]
+        except Exception as e:
+            raise load_error(model, e) from None
+        return (*toks, *(e.eval() for e in encs))
+
     def text_components(self, pipe: Any) -> tuple[Any, ...]:
         """The same components of a loaded pipeline."""
+        return tuple(getattr(pipe, folder) for folder in (*self.tokenizers, *self.text_encoders))
 
     @abstractmethod
     def prompt_encoder(
@@ -331,31 +356,44 @@ class ModelFamily(ABC):
         """One pipeline call: image i of ``prompts[i]`` from its own ``seeds[i]``, uint8 (N, H, W, 3).
 
         Every image has its own CPU generator and its initial noise drawn in fp32 on the
-        CPU (``initial_noise``), so an image does not depend on the batch it is in.
-        DPM-Solver with classifier-free guidance; ``on_step(i)`` after denoising step i.
+        CPU (``initial_noise``), so an image does not depend on the batch it is in. The
+        family's sampler (``use_dpm_solver``: DPM-Solver, or a flow model's own scheduler)
+        and guidance (``pipeline_kwargs``); ``on_step(i)`` after denoising step i.
         """
         self.use_dpm_solver(pipe)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        scale = int(pipe.vae_scale_factor)
-        shape = (int(pipe.unet.config.in_channels), height // scale, width // scale)
+        dtype = self.denoiser(pipe).dtype
+        noise = initial_noise(gens, self.latent_shape(pipe, height, width), dtype)
+        steps, kwargs = self.pipeline_kwargs(pipe, noise, steps, guidance)
 
-        def callback(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        def callback(pipe: Any, i: int, t: Any, kw: dict) -> dict:
             if on_step is not None:
                 on_step(i)
-            return kwargs
+            return kw
 
         images = pipe(
             prompt=list(prompts),
             num_inference_steps=steps,
-            guidance_scale=guidance,
-            latents=initial_noise(gens, shape, pipe.unet.dtype),
             generator=gens,  # stochastic schedulers draw their step noise from them
             height=height,
             width=width,
             output_type="np",
             callback_on_step_end=callback if on_step is not None else None,
+            **kwargs,
         ).images
-        return checked_images(images, prompts[0], pipe.unet.dtype)
+        return checked_images(images, prompts[0], dtype)
+
+    def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of one image's latent."""
+        scale = int(pipe.vae_scale_factor)
+        return (int(self.denoiser(pipe).config.in_channels), height // scale, width // scale)
+
+    def pipeline_kwargs(
+        self, pipe: Any, noise: torch.Tensor, steps: int, guidance: float
+    ) -> tuple[int, dict[str, Any]]:
+        """(steps, pipeline arguments) for one call: latents from ``noise`` (N, C, h, w) and the
+        family's guidance (a UNet's: classifier-free guidance at ``guidance``)."""
+        return steps, {"latents": noise, "guidance_scale": guidance}
 
 
 def checked_images(images: np.ndarray, prompt: str, dtype: torch.dtype) -> np.ndarray:

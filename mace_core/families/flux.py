@@ -21,12 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
-from mace_core.families.base import TEXT_DTYPE, Conditioning, load_error
+from mace_core.clip_text import clip_tokenizer, tiny_clip_text
+from mace_core.families.base import Conditioning
 from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
-from mace_core.families.model_index import TINY_MODEL, resolve_source
 from mace_core.families.tiny import seeded, tiny_vae
-from mace_core.t5_text import T5_PAD, TINY_T5, t5_tokenizer
+from mace_core.t5_text import T5_PAD, t5_tokenizer, tiny_t5
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit
 SCHNELL_STEPS = 4  # FLUX.1-schnell's distilled step count
@@ -116,7 +115,7 @@ def build_tiny_pipeline(seed: int = 0, text_width: int = 32):  # -> FluxPipeline
     ``text_width`` (the corpus-made T5 tokenizer, 77 positions), a 32 px VAE with a shift
     factor, FLUX's dynamically shifted FlowMatchEuler scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     t5_tok = t5_tokenizer(TINY_SEQUENCE_LENGTH)
     with seeded(seed):
@@ -133,12 +132,8 @@ def build_tiny_pipeline(seed: int = 0, text_width: int = 32):  # -> FluxPipeline
             axes_dims_rope=(4, 6, 6),
         )
         vae = tiny_vae((16, 32), sample_size=32, shift_factor=0.1159, scaling_factor=0.3611)
-        clip = CLIPTextModel(
-            CLIPTextConfig(**dict(TINY_CLIP_TEXT, hidden_size=text_width, intermediate_size=2 * text_width))
-        )
-        t5 = T5EncoderModel(
-            T5Config(vocab_size=len(t5_tok), **dict(TINY_T5, d_model=text_width, d_ff=2 * text_width))
-        )
+        clip = CLIPTextModel(CLIPTextConfig(**tiny_clip_text(text_width)))
+        t5 = tiny_t5(t5_tok, text_width)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
     )
@@ -161,30 +156,14 @@ class Flux(MMDiTFamily):
     description: ClassVar[str] = "flux: a FluxPipeline (CLIP pooled + T5 context, MMDiT transformer)"
     pad_token: ClassVar[str] = T5_PAD  # the context's (T5's); CLIP only gives the pooled embedding
     pad_token_id: ClassVar[int] = 0
+    tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast"}
+    text_encoders: ClassVar[dict[str, str]] = {
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "T5EncoderModel",
+    }
 
     def build_tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_pipeline(seed)
-
-    def load_text_components(self, model: str) -> tuple[Any, ...]:
-        """(CLIP tokenizer, T5 tokenizer, CLIPTextModel, T5EncoderModel), encoders in TEXT_DTYPE."""
-        if model == TINY_MODEL:
-            return self.text_components(self.build_tiny_pipeline())
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        source, is_local = resolve_source(model)
-        kw = dict(local_files_only=is_local)
-        te_kw = dict(kw, use_safetensors=True, dtype=TEXT_DTYPE)
-        try:
-            tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-            tok2 = T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", **kw)
-            te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **te_kw)
-            te2 = T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **te_kw)
-        except Exception as e:
-            raise load_error(model, e) from None
-        return tok, tok2, te.eval(), te2.eval()
-
-    def text_components(self, pipe: Any) -> tuple[Any, ...]:
-        return pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2
 
     def prompt_encoder(
         self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64

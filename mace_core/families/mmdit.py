@@ -25,14 +25,13 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from mace_core.alignment import Alignment, align_tokens
 from mace_core.cfis import flow_sigmas
 from mace_core.errors import ConceptError, quoted
-from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder, checked_images, initial_noise
+from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder
 from mace_core.joint_attention import joint_attention_probes
 from mace_core.lora import LoraBank
 from mace_core.noise import FlowSchedule
@@ -215,46 +214,9 @@ class MMDiTFamily(ModelFamily):
     def pipeline_kwargs(
         self, pipe: Any, noise: torch.Tensor, steps: int, guidance: float
     ) -> tuple[int, dict[str, Any]]:
-        """(steps, pipeline arguments) for one call: latents from ``noise`` (N, C, h, w) and
-        the family's guidance and sequence length."""
-
-    @torch.no_grad()
-    def generate(
-        self,
-        pipe: Any,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        height: int,
-        width: int,
-        steps: int,
-        guidance: float,
-        on_step: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """One pipeline call with its own flow scheduler; image i from ``seeds[i]`` (its noise
-        drawn in fp32 on the CPU, ``initial_noise``), uint8 (N, H, W, 3)."""
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        dtype = pipe.transformer.dtype
-        latent = self.latent_shape(pipe, height, width)
-        steps, kwargs = self.pipeline_kwargs(pipe, initial_noise(gens, latent, dtype), steps, guidance)
-
-        def callback(pipe: Any, i: int, t: Any, kw: dict) -> dict:
-            if on_step is not None:
-                on_step(i)
-            return kw
-
-        images = pipe(
-            prompt=list(prompts),
-            num_inference_steps=steps,
-            generator=gens,
-            height=height,
-            width=width,
-            output_type="np",
-            callback_on_step_end=callback if on_step is not None else None,
-            **kwargs,
-        ).images
-        return checked_images(images, prompts[0], dtype)
+        """The family's guidance and sequence length (and, FLUX.1-schnell, steps)."""
 
     def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of one image's latent."""
+        """(C, h, w) of one image's latent: the VAE's channels (the transformer may take patches)."""
         scale = int(pipe.vae_scale_factor)
         return (int(pipe.vae.config.latent_channels), height // scale, width // scale)

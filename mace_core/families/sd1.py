@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
+from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer, tiny_clip_text
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD, StableDiffusionFamily, assemble_pipeline
 from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
 
@@ -20,11 +20,7 @@ def build_tiny_pipeline(seed: int = 0, width: int | None = None):  # -> StableDi
     from diffusers import DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text = (
-        TINY_CLIP_TEXT
-        if width is None
-        else dict(TINY_CLIP_TEXT, hidden_size=width, intermediate_size=2 * width)
-    )
+    text = TINY_CLIP_TEXT if width is None else tiny_clip_text(width)
     with seeded(seed):
         unet = tiny_unet(cross_attention_dim=text["hidden_size"], attention_head_dim=4)
         vae = tiny_vae((32,))

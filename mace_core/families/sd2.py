@@ -10,27 +10,17 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from mace_core.clip_text import clip_tokenizer
+from mace_core.clip_text import clip_tokenizer, tiny_clip_text
 from mace_core.families.stable_diffusion import StableDiffusionFamily, assemble_pipeline
 from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
 
 PAD_TOKEN = "!"  # OpenCLIP pads with token 0, which is '!' in CLIP's vocabulary
 
-# SD 2.x's text encoder config in tiny widths. The bos/eos/pad ids are those of SD 2.x's
-# own config.json (the tokenizer's are 49406/49407/0); CLIPTextModel uses them only for
-# its pooled output, which MACE never reads.
-TINY_SD2_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    hidden_act="gelu",
-    vocab_size=49408,
-    max_position_embeddings=77,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
+# What SD 2.x's text encoder config has of its own: OpenCLIP's GELU, and the bos/eos/pad ids
+# of SD 2.x's own config.json (the tokenizer's are 49406/49407/0); CLIPTextModel uses them
+# only for its pooled output, which MACE never reads.
+SD2_TEXT = dict(hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+TINY_SD2_TEXT = tiny_clip_text(64, **SD2_TEXT)
 
 
 def build_tiny_pipeline(seed: int = 0, width: int | None = None):  # -> StableDiffusionPipeline
@@ -44,11 +34,7 @@ def build_tiny_pipeline(seed: int = 0, width: int | None = None):  # -> StableDi
     from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text = (
-        TINY_SD2_TEXT
-        if width is None
-        else dict(TINY_SD2_TEXT, hidden_size=width, intermediate_size=2 * width)
-    )
+    text = TINY_SD2_TEXT if width is None else tiny_clip_text(width, **SD2_TEXT)
     with seeded(seed):
         unet = tiny_unet(
             cross_attention_dim=text["hidden_size"],

@@ -23,15 +23,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
-from mace_core.errors import ConceptError, quoted
-from mace_core.families.base import TEXT_DTYPE, Conditioning, load_error
+from mace_core.clip_text import clip_tokenizer, tiny_clip_text
+from mace_core.families.base import Conditioning
 from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
-from mace_core.families.model_index import TINY_MODEL, resolve_source
-from mace_core.families.sdxl import PAD_TOKEN_2
+from mace_core.families.sdxl import PAD_TOKEN_2, two_clip_ids
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
 from mace_core.families.tiny import seeded, tiny_vae
-from mace_core.t5_text import TINY_T5, t5_tokenizer
+from mace_core.t5_text import t5_tokenizer, tiny_t5
 
 T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
 TINY_SEQUENCE_LENGTH = 24
@@ -56,14 +54,7 @@ class SD3TextEncoder(MMDiTEncoder):
 
     def clip_ids(self, prompt: str) -> list[int]:
         """CLIP-L's ids; CLIP-G's agree but for padding ('!' is its pad token, kept whole)."""
-        first = list(self.tokenizers[0](prompt, truncation=False).input_ids)
-        second = list(self.tokenizers[1](prompt, truncation=False).input_ids)
-        if len(first) != len(second):
-            raise ConceptError(
-                f"prompt {quoted(prompt)}: SD 3.x's two CLIP tokenizers split it into {len(first)} and"
-                f" {len(second)} tokens (repeated '!'?), so their states do not line up"
-            )
-        return first
+        return two_clip_ids(self.tokenizers, prompt, "SD 3.x's two CLIP tokenizers")
 
     def ids(self, prompt: str) -> list[int]:
         """The CLIP segment's ids (each segment has its own: ``segments``)."""
@@ -103,7 +94,7 @@ def build_tiny_pipeline(seed: int = 0, text_width: int = 32):  # -> StableDiffus
     as both (the corpus-made tokenizer, 24 positions), a 32 px VAE with a shift factor, SD 3's
     FlowMatchEuler (shift 3)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     t5_tok = t5_tokenizer(TINY_SEQUENCE_LENGTH)
     with seeded(seed):
@@ -121,17 +112,10 @@ def build_tiny_pipeline(seed: int = 0, text_width: int = 32):  # -> StableDiffus
             pos_embed_max_size=16,
         )
         vae = tiny_vae((16, 32), sample_size=32, shift_factor=0.0609, scaling_factor=1.5305)
-        clip = dict(
-            TINY_CLIP_TEXT,
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            projection_dim=text_width,
-        )
+        clip = tiny_clip_text(text_width, projection_dim=text_width)
         clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
-        t5 = T5EncoderModel(
-            T5Config(vocab_size=len(t5_tok), **dict(TINY_T5, d_model=2 * text_width, d_ff=4 * text_width))
-        )
+        t5 = tiny_t5(t5_tok, 2 * text_width)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -154,43 +138,19 @@ class SD3(MMDiTFamily):
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first segment's; CLIP-G pads with '!', T5 with <pad>
     pad_token_id: ClassVar[int] = 49407
     time_scale: ClassVar[float] = 1000.0
+    tokenizers: ClassVar[dict[str, str]] = {
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "CLIPTokenizer",
+        "tokenizer_3": "T5TokenizerFast",
+    }
+    text_encoders: ClassVar[dict[str, str]] = {
+        "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "text_encoder_3": "T5EncoderModel",
+    }
 
     def build_tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_pipeline(seed)
-
-    def load_text_components(self, model: str) -> tuple[Any, ...]:
-        """(tokenizer, tokenizer_2, tokenizer_3, text_encoder, text_encoder_2, text_encoder_3),
-        encoders in TEXT_DTYPE."""
-        if model == TINY_MODEL:
-            return self.text_components(self.build_tiny_pipeline())
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        source, is_local = resolve_source(model)
-        kw = dict(local_files_only=is_local)
-        te_kw = dict(kw, use_safetensors=True, dtype=TEXT_DTYPE)
-        try:
-            toks = [
-                CLIPTokenizer.from_pretrained(source, subfolder=f, **kw) for f in ("tokenizer", "tokenizer_2")
-            ]
-            toks.append(T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_3", **kw))
-            encs = [
-                CLIPTextModelWithProjection.from_pretrained(source, subfolder=f, **te_kw)
-                for f in ("text_encoder", "text_encoder_2")
-            ]
-            encs.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **te_kw))
-        except Exception as e:
-            raise load_error(model, e) from None
-        return (*toks, *(e.eval() for e in encs))
-
-    def text_components(self, pipe: Any) -> tuple[Any, ...]:
-        return (
-            pipe.tokenizer,
-            pipe.tokenizer_2,
-            pipe.tokenizer_3,
-            pipe.text_encoder,
-            pipe.text_encoder_2,
-            pipe.text_encoder_3,
-        )
 
     def prompt_encoder(
         self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64

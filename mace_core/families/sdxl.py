@@ -24,16 +24,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer
+from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer, tiny_clip_text
 from mace_core.errors import ConceptError, quoted
-from mace_core.families.base import TEXT_DTYPE, Conditioning, ModelFamily, PromptEncoder, load_error
-from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
+from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder
+from mace_core.families.model_index import TINY_MODEL, ModelIndex
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
 from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
 
 PAD_TOKEN_2 = "!"  # the second (OpenCLIP bigG) tokenizer pads with token 0, '!' in CLIP's vocabulary
 
-TINY_SDXL_TEXT_2 = dict(TINY_CLIP_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
+TINY_SDXL_TEXT_2 = tiny_clip_text(32, projection_dim=32)
 TINY_TIME_EMBED = 8
 DEFAULT_SIZE = 1024  # SDXL base's native size
 
@@ -45,6 +45,21 @@ def split_width(width: int) -> tuple[int, int]:
     if width - first < 16:
         raise ValueError(f"context width {width} is too narrow for two text encoders")
     return first, width - first
+
+
+def two_clip_ids(tokenizers: Sequence[Any], prompt: str, which: str) -> list[int]:
+    """The first of two CLIP tokenizers' ids of ``prompt`` (SDXL's, SD 3.x's), checked against the
+    second's: a ConceptError naming ``which`` tokenizers where the lengths differ."""
+    first = list(tokenizers[0](prompt, truncation=False).input_ids)
+    second = list(tokenizers[1](prompt, truncation=False).input_ids)
+    # The second tokenizer's '!' is its pad token, kept whole: "!" is id 0 there and
+    # "!!" two tokens, one in the first. Positions align only if the lengths agree.
+    if len(first) != len(second):
+        raise ConceptError(
+            f"prompt {quoted(prompt)}: {which} split it into {len(first)} and"
+            f" {len(second)} tokens (repeated '!'?), so their states do not line up"
+        )
+    return first
 
 
 class SDXLTextEncoder(PromptEncoder):
@@ -65,16 +80,7 @@ class SDXLTextEncoder(PromptEncoder):
         return sum(int(m.config.hidden_size) for m in self.models)
 
     def ids(self, prompt: str) -> list[int]:
-        first = list(self.tokenizers[0](prompt, truncation=False).input_ids)
-        second = list(self.tokenizers[1](prompt, truncation=False).input_ids)
-        # The second tokenizer's '!' is its pad token, kept whole: "!" is id 0 there and
-        # "!!" two tokens, one in the first. Positions align only if the lengths agree.
-        if len(first) != len(second):
-            raise ConceptError(
-                f"prompt {quoted(prompt)}: SDXL's two tokenizers split it into {len(first)} and"
-                f" {len(second)} tokens (repeated '!'?), so their states do not line up"
-            )
-        return first
+        return two_clip_ids(self.tokenizers, prompt, "SDXL's two tokenizers")
 
     def text_towers(self) -> list[tuple[Any, Any]]:
         return list(zip(self.tokenizers, self.models, strict=True))
@@ -135,8 +141,7 @@ def build_tiny_pipeline(seed: int = 0, widths: tuple[int, int] | None = None):  
     text_1, text_2 = TINY_CLIP_TEXT, TINY_SDXL_TEXT_2
     if widths is not None:
         w1, w2 = widths
-        text_1 = dict(text_1, hidden_size=w1, intermediate_size=2 * w1)
-        text_2 = dict(text_2, hidden_size=w2, intermediate_size=2 * w2, projection_dim=w2)
+        text_1, text_2 = tiny_clip_text(w1), tiny_clip_text(w2, projection_dim=w2)
     with seeded(seed):
         unet = tiny_unet(
             cross_attention_dim=text_1["hidden_size"] + text_2["hidden_size"],
@@ -175,32 +180,24 @@ class SDXL(ModelFamily):
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first tokenizer's; the second pads with '!'
     pad_token_id: ClassVar[int] = 49407
     load_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}
+    tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer"}
+    text_encoders: ClassVar[dict[str, str]] = {
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+    }
 
     def build_tiny_pipeline(self, seed: int = 0) -> Any:
         return build_tiny_pipeline(seed)
 
     def load_text_components(self, model: str) -> tuple[Any, ...]:
-        """(tokenizer, tokenizer_2, text_encoder, text_encoder_2, default size)."""
-        if model == TINY_MODEL:
-            return self.text_components(self.build_tiny_pipeline())
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        source, is_local = resolve_source(model)
-        try:
-            kw = dict(local_files_only=is_local)
-            tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-            tok2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
-            # In TEXT_DTYPE: transformers would keep the checkpoint's own (fp16) dtype.
-            te_kw = dict(kw, use_safetensors=True, dtype=TEXT_DTYPE)
-            te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **te_kw)
-            te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **te_kw)
-        except Exception as e:
-            raise load_error(model, e) from None
-        return tok, tok2, te.eval(), te2.eval(), native_size(ModelIndex.read(model))
+        """(tokenizer, tokenizer_2, text_encoder, text_encoder_2, default size): a folder's size
+        from its configs (``native_size``), the tiny pipeline's from itself."""
+        parts = super().load_text_components(model)
+        return parts if model == TINY_MODEL else (*parts, native_size(ModelIndex.read(model)))
 
     def text_components(self, pipe: Any) -> tuple[Any, ...]:
         size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-        return pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2, size
+        return (*super().text_components(pipe), size)
 
     def prompt_encoder(
         self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from mace_core.families.base import TEXT_DTYPE, ModelFamily, PromptEncoder, load_error
-from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
+from mace_core.families.base import ModelFamily, PromptEncoder
+from mace_core.families.model_index import ModelIndex
 
 CLIP_DEFAULT_PAD = "<|endoftext|>"  # what CLIPTokenizer pads with when its config names nothing
 
@@ -93,37 +93,14 @@ class StableDiffusionFamily(ModelFamily):
 
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
     load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
+    tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer"}
+    text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel"}
 
     def recognises(self, index: ModelIndex) -> bool:
         return super().recognises(index) and tokenizer_pad_token(index) == self.pad_token
 
     def recognises_pipeline(self, pipe: Any) -> bool:
         return super().recognises_pipeline(pipe) and pipe.tokenizer.pad_token == self.pad_token
-
-    def load_text_components(self, model: str) -> tuple[Any, Any]:
-        """(CLIPTokenizer, CLIPTextModel in TEXT_DTYPE whatever dtype it was saved in): enough
-        to validate prompts, fingerprint a model and compute the text statistics."""
-        if model == TINY_MODEL:
-            pipe = self.build_tiny_pipeline()
-            return pipe.tokenizer, pipe.text_encoder
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        source, is_local = resolve_source(model)
-        try:
-            tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=is_local)
-            te = CLIPTextModel.from_pretrained(
-                source,
-                subfolder="text_encoder",
-                local_files_only=is_local,
-                use_safetensors=True,
-                dtype=TEXT_DTYPE,  # transformers would keep the checkpoint's (fp16) dtype
-            )
-        except Exception as e:
-            raise load_error(model, e) from None
-        return tok, te.eval()
-
-    def text_components(self, pipe: Any) -> tuple[Any, Any]:
-        return pipe.tokenizer, pipe.text_encoder
 
     def prompt_encoder(
         self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64

@@ -12,7 +12,7 @@ from mace_core.audit.attacks import ALL, attack_names, parse_attacks
 from mace_core.audit.settings import AuditSettings
 from mace_core.concepts import ConceptType
 from mace_core.options import Panel, group, option, setting
-from mace_ray.engine.requests import WhereItRuns
+from mace_ray.engine.requests import WhereItRuns, output_setting, resume_setting
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,13 @@ class AuditRequest(WhereItRuns):
         panel=Panel.ATTACKS,
         basic=True,
     )
-    output: str = setting(
-        "mace-runs",
-        "Where audits/ is written: a folder or s3://bucket/prefix.",
-        panel=Panel.MODEL,
-        basic=True,
-    )
+    output: str = output_setting("Where audits/ is written")
     default_type: ConceptType = setting(
         ConceptType.OBJECT, "Type of concept-file lines without one.", name="type", panel=Panel.MODEL
     )
     settings: AuditSettings = field(default_factory=AuditSettings, metadata=group())
-    resume: bool = setting(
-        True,
-        "Run every attack again (by default the results of an earlier audit with the same inputs "
-        "are reused).",
-        name="no-resume",
-        panel=Panel.RUN,
+    resume: bool = resume_setting(
+        "Run every attack again (by default the results of an earlier audit with the same inputs are reused)."
     )
 
     def __post_init__(self) -> None:

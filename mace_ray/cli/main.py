@@ -21,7 +21,7 @@ from mace_ray.cli.build import annotated, command
 from mace_ray.cli.errors import reported_errors
 from mace_ray.cli.options import LazyCommands, OneLineErrors, fail
 from mace_ray.engine.logs import setup_logging
-from mace_ray.engine.requests import ADDRESS, EXECUTOR, S3_ENDPOINT, Executor
+from mace_ray.engine.requests import ADDRESS, DEFAULT_OUTPUT, EXECUTOR, S3_ENDPOINT, Executor
 from mace_ray.erase.request import DEFAULT_MODEL, EraseRequest
 
 # eval and audit are LazyCommands (imported when named: their options import torch);
@@ -133,7 +133,7 @@ def gc(
             help="The --output of the runs: a folder or s3://bucket/prefix (a run's folder there, "
             "ROOT/runs/<run_id>, stands for ROOT)."
         ),
-    ] = "mace-runs",
+    ] = DEFAULT_OUTPUT,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
     ] = False,
@@ -155,7 +155,7 @@ def cache_prior_cmd(
     ] = DEFAULT_MODEL,
     output: Annotated[
         str, typer.Option(help="The --output that erase runs will use (a folder or s3://bucket/prefix).")
-    ] = "mace-runs",
+    ] = DEFAULT_OUTPUT,
     executor: ExecutorOpt = Executor.RAY,
     address: AddressOpt = None,
     s3_endpoint: S3EndpointOpt = None,

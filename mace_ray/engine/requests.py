@@ -1,5 +1,7 @@
 """Where and how a job runs: ``WhereItRuns``, the options every request shares (executor,
-cluster address, workers, GPUs per worker, device, S3 endpoint, progress), declared once.
+cluster address, workers, GPUs per worker, device, S3 endpoint, progress), declared once;
+``output_setting`` and ``resume_setting``: --output and --no-resume, which every request
+declares in its own place and words.
 
 Every field carries its command-line metadata (mace_core/options.py); mace_ray/cli/build.py
 builds the commands from the request classes that extend it (erase/request.py,
@@ -36,6 +38,20 @@ QUIET = option(
 )
 
 FILE, FOLDER = "<file>", "<folder>"
+
+# --output's default: the root every command writes its jobs under and finds runs in.
+DEFAULT_OUTPUT = "mace-runs"
+
+
+def output_setting(where: str) -> Any:
+    """The ``--output`` of a job; ``where`` says what it writes there ("Where evals/ is written")."""
+    return setting(DEFAULT_OUTPUT, f"{where}: a folder or s3://bucket/prefix.", panel=Panel.MODEL, basic=True)
+
+
+def resume_setting(help: str) -> Any:
+    """``--no-resume``: by default a job reuses what an earlier one with the same inputs stored;
+    ``help`` says what the flag makes again instead."""
+    return setting(True, help, name="no-resume", panel=Panel.RUN)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,12 +18,11 @@ from typing import Any
 from mace_core.errors import MaceError
 from mace_core.masking import check_masker, check_masker_sources, masker_specs
 from mace_core.settings import MaskSettings
+from mace_ray.engine.requests import DEFAULT_OUTPUT
 from mace_ray.erase.layout import RunLayout
 from mace_ray.storage.base import Storage, read_json
 from mace_ray.storage.model_cache import is_remote, split_run
 from mace_ray.storage.resolve import Sources, canonical
-
-DEFAULT_OUTPUT = "mace-runs"
 
 
 @dataclass(frozen=True)

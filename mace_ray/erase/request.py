@@ -9,7 +9,7 @@ from mace_core.concepts import ConceptType
 from mace_core.errors import SettingError
 from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
 from mace_core.settings import EraseSettings
-from mace_ray.engine.requests import FILE, WhereItRuns
+from mace_ray.engine.requests import FILE, WhereItRuns, output_setting, resume_setting
 
 # --model's default: the paper's model.
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -44,9 +44,7 @@ class EraseRequest(WhereItRuns):
         panel=Panel.MODEL,
         basic=True,
     )
-    output: str = setting(
-        "mace-runs", "Where runs are written: a folder or s3://bucket/prefix.", panel=Panel.MODEL, basic=True
-    )
+    output: str = output_setting("Where runs are written")
     default_type: ConceptType = setting(
         ConceptType.OBJECT, "Type of lines without one.", name="type", panel=Panel.MODEL, basic=True
     )
@@ -70,11 +68,8 @@ class EraseRequest(WhereItRuns):
         min=1,
         panel=Panel.CLUSTER,
     )
-    resume: bool = setting(
-        True,
-        "Start over: delete what an earlier run with the same inputs left (by default it is reused).",
-        name="no-resume",
-        panel=Panel.RUN,
+    resume: bool = resume_setting(
+        "Start over: delete what an earlier run with the same inputs left (by default it is reused)."
     )
     # A concept whose residual (erasure report) stays above this fails the command after
     # everything is written; not part of the run id (it changes no result).

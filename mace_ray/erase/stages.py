@@ -159,23 +159,25 @@ def train(run: EraseRun) -> None:
         run.backend.get(ref)
 
 
-def fusion(run: EraseRun) -> None:
+def _final_weights(run: EraseRun, method: str, arg: Any, task_name: str) -> None:
+    """The weights ``write`` writes (``run.fused``): the statistics actor's ``method``, given
+    ``arg`` and the original weights (from a GPU worker)."""
     backend, workers = run.backend, run.workers
     run.original = backend.put(workers.ask_one(OriginalWeights(label="original-weights"), Placement.GPU))
-    fused, run.fusion_info = backend.get(
-        workers.call(Placement.STATS, "fuse", run.slugs, run.original, task_name="fusion-solve")
+    weights, run.fusion_info = backend.get(
+        workers.call(Placement.STATS, method, arg, run.original, task_name=task_name)
     )
-    run.fused = backend.put(fused)
+    run.fused = backend.put(weights)
+
+
+def fusion(run: EraseRun) -> None:
+    """The method's result: W* for every projection, the fusion of the concepts' LoRAs (Eq. 7)."""
+    _final_weights(run, "fuse", run.slugs, "fusion-solve")
 
 
 def refined_weights(run: EraseRun) -> None:
     """A closed-form-only run's result: W' = W M for every projection (Eq. 2)."""
-    backend, workers = run.backend, run.workers
-    run.original = backend.put(workers.ask_one(OriginalWeights(label="original-weights"), Placement.GPU))
-    refined, run.fusion_info = backend.get(
-        workers.call(Placement.STATS, "refined", len(run.concepts), run.original, task_name="cfr-weights")
-    )
-    run.fused = backend.put(refined)
+    _final_weights(run, "refined", len(run.concepts), "cfr-weights")
 
 
 def write(run: EraseRun) -> None:

@@ -10,7 +10,7 @@ from mace_core.evaluation.clip_model import clip_setting
 from mace_core.evaluation.generation import GenerationSettings
 from mace_core.evaluation.recognition import CLIP_RECOGNIZER
 from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
-from mace_ray.engine.requests import FILE, FOLDER, WhereItRuns
+from mace_ray.engine.requests import FILE, FOLDER, WhereItRuns, output_setting, resume_setting
 
 
 class SuiteName(Choice):
@@ -39,9 +39,7 @@ class EvalRequest(WhereItRuns):
         panel=Panel.MODEL,
         basic=True,
     )
-    output: str = setting(
-        "mace-runs", "Where evals/ is written: a folder or s3://bucket/prefix.", panel=Panel.MODEL, basic=True
-    )
+    output: str = output_setting("Where evals/ is written")
     # Concept files; default: the erase run's concepts and retained set.
     erased_file: str | None = setting(
         None,
@@ -102,11 +100,8 @@ class EvalRequest(WhereItRuns):
         metavar=FILE,
     )
     shard_size: int = setting(32, "Images per worker job.", min=1, panel=Panel.CLUSTER)
-    resume: bool = setting(
-        True,
-        "Make every image again (by default those an earlier eval stored are reused).",
-        name="no-resume",
-        panel=Panel.RUN,
+    resume: bool = resume_setting(
+        "Make every image again (by default those an earlier eval stored are reused)."
     )
 
     def __post_init__(self) -> None:
