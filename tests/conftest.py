@@ -9,10 +9,11 @@ import uuid
 from pathlib import Path
 
 # One intra-op thread for torch in the tests and in every process they start (CLI runs, Ray
-# workers, set before torch is imported): the tiny models are too small to gain from two
-# threads, and on a 2-core CI machine shared with other jobs the second thread's spin-waiting
-# doubled the CPU time of an erase (a tiny two-concept erase: 4.6 s of CPU with one thread,
-# 10.1 s with two, and no faster). OMP_NUM_THREADS set by the caller wins.
+# workers; set before torch is imported). The tiny models gain little from a second thread, and
+# on a 2-core CI machine shared with another job its spin-waiting doubles the CPU time: a tiny
+# two-concept erase took 5.2 s of CPU (5.2 s wall) with one thread and 5.5 s (3.1 s wall) with
+# two on an idle machine, but 4.6 s against 10.1 s (and no faster) beside another job.
+# OMP_NUM_THREADS set by the caller wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
