@@ -28,7 +28,7 @@ from mace_core.closed_form_weights import Weights
 from mace_core.concepts import Concept, ConceptType
 from mace_core.erasure_report import KVProjection, kv_gaps
 from mace_core.errors import ConceptError
-from mace_core.evaluation.generation import GenerationSettings
+from mace_core.evaluation.settings import GenerationSettings
 from mace_core.families.sd1 import build_tiny_pipeline
 from mace_core.models import pipeline_projections, pipeline_prompt_encoder
 from mace_core.prompts import prompt_pairs

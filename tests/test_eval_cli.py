@@ -11,7 +11,8 @@ from helpers import assert_same_seed_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
+from mace_core.evaluation.generation import generate_eval_images
+from mace_core.evaluation.settings import GenerationSettings
 from mace_ray.cli.main import app
 
 FAST = ["--inference-steps", "2", "--images", "1"]

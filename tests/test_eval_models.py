@@ -12,9 +12,10 @@ from mace_core.errors import ModelLoadError
 from mace_core.evaluation.clip_model import build_tiny_clip
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.features import InceptionFeatures, build_fid_inception
-from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
+from mace_core.evaluation.generation import generate_eval_images
 from mace_core.evaluation.metrics import exposed_counts
 from mace_core.evaluation.nudity import NudityDetector
+from mace_core.evaluation.settings import GenerationSettings
 from mace_core.evaluation.suites import objects_suite
 from mace_core.imageio import png_bytes
 

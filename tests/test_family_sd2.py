@@ -12,7 +12,8 @@ from diffusers import DPMSolverMultistepScheduler
 from helpers import assert_text_statistics, train_and_attention_mass
 
 from mace_core.concepts import Concept, ConceptType
-from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
+from mace_core.evaluation.generation import generate_eval_images
+from mace_core.evaluation.settings import GenerationSettings
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.families import family_for, family_named, family_of_pipeline
 from mace_core.families.sd2 import TINY_SD2_TEXT

@@ -21,7 +21,8 @@ import torch
 
 from mace_core.audit.embedding import AttackPrompt, TokenEncoder
 from mace_core.concepts import Concept
-from mace_core.evaluation.generation import GenerationSettings, native_size
+from mace_core.evaluation.generation import native_size
+from mace_core.evaluation.settings import GenerationSettings
 from mace_core.families import family_of_pipeline
 from mace_core.progress import Progress, no_progress
 from mace_core.prompts import GENERATION_PROMPTS

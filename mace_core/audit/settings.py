@@ -7,8 +7,7 @@ from typing import Any
 
 from mace_core.audit.attacks import AttackSettings
 from mace_core.errors import SettingError
-from mace_core.evaluation.clip_model import clip_setting
-from mace_core.evaluation.generation import GenerationSettings
+from mace_core.evaluation.settings import GenerationSettings, clip_setting
 from mace_core.options import Panel, group, plain, setting
 
 

@@ -9,24 +9,13 @@ demo (its scores are meaningless, its code path is the real one).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from mace_core.clip_text import TINY_CLIP_TEXT, TINY_TOWER, clip_tokenizer
-from mace_core.options import Panel, setting
+from mace_core.evaluation.settings import TINY_CLIP
 from mace_core.pretrained import load_pretrained
-
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-TINY_CLIP = "tiny"
-
-
-def clip_setting(role: str) -> Any:
-    """The ``--clip`` option of eval and audit (``role``: what the CLIP is for). None: the
-    tiny CLIP for tiny models, else DEFAULT_CLIP (the drivers resolve it)."""
-    text = f"{role}: hub id, local folder or 'tiny' (default: tiny for tiny models, else {DEFAULT_CLIP})."
-    return setting(None, text, panel=Panel.SCORING)
 
 
 @dataclass

@@ -9,46 +9,14 @@ size are batched together.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 
-from mace_core.errors import SettingError
 from mace_core.evaluation.errors import EvalInputError
+from mace_core.evaluation.settings import GenerationSettings
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.families import family_of_pipeline
-from mace_core.options import coerce_choices, plain, setting
 from mace_core.progress import Progress, no_progress
-from mace_core.settings import Precision
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    inference_steps: int = setting(30, "DPM-Solver steps per image.", min=1)
-    # Used when a prompt has no guidance of its own (I2P has).
-    guidance_scale: float = setting(7.5, "CFG scale (an I2P row's own sd_guidance_scale wins).", min=0.0)
-    resolution: int | None = setting(
-        None, "Image size for every prompt (default: the CSV's, else the model's).", min=8
-    )
-    # The UNet sees twice as many with CFG.
-    batch_size: int = setting(8, "Images per pipeline call.", min=1)
-    # fp32 by default: the numbers are the model's, not its fp16 rounding's.
-    precision: Precision = setting(
-        Precision.FP32, "auto: fp16 pipeline on CUDA, fp32 on CPU; fp32: fp32 everywhere."
-    )
-
-    def __post_init__(self) -> None:
-        coerce_choices(self, {"precision": (Precision, "precision")})
-        if self.inference_steps < 1:
-            raise SettingError(f"inference_steps must be >= 1, got {self.inference_steps}")
-        if self.batch_size < 1:
-            raise SettingError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise SettingError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-
-    def to_dict(self) -> dict:
-        return plain(asdict(self))
 
 
 def native_size(pipe) -> int:

@@ -18,8 +18,8 @@ import torch
 from mace_core.evaluation.clip_model import ClipModel
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.metrics import zero_shot_predict
+from mace_core.evaluation.settings import CLIP_RECOGNIZER
 
-CLIP_RECOGNIZER = "clip"
 NAME_TEMPLATE = "a photo of {}"
 
 

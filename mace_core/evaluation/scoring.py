@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mace_core.evaluation.clip_model import DEFAULT_CLIP, ClipModel, load_clip
+from mace_core.evaluation.clip_model import ClipModel, load_clip
 from mace_core.evaluation.features import FeatureExtractor, load_fid_extractor
 from mace_core.evaluation.fid import FeatureMoments, fid
 from mace_core.evaluation.metrics import (
@@ -31,7 +31,8 @@ from mace_core.evaluation.metrics import (
     zero_shot_predict,
 )
 from mace_core.evaluation.nudity import NudityDetector
-from mace_core.evaluation.recognition import CLIP_RECOGNIZER, Recognizer, load_recognizer
+from mace_core.evaluation.recognition import Recognizer, load_recognizer
+from mace_core.evaluation.settings import CLIP_RECOGNIZER, DEFAULT_CLIP
 from mace_core.evaluation.suites import ERASED, RETAINED, SYNONYM, EvalPrompt
 
 # Text of each class for CLIP zero-shot classification (objects protocol).

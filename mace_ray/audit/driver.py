@@ -23,8 +23,8 @@ from typing import Any
 from mace_core.audit.concepts import AuditConcept, read_audit_concepts
 from mace_core.concepts import Concept, ConceptType
 from mace_core.errors import ConceptError, MaceError, ModelLoadError
-from mace_core.evaluation.clip_model import DEFAULT_CLIP, TINY_CLIP
 from mace_core.evaluation.errors import MetricUnavailableError
+from mace_core.evaluation.settings import DEFAULT_CLIP, TINY_CLIP
 from mace_core.families import family_for
 from mace_core.families.model_index import TINY_MODEL
 from mace_core.pretrained import looks_like_path

@@ -23,15 +23,14 @@ from typing import Any
 
 from mace_core.concepts import ConceptType, read_concept_file
 from mace_core.errors import ModelLoadError
-from mace_core.evaluation.clip_model import DEFAULT_CLIP, TINY_CLIP
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.features import check_inception_weights
-from mace_core.evaluation.generation import GenerationSettings
 from mace_core.evaluation.metrics import NUDENET_THRESHOLD
 from mace_core.evaluation.nudity import check_nudenet
 from mace_core.evaluation.prompt_csv import read_coco_csv, read_i2p_csv
-from mace_core.evaluation.recognition import CLIP_RECOGNIZER, check_recognizer
+from mace_core.evaluation.recognition import check_recognizer
 from mace_core.evaluation.scoring import ScorerSettings, suite_needs
+from mace_core.evaluation.settings import CLIP_RECOGNIZER, DEFAULT_CLIP, TINY_CLIP, GenerationSettings
 from mace_core.evaluation.suites import (
     DEFAULT_IMAGES_PER_PROMPT,
     Suite,

@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mace_core.errors import SettingError
-from mace_core.evaluation.clip_model import clip_setting
-from mace_core.evaluation.generation import GenerationSettings
-from mace_core.evaluation.recognition import CLIP_RECOGNIZER
+from mace_core.evaluation.settings import CLIP_RECOGNIZER, GenerationSettings, clip_setting
 from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
 from mace_ray.engine.requests import FILE, FOLDER, WhereItRuns, output_setting, resume_setting
 

@@ -18,8 +18,9 @@ import torch
 
 from mace_core.evaluation.errors import EvalInputError
 from mace_core.evaluation.fid import FeatureMoments
-from mace_core.evaluation.generation import GenerationSettings, generate_eval_images
+from mace_core.evaluation.generation import generate_eval_images
 from mace_core.evaluation.scoring import ScorerSettings, ShardScores, SuiteScorer
+from mace_core.evaluation.settings import GenerationSettings
 from mace_core.evaluation.suites import EvalPrompt
 from mace_core.imageio import png_bytes, read_png
 from mace_core.models import load_pipeline
