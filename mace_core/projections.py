@@ -81,9 +81,6 @@ class Projections(Mapping[str, Projection]):
         """Whether ``p`` reads only a block of the space (its statistics weight has zero columns)."""
         return p.columns != (0, self.width)
 
-    def modules(self) -> dict[str, nn.Linear]:
-        return {k: p.module for k, p in self.items_.items()}
-
     def trained(self) -> dict[str, nn.Linear]:
         """The layers a concept's LoRA sits on."""
         return {k: p.module for k, p in self.items_.items() if p.lora}

@@ -201,14 +201,14 @@ def test_a_run_pipeline_is_fetched_once_verified_and_fingerprinted_by_content(s3
     assert len(gets) == 1
     same_tree(Path(first), local)
     # eval and audit take the run's folder or its final/pipeline, and read its manifest on S3.
-    from mace_ray.eval.driver import resolve_model
+    from mace_ray.eval.driver import locate_model
 
     sources = Sources(s3_run.endpoint)
     for spec in (s3_run.url, url, url + "/"):
-        resolved = resolve_model(spec, sources=sources)
+        resolved = locate_model(spec, sources=sources)
         assert resolved.load == url and resolved.manifest["run_id"] == s3_run.run_id, spec
     with pytest.raises(ModelLoadError, match="no such folder"):
-        resolve_model(f"s3://{s3_run.bucket}/nowhere/model", sources=sources)
+        locate_model(f"s3://{s3_run.bucket}/nowhere/model", sources=sources)
 
 
 def test_eval_of_the_s3_run_equals_eval_of_its_local_copy(s3_run, tmp_path):

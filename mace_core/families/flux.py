@@ -28,6 +28,13 @@ from mace_core.families.tiny import seeded, tiny_vae
 from mace_core.t5_text import T5_PAD, t5_tokenizer, tiny_t5
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit
+
+
+def sequence_length(t5_tok: Any) -> int:
+    """The T5 positions a prompt takes, in training and generation alike."""
+    return min(int(t5_tok.model_max_length), MAX_SEQUENCE_LENGTH)
+
+
 SCHNELL_STEPS = 4  # FLUX.1-schnell's distilled step count
 TRAIN_GUIDANCE = 3.5  # FLUX.1-dev's default guidance, for its training forward passes
 # The tiny pipeline's T5 positions: as many as CLIP's, so that a prompt has as many rows in
@@ -64,7 +71,7 @@ class FluxTextEncoder(MMDiTEncoder):
         self.clip_tok, self.t5_tok, self.clip, self.t5 = clip_tok, t5_tok, clip, t5
         self.device = device
         self.batch_size = batch_size
-        self.max_length = min(int(t5_tok.model_max_length), MAX_SEQUENCE_LENGTH)
+        self.max_length = sequence_length(t5_tok)
         t5_ids = tokenizer_ids(t5_tok)
         self.segments = [Segment("T5", 0, self.max_length, t5_ids, start_token=False)]
         clip_limit = Segment("CLIP", 0, int(clip_tok.model_max_length), tokenizer_ids(clip_tok), True)
@@ -181,7 +188,7 @@ class Flux(MMDiTFamily):
         self, pipe: Any, noise: torch.Tensor, steps: int, guidance: float
     ) -> tuple[int, dict[str, Any]]:
         dev = bool(pipe.transformer.config.guidance_embeds)
-        length = min(int(pipe.tokenizer_2.model_max_length), MAX_SEQUENCE_LENGTH)
+        length = sequence_length(pipe.tokenizer_2)
         kwargs = {"latents": pack(noise), "guidance_scale": guidance, "max_sequence_length": length}
         return (steps if dev else min(steps, SCHNELL_STEPS)), kwargs
 

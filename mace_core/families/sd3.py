@@ -32,6 +32,13 @@ from mace_core.families.tiny import seeded, tiny_vae
 from mace_core.t5_text import t5_tokenizer, tiny_t5
 
 T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+def sequence_length(t5_tok: Any) -> int:
+    """The T5 positions a prompt takes, in training and generation alike."""
+    return min(int(t5_tok.model_max_length), T5_SEQUENCE_LENGTH)
+
+
 TINY_SEQUENCE_LENGTH = 24
 
 
@@ -43,7 +50,7 @@ class SD3TextEncoder(MMDiTEncoder):
         self.device = device
         self.batch_size = batch_size
         clip_len = int(tokenizers[0].model_max_length)
-        self.max_length = min(int(tokenizers[2].model_max_length), T5_SEQUENCE_LENGTH)
+        self.max_length = sequence_length(tokenizers[2])
         self.segments = [
             Segment("CLIP", 0, clip_len, self.clip_ids, start_token=True),
             Segment("T5", clip_len, self.max_length, tokenizer_ids(tokenizers[2]), start_token=False),
@@ -160,7 +167,7 @@ class SD3(MMDiTFamily):
     def pipeline_kwargs(
         self, pipe: Any, noise: torch.Tensor, steps: int, guidance: float
     ) -> tuple[int, dict[str, Any]]:
-        length = min(int(pipe.tokenizer_3.model_max_length), T5_SEQUENCE_LENGTH)
+        length = sequence_length(pipe.tokenizer_3)
         return steps, {"latents": noise, "guidance_scale": guidance, "max_sequence_length": length}
 
 

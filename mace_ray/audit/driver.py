@@ -32,7 +32,7 @@ from mace_ray.audit.layout import AuditLayout
 from mace_ray.audit.request import AuditRequest
 from mace_ray.audit.stages import AUDIT_STAGES, AuditRun
 from mace_ray.engine.staged_job import run_staged_job
-from mace_ray.eval.driver import ResolvedModel, resolve_model
+from mace_ray.eval.driver import ResolvedModel, locate_model
 from mace_ray.storage.base import Storage, write_json
 from mace_ray.storage.model_cache import is_remote, split_run
 from mace_ray.storage.resolve import Sources
@@ -106,7 +106,7 @@ def _check_family(model: str, what: str) -> None:
 
 def _same_model(spec: str, load: str, sources: Sources) -> bool:
     try:
-        return resolve_model(spec, sources=sources).load == load
+        return locate_model(spec, sources=sources).load == load
     except MaceError:  # a folder that is not there (any more, or from here): not the same
         return False
 
@@ -130,7 +130,7 @@ def prepare(req: AuditRequest) -> PreparedAudit:
     if importlib.util.find_spec("matplotlib") is None:
         raise MetricUnavailableError("mace-ray audit plots with matplotlib: pip install 'mace-ray[eval]'")
     sources = Sources(req.s3_endpoint)
-    model = resolve_model(req.model, sources=sources)
+    model = locate_model(req.model, sources=sources)
     run_output, run_id = _erase_run(model)
     notes: list[str] = []
     base = model.manifest["model"] if model.manifest else None
@@ -139,14 +139,14 @@ def prepare(req: AuditRequest) -> PreparedAudit:
             "--original MODEL is required: the audited model is not an erase run, so it names no original"
         )
     if req.original:
-        original = resolve_model(req.original, "--original", sources).load
+        original = locate_model(req.original, "--original", sources).load
         if base is not None and not _same_model(str(base), original, sources):
             notes.append(
                 f"--original {original} is not the erase run's model ({base}): its stored images are not used"
             )
             run_output = run_id = None
     else:
-        original = resolve_model(str(base), "the erase run's model (pass --original)", sources).load
+        original = locate_model(str(base), "the erase run's model (pass --original)", sources).load
     for m, what in ((model.load, "model"), (original, "--original")):
         _check_family(m, what)
     concepts = _concepts(req, model)

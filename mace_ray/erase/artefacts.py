@@ -44,11 +44,14 @@ def mismatch(storage: Storage, sums: dict[str, str], threads: int = 8) -> str | 
         return None
 
     keys = sorted(sums)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
         for found in pool.map(problem, keys):
             if found is not None:
-                return found
-    return None
+                return found  # the rest need not be hashed: cancelled below
+        return None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _rel(key: str) -> str:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from mace_core.errors import MaceError
 from mace_core.masking import check_masker, check_masker_sources, masker_specs
 from mace_core.settings import MaskSettings
 from mace_ray.engine.requests import DEFAULT_OUTPUT
 from mace_ray.erase.layout import RunLayout
-from mace_ray.storage.base import Storage, read_json
+from mace_ray.storage.base import Storage
 from mace_ray.storage.model_cache import is_remote, split_run
 from mace_ray.storage.resolve import Sources, canonical
 
@@ -39,12 +38,6 @@ class RunRef:
     @property
     def where(self) -> str:
         return f"{self.storage.url}/{self.layout.root}"
-
-    def manifest(self) -> dict[str, Any]:
-        manifest = read_json(self.storage, self.layout.manifest)
-        if not isinstance(manifest, dict):
-            raise MaceError(f"{self.where}/manifest.json is not a mace-ray manifest")
-        return manifest
 
 
 def run_root(root: str) -> str:

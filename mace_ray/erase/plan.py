@@ -8,11 +8,10 @@ import logging
 from mace_core.errors import SettingError
 from mace_ray.engine.stages import Stage
 from mace_ray.erase.run import EraseRun
-from mace_ray.erase.stages import CFR_STAGES, ERASE_STAGES
+from mace_ray.erase.stages import BY_NAME, CFR_STAGES, ERASE_STAGES
 
 log = logging.getLogger("mace_ray")
 
-BY_NAME = {s.name: s for s in ERASE_STAGES}
 # What a stage needs done before it in the same driver (a partial run adds it).
 NEEDS: dict[str, tuple[str, ...]] = {
     "text_statistics": (),

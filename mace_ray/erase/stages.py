@@ -368,12 +368,12 @@ ERASE_STAGES: tuple[Stage[EraseRun], ...] = (
 )
 
 
-_BY_NAME = {s.name: s for s in ERASE_STAGES}
+BY_NAME = {s.name: s for s in ERASE_STAGES}
 # A closed-form-only run (--method cfr): no images, masks or LoRAs; its result is W' itself.
 CFR_STAGES: tuple[Stage[EraseRun], ...] = (
-    _BY_NAME["text_statistics"],
-    _BY_NAME["workers_start"],
-    _BY_NAME["cfr"],
+    BY_NAME["text_statistics"],
+    BY_NAME["workers_start"],
+    BY_NAME["cfr"],
     Stage(
         "refined_weights",
         Placement.STATS,
@@ -383,7 +383,7 @@ CFR_STAGES: tuple[Stage[EraseRun], ...] = (
         run=refined_weights,
         calls=(Placement.GPU,),
     ),
-    _BY_NAME["write"],
-    _BY_NAME["erasure_report"],
-    _BY_NAME["finish"],
+    BY_NAME["write"],
+    BY_NAME["erasure_report"],
+    BY_NAME["finish"],
 )

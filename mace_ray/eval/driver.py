@@ -106,7 +106,7 @@ class PreparedEval:
         )
 
 
-def resolve_model(spec: str, what: str = "model", sources: Sources | None = None) -> ResolvedModel:
+def locate_model(spec: str, what: str = "model", sources: Sources | None = None) -> ResolvedModel:
     """'tiny', a hub id, a diffusers folder, an erase run's folder (``runs/<run_id>``, or one
     ``mace-ray pull`` wrote) or its ``final/pipeline``: local, or s3:// read in place (the
     manifest from S3; the pipeline is fetched, verified, by the workers that load it)."""
@@ -234,9 +234,9 @@ def prepare(req: EvalRequest) -> PreparedEval:
     """Stage 1, on the driver: everything that can be wrong with the inputs fails here, before
     any worker starts or anything is written."""
     sources = Sources(req.s3_endpoint)
-    models = {"model": resolve_model(req.model, sources=sources)}
+    models = {"model": locate_model(req.model, sources=sources)}
     if req.baseline:
-        models["baseline"] = resolve_model(req.baseline, "baseline", sources)
+        models["baseline"] = locate_model(req.baseline, "baseline", sources)
     suite = build_suite(req, models["model"])
     scorers = _scorers(req, models)
     reference = _reference_files(req)

@@ -25,6 +25,7 @@ from mace_core.evaluation.suites import EvalPrompt
 from mace_core.imageio import png_bytes, read_png
 from mace_core.models import load_pipeline
 from mace_ray.engine.progress import StageProgress
+from mace_ray.engine.requests import DEFAULT_OUTPUT
 from mace_ray.engine.worker import PoolWorker
 from mace_ray.eval.layout import image_key
 from mace_ray.storage.model_cache import resolve_model
@@ -41,7 +42,7 @@ class EvalSpec:
     classes: tuple[str, ...]  # the suite's label set (zero-shot classes, celebrity names)
     models: dict[str, str] = field(default_factory=dict)  # tag -> model to load
     model_ids: dict[str, str] = field(default_factory=dict)  # tag -> images folder id
-    output: str = "mace-runs"
+    output: str = DEFAULT_OUTPUT
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     scorers: ScorerSettings = field(default_factory=ScorerSettings)
     s3_endpoint: str | None = None

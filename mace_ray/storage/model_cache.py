@@ -88,10 +88,11 @@ def recorded_sums(storage: S3Storage, key: str) -> dict[str, str] | None:
         return None
     root, run_id, rest = parts
     run_key = f"{root}/runs/{run_id}" if root else f"runs/{run_id}"
-    if not storage.exists(f"{run_key}/manifest.json"):
+    found = storage.read_versioned(f"{run_key}/manifest.json")  # one request, None when absent
+    if found is None:
         return None
     try:
-        manifest = json.loads(storage.read_bytes(f"{run_key}/manifest.json"))
+        manifest = json.loads(found[0])
     except ValueError:
         return None
     if not isinstance(manifest, dict) or manifest.get("status") != "complete":

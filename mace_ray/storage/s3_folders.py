@@ -161,7 +161,7 @@ def transfer(
     """Run transfers in parallel (s3transfer: multipart, its own retries of a cut-off
     download, every request retried by the client within the budget). When any fails, the
     first failure is raised once every transfer has ended, classified as ``S3Storage.request``
-    does; a failure that is not S3's (a guard's refusal) is raised as it is."""
+    does; a failure that is not S3's (a guard's refusal) is raised first, as it is."""
     started = time.monotonic()
     failed: list[tuple[Any, BaseException]] = []
     with create_transfer_manager(self.client, self.transfer_config) as tm:
@@ -171,10 +171,17 @@ def transfer(
                 fut.result()
             except Exception as e:  # classified below, once every transfer has ended
                 failed.append((item, e))
-    if failed:
-        item, err = failed[0]
+    if not failed:
+        return
+    elapsed = time.monotonic() - started
+
+    def mapped(item: Any, err: BaseException) -> Exception | None:
         where = f"{what} ({self.loc.rel(name(item))})"
-        mapped = classify(err, where, self.bucket, self.endpoint, time.monotonic() - started, self.budget_s)
-        if mapped is None:
+        return classify(err, where, self.bucket, self.endpoint, elapsed, self.budget_s)
+
+    # A failure that is not S3's (the lease guard's refusal) wins over an S3 one: "rerun to
+    # resume" must not hide that another driver took the run over.
+    for item, err in failed:
+        if mapped(item, err) is None:
             raise err
-        raise mapped from None
+    raise mapped(*failed[0]) from None
