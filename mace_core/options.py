@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -162,3 +164,45 @@ def from_plain(cls: type[T], values: Mapping[str, Any]) -> T:
         elif typing.get_origin(t) is tuple and isinstance(value, list):
             kwargs[name] = tuple(value)
     return cls(**kwargs)
+
+
+def check_bounds(obj: Any) -> None:
+    """The ``min``/``max`` that ``obj``'s fields declare (the bounds the command line checks),
+    checked again on the object itself: settings made in code, read from a ``--config`` file or
+    from a manifest obey them too. SettingError naming the field; NaN is refused."""
+    for f in dataclasses.fields(obj):
+        o, value = cli_metadata(f), getattr(obj, f.name)
+        if not isinstance(o, Option) or value is None or (o.min is None and o.max is None):
+            continue
+        low = -math.inf if o.min is None else o.min
+        high = math.inf if o.max is None else o.max
+        if not low <= value <= high:
+            if o.min is not None and o.max is not None:
+                bounds = f"in [{low:g}, {high:g}]"
+            else:
+                bounds = f">= {low:g}" if o.max is None else f"<= {high:g}"
+            raise SettingError(f"{f.name} must be {bounds}, got {value}")
+
+
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, type[Choice]]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        t = unwrap_optional(hints[f.name])[0]
+        if isinstance(t, type) and issubclass(t, Choice):
+            out[f.name] = t
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every settings dataclass: once made (in code, from the command line, a config file
+    or a manifest), its choice fields hold members (a string becomes its member) and its numbers
+    lie within the bounds their fields declare. Subclasses with checks of their own call
+    ``super().__post_init__()`` first."""
+
+    def __post_init__(self) -> None:
+        choices = _choice_fields(type(self))
+        coerce_choices(self, {name: (cls, name) for name, cls in choices.items()})
+        check_bounds(self)

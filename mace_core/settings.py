@@ -24,11 +24,11 @@ from typing import Any
 
 from mace_core.concepts import ConceptType
 from mace_core.errors import SettingError
-from mace_core.options import Choice, Panel, coerce_choices, group, internal, plain, setting
+from mace_core.options import Choice, Panel, Settings, group, internal, plain, setting
 
 
 @dataclass(frozen=True)
-class ClosedFormSettings:
+class ClosedFormSettings(Settings):
     """Weights of one closed form (CFR Eq. 2 or fusion Eq. 7), per-token mean scale.
 
     None: the paper's value for the run's type and size (``closed_form_weights``).
@@ -54,12 +54,6 @@ class ClosedFormSettings:
         shared=True,
         min=0.0,
     )
-
-    def __post_init__(self) -> None:
-        for name in ("prior_weight", "domain_weight", "ridge", "retain_weight"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:  # also refuses NaN
-                raise SettingError(f"{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ LORA_INITS = LoraInit.values()
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Settings):
     """LoRA training (paper Sec. 3.2). ``None`` fields take the concept type's default."""
 
     rank: int = setting(1, "LoRA rank.", min=1)
@@ -119,11 +113,7 @@ class TrainSettings:
     )
 
     def __post_init__(self) -> None:
-        coerce_choices(self, {"lora_init": (LoraInit, "lora_init")})
-        if self.rank < 1:
-            raise SettingError(f"rank must be >= 1, got {self.rank}")
-        if self.steps is not None and self.steps < 0:
-            raise SettingError(f"steps must be >= 0, got {self.steps}")
+        super().__post_init__()
         if not 0 <= self.cfis_t1 < self.cfis_t2 <= 999:
             raise SettingError(f"need 0 <= cfis_t1 < cfis_t2 <= 999, got {self.cfis_t1}, {self.cfis_t2}")
 
@@ -144,7 +134,7 @@ class ResolvedTrain:
 
 
 @dataclass(frozen=True)
-class DataSettings:
+class DataSettings(Settings):
     """Training images (MACE Stage 2): DPM-Solver, 30 steps, CFG 7.5, fixed seeds."""
 
     images_per_concept: int = setting(8, "Training images per concept.", name="images", min=1)
@@ -153,10 +143,6 @@ class DataSettings:
     # None: the model's native size (512 px for SD 1.x)
     resolution: int | None = field(default=None, metadata=internal("the model's native size, as the paper"))
     seed: int = setting(0, shared=True)  # help: TrainSettings.seed
-
-    def __post_init__(self) -> None:
-        if self.images_per_concept < 1:
-            raise SettingError(f"images_per_concept must be >= 1, got {self.images_per_concept}")
 
 
 class Precision(Choice):
@@ -176,7 +162,7 @@ MASKERS = Masker.values()
 
 
 @dataclass(frozen=True)
-class MaskSettings:
+class MaskSettings(Settings):
     """Concept masks (MACE Stage 2): Grounding DINO boxes for the concept text, SAM masks.
 
     ``masker``: ``grounded-sam`` (transformers Grounding DINO + SAM), ``segment-anything``
@@ -199,15 +185,9 @@ class MaskSettings:
     box_threshold: float = setting(0.3, "Grounding DINO box threshold.", min=0.0, max=1.0)
     text_threshold: float = setting(0.25, "Grounding DINO text threshold.", min=0.0, max=1.0)
 
-    def __post_init__(self) -> None:
-        coerce_choices(self, {"masker": (Masker, "masker")})
-        for name in ("box_threshold", "text_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise SettingError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-
 
 @dataclass(frozen=True)
-class EraseSettings:
+class EraseSettings(Settings):
     cfr: ClosedFormSettings = field(
         default_factory=ClosedFormSettings,
         metadata=group(prefix="cfr", title="CFR (Eq. 2)", panel=Panel.CLOSED_FORMS),
@@ -243,11 +223,6 @@ class EraseSettings:
         "auto: fp16 generation and bf16 training autocast on CUDA, fp32 on CPU; fp32: fp32 everywhere.",
         panel=Panel.CLUSTER,
     )
-
-    def __post_init__(self) -> None:
-        if self.prompts_per_concept is not None and self.prompts_per_concept < 1:
-            raise SettingError(f"prompts_per_concept must be >= 1, got {self.prompts_per_concept}")
-        coerce_choices(self, {"precision": (Precision, "precision")})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (choices as strings): report.json's settings, hashed into run ids."""

@@ -10,7 +10,7 @@
 - ``tiny``: the built-in tiny pipeline as ``save_pretrained`` writes it (fp32 safetensors,
   no safety checker), saved once into a scratch folder: it has no folder of its own.
 
-An ``s3://`` model is first fetched into the model cache by mace_ray (``resolve_model``),
+An ``s3://`` model is first fetched into the model cache by mace_ray (its ``Sources``),
 whose local copy is then a local folder here.
 """
 

@@ -348,3 +348,60 @@ def test_the_choices_are_the_jobs_own_lists():
     from mace_core.evaluation.suites import SUITES
 
     assert SuiteName.values() == SUITES and Executor.values() == ("ray", "local")
+
+
+def _settings_classes() -> list[type]:
+    from mace_core.audit.attacks.indirect import IndirectSettings
+    from mace_core.audit.attacks.inversion import InversionSettings
+    from mace_core.audit.attacks.soft_prompt import SoftPromptSettings
+    from mace_core.audit.settings import AuditSettings
+    from mace_core.evaluation.settings import GenerationSettings
+
+    return [
+        ClosedFormSettings,
+        TrainSettings,
+        DataSettings,
+        MaskSettings,
+        EraseSettings,
+        GenerationSettings,
+        AuditSettings,
+        IndirectSettings,
+        InversionSettings,
+        SoftPromptSettings,
+    ]
+
+
+def test_every_declared_bound_holds_for_settings_made_in_code():
+    """The min/max a field declares for the command line are checked on the object too (the
+    ``Settings`` base), whoever makes it: code, a --config file, a manifest read back."""
+    from mace_core.audit.settings import AuditSettings
+    from mace_core.errors import SettingError
+    from mace_ray.audit.request import AuditRequest
+
+    checked = 0
+    for cls in _settings_classes():
+        for f in dataclasses.fields(cls):
+            o = f.metadata.get("cli")
+            if not isinstance(o, Option) or (o.min is None and o.max is None):
+                continue
+            bad = [o.min - 1] if o.min is not None else []
+            bad += [o.max + 1] if o.max is not None else []
+            for value in [*bad, float("nan")]:
+                with pytest.raises(SettingError, match=rf"^{f.name} must be (>=|<=|in \[)"):
+                    cls(**{f.name: value})
+            edge = o.min if o.min is not None else o.max
+            assert getattr(cls(**{f.name: edge}), f.name) == edge  # the bound itself is allowed
+            checked += 1
+    assert checked >= 20
+    # The requests too: their own bounds and the shared ones of WhereItRuns.
+    with pytest.raises(SettingError, match="^workers must be >= 1, got 0$"):
+        AuditRequest(model="tiny", workers=0)
+    with pytest.raises(SettingError, match="^placement_wait_s must be >= 0, got -1$"):
+        EraseRequest(concept_file="c.txt", placement_wait_s=-1)
+    with pytest.raises(SettingError, match=r"^success_leak must be in \[0, 1\], got 1.5$"):
+        AuditRequest(model="tiny", settings=AuditSettings(success_leak=1.5))
+    # Choices: a string becomes its member in every class, a wrong one names the field.
+    assert EraseRequest(concept_file="c.txt", method="cfr").method is Method.CFR
+    assert EvalRequest(model="tiny", suite="coco", executor="local").executor is Executor.LOCAL
+    with pytest.raises(SettingError, match="unknown suite 'cocoa'"):
+        EvalRequest(model="tiny", suite="cocoa")

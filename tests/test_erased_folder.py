@@ -185,7 +185,7 @@ def test_apply_copies_a_hub_models_cached_snapshot(tmp_path, monkeypatch):
     and every component it names, without pickled and variant weights."""
     import huggingface_hub.constants
 
-    from mace_ray.storage.model_cache import fingerprint_model
+    from mace_ray.storage.resolve import Sources
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub/models--someone--tiny-sd"
@@ -194,7 +194,7 @@ def test_apply_copies_a_hub_models_cached_snapshot(tmp_path, monkeypatch):
     (repo / "refs/main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    fingerprint = fingerprint_model("someone/tiny-sd").full
+    fingerprint = Sources().fingerprint("someone/tiny-sd").full
     written = apply_erasure_file(
         erasure_file(tmp_path / "e.safetensors", "someone/tiny-sd", fingerprint), tmp_path / "out"
     )
@@ -210,14 +210,14 @@ def test_apply_copies_a_hub_models_cached_snapshot(tmp_path, monkeypatch):
 
 
 def test_apply_copies_an_s3_models_cached_copy(tmp_path, aws_env, bucket, monkeypatch):
-    from mace_ray.storage.model_cache import fingerprint_model
+    from mace_ray.storage.resolve import Sources
     from mace_ray.storage.s3 import S3Storage
 
     source = pipeline_folder(tmp_path / "model")
     S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(source, "tiny-sd")
     monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{bucket}/models/tiny-sd"
-    erasure = erasure_file(tmp_path / "e.safetensors", uri, fingerprint_model(uri, aws_env.endpoint).full)
+    erasure = erasure_file(tmp_path / "e.safetensors", uri, Sources(aws_env.endpoint).fingerprint(uri).full)
     written = apply_erasure_file(erasure, tmp_path / "out", s3_endpoint=aws_env.endpoint)
     assert set(written.left_out) == LEFT_OUT
     check_erased(source, tmp_path / "out", LEFT_OUT)

@@ -148,13 +148,14 @@ def test_erase_through_ray_from_and_to_s3(aws_env, bucket, model_folder, local_r
     from mace_core.checkpoints import read_erasure
     from mace_ray.erase.driver import run_erase
     from mace_ray.erase.request import EraseRequest
-    from mace_ray.storage.model_cache import TEXT_COMPONENTS, resolve_model
+    from mace_ray.storage.model_cache import TEXT_COMPONENTS
+    from mace_ray.storage.resolve import Sources
     from mace_ray.storage.s3 import S3Storage
 
     monkeypatch.setenv("MACE_MODEL_CACHE", str(tmp_path / "models"))
     S3Storage(f"s3://{bucket}/models", aws_env.endpoint).put_dir(model_folder, "tiny-sdxl")
     uri = f"s3://{bucket}/models/tiny-sdxl"
-    text_side = Path(resolve_model(uri, aws_env.endpoint, components=TEXT_COMPONENTS))
+    text_side = Path(Sources(aws_env.endpoint).pipeline(uri, TEXT_COMPONENTS))
     assert sorted(p.name for p in text_side.iterdir()) == [
         "model_index.json",
         "text_encoder",

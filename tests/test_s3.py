@@ -38,8 +38,9 @@ from mace_core.checkpoints import read_erasure
 from mace_core.errors import ModelLoadError
 from mace_ray.cli.main import app
 from mace_ray.storage.base import StorageError, StorageUnavailableError
-from mace_ray.storage.model_cache import TEXT_COMPONENTS, resolve_model
+from mace_ray.storage.model_cache import TEXT_COMPONENTS
 from mace_ray.storage.open_store import open_storage
+from mace_ray.storage.resolve import Sources
 from mace_ray.storage.s3 import S3Storage
 from mace_ray.storage.s3_client import make_client
 from mace_ray.storage.s3_folders import COMPLETE, PARTIAL
@@ -323,13 +324,16 @@ def test_pickled_storage_carries_no_credentials(aws_env, bucket):
     assert t.read_bytes("a") == b"1" and t.url == s.url and t.endpoint == s.endpoint
 
 
-def test_resolve_model_downloads_and_caches_an_s3_pipeline(aws_env, bucket, tmp_path, tiny_pipe):
+def test_sources_download_and_cache_an_s3_pipeline(aws_env, bucket, tmp_path, tiny_pipe):
     from mace_core.models import load_pipeline, load_text_components
 
     tiny_pipe.save_pretrained(tmp_path / "tiny", safe_serialization=True)
     models = S3Storage(f"s3://{bucket}/models", aws_env.endpoint)
     models.put_dir(tmp_path / "tiny", "tiny-sd")
     uri, cache = f"s3://{bucket}/models/tiny-sd", tmp_path / "cache"
+
+    def resolve_model(model: str, endpoint: str, cache_dir: Path, components=None) -> str:
+        return Sources(endpoint, cache_dir=cache_dir).pipeline(model, components)
 
     assert resolve_model("tiny", aws_env.endpoint, cache_dir=cache) == "tiny"
     path = resolve_model(uri, aws_env.endpoint, cache_dir=cache)

@@ -161,8 +161,8 @@ def test_remote_files_are_fetched_once_per_content_and_verified(s3_run, tmp_path
     cfr = (s3_run.local_run / "final/cfr.safetensors").read_bytes()
     sources = Sources(s3_run.endpoint, cache_dir=tmp_path / "cache")
     fetches = []
-    real = model_cache.transfer
-    monkeypatch.setattr(model_cache, "transfer", lambda *a: (fetches.append(a[1]), real(*a))[1])
+    real = model_cache.S3Storage.get_files
+    monkeypatch.setattr(model_cache.S3Storage, "get_files", lambda s, f: (fetches.append(f), real(s, f))[1])
     storage.write_bytes("loose/e.safetensors", erasure)
     url = f"s3://{s3_run.bucket}/loose/e.safetensors"
     first = sources.file(url, "erasure file")
@@ -196,8 +196,8 @@ def test_a_run_pipeline_is_fetched_once_verified_and_fingerprinted_by_content(s3
     monkeypatch.setattr(
         model_cache.S3Storage, "get_dir", lambda self, *a: (gets.append(a[0]), real(self, *a))[1]
     )
-    first = model_cache.resolve_model(url, s3_run.endpoint, cache_dir=tmp_path / "cache")
-    assert model_cache.resolve_model(url, s3_run.endpoint, cache_dir=tmp_path / "cache") == first
+    first = Sources(s3_run.endpoint, cache_dir=tmp_path / "cache").pipeline(url)
+    assert Sources(s3_run.endpoint, cache_dir=tmp_path / "cache").pipeline(url) == first
     assert len(gets) == 1
     same_tree(Path(first), local)
     # eval and audit take the run's folder or its final/pipeline, and read its manifest on S3.

@@ -6,13 +6,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mace_core.audit.attacks import AttackSettings
-from mace_core.errors import SettingError
 from mace_core.evaluation.settings import GenerationSettings, clip_setting
-from mace_core.options import Panel, group, plain, setting
+from mace_core.options import Panel, Settings, group, plain, setting
 
 
 @dataclass(frozen=True)
-class AuditSettings:
+class AuditSettings(Settings):
     seed: int = setting(0, "Seed of every attack's draws and of the images.", panel=Panel.ATTACKS)
     # Wall-clock, not steps: what a GPU hour buys. Split evenly so that no attack starves another.
     budget_s: float | None = setting(
@@ -41,14 +40,6 @@ class AuditSettings:
     )
     clip: str | None = clip_setting("CLIP that judges whether an image shows the concept")
     attacks: AttackSettings = field(default_factory=AttackSettings, metadata=group())
-
-    def __post_init__(self) -> None:
-        if self.budget_s is not None and not self.budget_s >= 0:
-            raise SettingError(f"budget must be >= 0 seconds, got {self.budget_s}")
-        if not 0.0 <= self.success_leak <= 1.0:
-            raise SettingError(f"success_leak must be in [0, 1], got {self.success_leak}")
-        if self.images < 0:
-            raise SettingError(f"images must be >= 0, got {self.images}")
 
     def to_dict(self) -> dict[str, Any]:
         return plain(asdict(self))

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mace_core.errors import SettingError
-from mace_core.options import Panel, coerce_choices, plain, setting
+from mace_core.options import Panel, Settings, plain, setting
 from mace_core.settings import Precision
 
 # The recogniser of the celebrity and style suites when none is named: zero-shot CLIP.
@@ -28,7 +28,7 @@ def clip_setting(role: str) -> Any:
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class GenerationSettings(Settings):
     inference_steps: int = setting(30, "DPM-Solver steps per image.", min=1)
     # Used when a prompt has no guidance of its own (I2P has).
     guidance_scale: float = setting(7.5, "CFG scale (an I2P row's own sd_guidance_scale wins).", min=0.0)
@@ -43,12 +43,8 @@ class GenerationSettings:
     )
 
     def __post_init__(self) -> None:
-        coerce_choices(self, {"precision": (Precision, "precision")})
-        if self.inference_steps < 1:
-            raise SettingError(f"inference_steps must be >= 1, got {self.inference_steps}")
-        if self.batch_size < 1:
-            raise SettingError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+        super().__post_init__()
+        if self.resolution is not None and self.resolution % 8:
             raise SettingError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
     def to_dict(self) -> dict:

@@ -212,7 +212,6 @@ class ModelFamily(ABC):
     pipeline_class: ClassVar[str]  # the diffusers class of its model_index.json ``_class_name``
     description: ClassVar[str]  # how it is recognised, for error messages
     pad_token: ClassVar[str]  # what its tokenizer pads prompts with after end-of-text
-    pad_token_id: ClassVar[int]
     # Extra keyword arguments of the pipeline's from_pretrained.
     load_kwargs: ClassVar[dict[str, Any]] = {}
     # The pipeline component (its folder in a diffusers model) that holds the projections

@@ -162,15 +162,13 @@ class Flux(MMDiTFamily):
     pipeline_class: ClassVar[str] = "FluxPipeline"
     description: ClassVar[str] = "flux: a FluxPipeline (CLIP pooled + T5 context, MMDiT transformer)"
     pad_token: ClassVar[str] = T5_PAD  # the context's (T5's); CLIP only gives the pooled embedding
-    pad_token_id: ClassVar[int] = 0
     tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast"}
     text_encoders: ClassVar[dict[str, str]] = {
         "text_encoder": "CLIPTextModel",
         "text_encoder_2": "T5EncoderModel",
     }
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_pipeline(seed)
+    build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 
     def prompt_encoder(
         self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64

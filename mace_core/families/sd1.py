@@ -7,7 +7,7 @@ images are noise.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer, tiny_clip_text
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD, StableDiffusionFamily, assemble_pipeline
@@ -35,10 +35,8 @@ class SD1(StableDiffusionFamily):
         "sd1: a StableDiffusionPipeline whose CLIP tokenizer pads with '<|endoftext|>'"
     )
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD
-    pad_token_id: ClassVar[int] = 49407
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_pipeline(seed)
+    build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 
 
 FAMILY = SD1()

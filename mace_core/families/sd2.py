@@ -8,7 +8,7 @@ Loading and prompts are those of every StableDiffusionPipeline (``stable_diffusi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from mace_core.clip_text import clip_tokenizer, tiny_clip_text
 from mace_core.families.stable_diffusion import StableDiffusionFamily, assemble_pipeline
@@ -59,10 +59,8 @@ class SD2(StableDiffusionFamily):
     name: ClassVar[str] = "sd2"
     description: ClassVar[str] = "sd2: a StableDiffusionPipeline whose OpenCLIP tokenizer pads with '!'"
     pad_token: ClassVar[str] = PAD_TOKEN
-    pad_token_id: ClassVar[int] = 0
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_pipeline(seed)
+    build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 
 
 FAMILY = SD2()

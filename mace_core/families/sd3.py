@@ -143,7 +143,6 @@ class SD3(MMDiTFamily):
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     description: ClassVar[str] = "sd3: a StableDiffusion3Pipeline (CLIP-L, CLIP-G and T5, MMDiT transformer)"
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first segment's; CLIP-G pads with '!', T5 with <pad>
-    pad_token_id: ClassVar[int] = 49407
     time_scale: ClassVar[float] = 1000.0
     tokenizers: ClassVar[dict[str, str]] = {
         "tokenizer": "CLIPTokenizer",
@@ -156,8 +155,7 @@ class SD3(MMDiTFamily):
         "text_encoder_3": "T5EncoderModel",
     }
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_pipeline(seed)
+    build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 
     def prompt_encoder(
         self, components: tuple[Any, ...], device: torch.device, batch_size: int = 64

@@ -178,7 +178,6 @@ class SDXL(ModelFamily):
     pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
     description: ClassVar[str] = "sdxl: a StableDiffusionXLPipeline (two CLIP text encoders)"
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first tokenizer's; the second pads with '!'
-    pad_token_id: ClassVar[int] = 49407
     load_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}
     tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer"}
     text_encoders: ClassVar[dict[str, str]] = {
@@ -186,8 +185,7 @@ class SDXL(ModelFamily):
         "text_encoder_2": "CLIPTextModelWithProjection",
     }
 
-    def build_tiny_pipeline(self, seed: int = 0) -> Any:
-        return build_tiny_pipeline(seed)
+    build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 
     def load_text_components(self, model: str) -> tuple[Any, ...]:
         """(tokenizer, tokenizer_2, text_encoder, text_encoder_2, default size): a folder's size

@@ -32,8 +32,8 @@ from mace_ray.engine.worker import PoolWorker
 from mace_ray.erase import artefacts
 from mace_ray.erase.layout import RunLayout
 from mace_ray.storage.base import Storage, StorageError, read_json, write_json
-from mace_ray.storage.model_cache import resolve_model
 from mace_ray.storage.open_store import open_storage
+from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -81,8 +81,9 @@ class AuditWorker(PoolWorker[AuditSpec]):
         spec = self.spec
         self.layout = AuditLayout(spec.audit_id)
         # fp32: the attacks differentiate through both models (generation may autocast).
-        original = load_pipeline(resolve_model(spec.original, spec.s3_endpoint)).to(self.device)
-        erased = load_pipeline(resolve_model(spec.model, spec.s3_endpoint)).to(self.device)
+        sources = Sources(spec.s3_endpoint)
+        original = load_pipeline(sources.pipeline(spec.original)).to(self.device)
+        erased = load_pipeline(sources.pipeline(spec.model)).to(self.device)
         self.models = AuditModels.of(original, erased, self.device)
         scoring = spec.settings.images > 0
         self.scorer = LeakScorer(spec.clip if scoring else None, self.device, scoring and spec.explicit)

@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mace_core.errors import SettingError
-from mace_core.options import Choice, Panel, coerce_choices, option, setting
+from mace_core.options import Choice, Panel, Settings, option, setting
 
 
 class Executor(Choice):
@@ -55,7 +54,7 @@ def resume_setting(help: str) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WhereItRuns:
+class WhereItRuns(Settings):
     """Where and how a job runs: the options erase, eval and audit share, declared once.
 
     Keyword-only, so that each request's own fields keep their positions.
@@ -74,11 +73,6 @@ class WhereItRuns:
     s3_endpoint: str | None = field(default=None, metadata=S3_ENDPOINT)
     # Progress bars and lines inside the stages (the CLI's --quiet: off).
     progress: bool = field(default=True, metadata=QUIET)
-
-    def __post_init__(self) -> None:
-        coerce_choices(self, {"executor": (Executor, "executor")})
-        if self.workers is not None and self.workers < 1:
-            raise SettingError(f"workers must be >= 1, got {self.workers}")
 
     def for_workers(self) -> dict[str, Any]:
         """What every worker's spec copies from the request: the S3 endpoint of its output,

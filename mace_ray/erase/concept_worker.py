@@ -46,7 +46,7 @@ from mace_ray.engine.worker import PoolWorker
 from mace_ray.erase import artefacts
 from mace_ray.erase.locate import local_masks
 from mace_ray.erase.spec import RunSpec, load_checked
-from mace_ray.storage.model_cache import resolve_model
+from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -60,6 +60,7 @@ class ConceptWorker(PoolWorker[RunSpec]):
         """The pipeline and the masker, once; adds the batch plan to where this worker runs."""
         spec = self.spec
         self.layout = spec.layout
+        self.sources = Sources(spec.s3_endpoint)  # the model's inputs, one S3 client per bucket
         self.pipe = self._load_checked()
         self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
         # The projections MACE edits (attn2 to_k / to_v, or an MMDiT's context_embedder and
@@ -91,9 +92,11 @@ class ConceptWorker(PoolWorker[RunSpec]):
             if spec.model_fingerprint:
                 expect_fingerprint(spec.model, spec.model_fingerprint, pipeline_fingerprint(pipe))
             return pipe.to(self.device)
-        return load_checked(spec, lambda: load_pipeline(resolve_model(spec.model, spec.s3_endpoint))).to(
-            self.device
-        )
+
+        def load() -> Any:
+            return load_pipeline(self.sources.pipeline(spec.model))
+
+        return load_checked(spec, self.sources, load).to(self.device)
 
     def batch_plan(self) -> dict[str, Any]:
         """Concepts per batch and images per diffusion batch this worker's memory holds."""
@@ -202,11 +205,11 @@ class ConceptWorker(PoolWorker[RunSpec]):
 
         def write() -> ErasedFolder:
             # An s3:// model: the model cache's copy, fetched when the pipeline was loaded.
-            source = source_folder(resolve_model(spec.model, spec.s3_endpoint), scratch)
+            source = source_folder(self.sources.pipeline(spec.model), scratch)
             return write_erased_folder(source, folder, component, fused, "the run's erasure")
 
         # The tiny model is built from code, saved as its own source: nothing to check.
-        return write() if spec.model == TINY_MODEL else load_checked(spec, write)
+        return write() if spec.model == TINY_MODEL else load_checked(spec, self.sources, write)
 
     # ------------------------------------------------------------ erasure report
 

@@ -28,7 +28,6 @@ from mace_core.errors import ArtefactError, MaceError
 from mace_core.fingerprint import file_digest, file_sha256
 from mace_ray.erase.locate import locate_run
 from mace_ray.storage.base import StorageError, check_key
-from mace_ray.storage.resolve import download
 
 log = logging.getLogger("mace_ray")
 
@@ -100,7 +99,7 @@ def pull_run(run: str, dest: str | Path, output: str | None = None, s3_endpoint:
     parts = {rel: folder / rel for rel in todo}
     staged = {rel: p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.part") for rel, p in parts.items()}
     try:
-        download(storage, {f"{layout.root}/{rel}": staged[rel] for rel in todo})
+        storage.get_files({f"{layout.root}/{rel}": staged[rel] for rel in todo})
         for rel, sha in todo.items():
             if file_sha256(staged[rel]) != sha:
                 raise ArtefactError(

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mace_core.concepts import ConceptType
-from mace_core.errors import SettingError
-from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
+from mace_core.options import Choice, Panel, group, option, setting
 from mace_core.settings import EraseSettings
 from mace_ray.engine.requests import FILE, WhereItRuns, output_setting, resume_setting
 
@@ -122,13 +121,3 @@ class EraseRequest(WhereItRuns):
         panel=Panel.MODEL,
         basic=True,
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        coerce_choices(self, {"method": (Method, "method")})
-        if self.max_residual is not None and not self.max_residual >= 0:
-            raise SettingError(f"max_residual must be >= 0, got {self.max_residual}")
-        if self.concepts_per_batch is not None and self.concepts_per_batch < 1:
-            raise SettingError(f"concepts_per_batch must be >= 1, got {self.concepts_per_batch}")
-        if not self.lock_wait_s >= 0:
-            raise SettingError(f"lock_wait_s must be >= 0, got {self.lock_wait_s}")

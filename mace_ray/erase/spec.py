@@ -12,7 +12,7 @@ from mace_core.fingerprint import expect_fingerprint
 from mace_core.settings import EraseSettings
 from mace_ray.erase.layout import DataLayout, RunLayout, data_key
 from mace_ray.storage.lease import LeaseRef
-from mace_ray.storage.model_cache import fingerprint_model
+from mace_ray.storage.resolve import Sources
 
 T = TypeVar("T")
 
@@ -47,17 +47,16 @@ class RunSpec:
         return DataLayout(data_key(self.model_fingerprint or f"model:{self.model}", concept, self.settings))
 
 
-def load_checked(spec: RunSpec, load: Callable[[], T]) -> T:
+def load_checked(spec: RunSpec, sources: Sources, load: Callable[[], T]) -> T:
     """``load()`` the run's model, refused if its files are not the ones the run
     fingerprinted: checked before and after loading, so a model replaced while it loads is
-    caught too (a worker that starts late, or restarts, never mixes in other weights)."""
+    caught too (a worker that starts late, or restarts, never mixes in other weights).
+    ``sources``: the worker's (one S3 client per bucket for the checks and the fetch)."""
     if not spec.model_fingerprint:
         return load()
 
     def check() -> None:
-        expect_fingerprint(
-            spec.model, spec.model_fingerprint, fingerprint_model(spec.model, spec.s3_endpoint)
-        )
+        expect_fingerprint(spec.model, spec.model_fingerprint, sources.fingerprint(spec.model))
 
     check()
     out = load()

@@ -26,7 +26,8 @@ from mace_ray.engine.worker import PoolWorker
 from mace_ray.erase import artefacts
 from mace_ray.erase.prior import write_prior_cache
 from mace_ray.erase.spec import RunSpec, load_checked
-from mace_ray.storage.model_cache import TEXT_COMPONENTS, resolve_model
+from mace_ray.storage.model_cache import TEXT_COMPONENTS
+from mace_ray.storage.resolve import Sources
 
 
 class TextWorker(PoolWorker[RunSpec]):
@@ -41,13 +42,14 @@ class TextWorker(PoolWorker[RunSpec]):
         spec = self.spec
         self.layout = spec.layout
 
+        sources = Sources(spec.s3_endpoint)
+
         def read_encoder() -> PromptEncoder:  # an s3:// model: its text components fetched first
-            return load_prompt_encoder(
-                resolve_model(spec.model, spec.s3_endpoint, components=TEXT_COMPONENTS), self.device
-            )
+            return load_prompt_encoder(sources.pipeline(spec.model, TEXT_COMPONENTS), self.device)
 
         # The tiny model is built from code, not read from files: nothing to check.
-        self.encoder = read_encoder() if spec.model == TINY_MODEL else load_checked(spec, read_encoder)
+        tiny = spec.model == TINY_MODEL
+        self.encoder = read_encoder() if tiny else load_checked(spec, sources, read_encoder)
         return {}
 
     def text_stats(self, concepts: list[Concept]) -> int:

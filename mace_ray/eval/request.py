@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from mace_core.errors import SettingError
 from mace_core.evaluation.settings import CLIP_RECOGNIZER, GenerationSettings, clip_setting
-from mace_core.options import Choice, Panel, coerce_choices, group, option, setting
+from mace_core.options import Choice, Panel, group, option, setting
 from mace_ray.engine.requests import FILE, FOLDER, WhereItRuns, output_setting, resume_setting
 
 
@@ -104,8 +104,5 @@ class EvalRequest(WhereItRuns):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        coerce_choices(self, {"suite": (SuiteName, "suite")})
-        if self.shard_size < 1:
-            raise SettingError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.seeds and self.images_per_prompt is not None:
             raise SettingError("give --seeds or --images, not both (one image per listed seed)")

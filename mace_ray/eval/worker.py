@@ -28,7 +28,7 @@ from mace_ray.engine.progress import StageProgress
 from mace_ray.engine.requests import DEFAULT_OUTPUT
 from mace_ray.engine.worker import PoolWorker
 from mace_ray.eval.layout import image_key
-from mace_ray.storage.model_cache import resolve_model
+from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -72,7 +72,7 @@ class EvalWorker(PoolWorker[EvalSpec]):
         if tag not in self.pipes:
             half = self.spec.generation.precision == "auto" and self.device.type == "cuda"
             # An s3:// model: its copy in the model cache, fetched (and verified) once per content.
-            local = resolve_model(self.spec.models[tag], self.spec.s3_endpoint)
+            local = Sources(self.spec.s3_endpoint).pipeline(self.spec.models[tag])
             pipe = load_pipeline(local, torch.float16 if half else torch.float32)
             self.pipes[tag] = pipe.to(self.device)
         return self.pipes[tag]

@@ -12,7 +12,7 @@ with a shorter retry budget, or with a check before every write (the run lock's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]: ...
     def put_dir(self, local_dir: Path, key: str) -> None: ...
     def get_dir(self, key: str, local_dir: Path) -> None: ...
+    def get_files(self, files: Mapping[str, Path]) -> None: ...  # {key: local path}, copied out
     def delete_prefix(self, prefix: str) -> None: ...
     def digest(self, key: str) -> str: ...  # SHA-256 hex of a stored file, read in chunks
 

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from mace_ray.storage.base import StorageError, check_key
@@ -167,6 +167,15 @@ class LocalStorage:
 
     def get_dir(self, key: str, local_dir: Path) -> None:
         shutil.copytree(self.path(key), local_dir, dirs_exist_ok=True)
+
+    def get_files(self, files: Mapping[str, Path]) -> None:
+        """Copy stored files (``{key: local path}``) out."""
+        for key, dest in files.items():
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(self.path(key), dest)
+            except FileNotFoundError:
+                raise StorageError(f"{self.url}/{key} does not exist") from None
 
     def delete_prefix(self, prefix: str) -> None:
         self._check()

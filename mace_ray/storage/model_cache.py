@@ -12,9 +12,8 @@ Verified: every file's size against the listing (a committed folder's marker: se
 also against the SHA-256 its run recorded in its manifest (``outputs``). What does not match
 is never served. Old copies are not pruned (delete the cache folder freely).
 
-``resolve_model`` and ``fingerprint_model`` open their own client (workers call them once);
-a command that reads several inputs goes through ``mace_ray.storage.resolve.Sources``,
-which shares clients and calls ``fetch_folder`` / ``fetch_file`` / ``remote_fingerprint``.
+Used through ``mace_ray.storage.resolve.Sources`` (one per command or worker), which opens the
+clients and calls ``fetch_folder`` / ``fetch_file`` / ``remote_fingerprint``.
 """
 
 from __future__ import annotations
@@ -38,11 +37,8 @@ from mace_core.fingerprint import (
     combine,
     file_sha256,
     is_fingerprinted,
-    model_fingerprint,
 )
 from mace_ray.storage.s3 import S3Storage
-from mace_ray.storage.s3_client import parse_s3_url
-from mace_ray.storage.s3_folders import transfer
 
 Listing = dict[str, list]  # {path in the folder: [ETag, size]}
 
@@ -191,37 +187,19 @@ def fetch_folder(
     return _place(cache_dir or default_cache_dir(), {"uri": url, "files": files}, fetch)
 
 
-def remote_object(storage: S3Storage, key: str) -> tuple[str, int] | None:
-    """(ETag, size) of the object ``key``, or None when there is none (one listing request:
-    the key itself sorts first among the keys it prefixes)."""
-    full = parse_s3_url(remote_url(storage, key)).prefix
-    first = next(iter(storage.iter_objects(full)), None)
-    if first is None or first["Key"] != full:
-        return None
-    return str(first.get("ETag", "")), int(first["Size"])
-
-
 def fetch_file(storage: S3Storage, key: str, what: str, cache_dir: Path | None = None) -> Path:
     """The local copy of the object ``key`` (under its own name), fetched once per content."""
-    found = remote_object(storage, key)
+    found = storage.stat(key)
     if found is None:
         raise ArtefactError(f"{what}: no such file")
     etag, size = found
     url = remote_url(storage, key)
     name = key.rsplit("/", 1)[-1]
-    loc = parse_s3_url(url)
 
     def fetch(tmp: Path) -> None:
         sums = recorded_sums(storage, key)
-        tmp.mkdir(parents=True)
-        transfer(
-            storage,
-            url,
-            [tmp / name],
-            lambda tm, p: tm.download(loc.bucket, loc.prefix, str(p)),
-            lambda p: loc.prefix,
-        )
-        if (tmp / name).stat().st_size != size or remote_object(storage, key) != found:
+        storage.get_files({key: tmp / name})
+        if (tmp / name).stat().st_size != size or storage.stat(key) != found:
             raise ArtefactError(f"{what} changed while it was being downloaded; try again")
         _verify(tmp / name, [""], sums, url)
 
@@ -240,43 +218,3 @@ def remote_fingerprint(storage: S3Storage, key: str, what: str) -> ModelFingerpr
     if sums is not None and set(files) <= set(sums):
         return combine({rel: sums[rel] for rel in counted})
     return combine({rel: f"s3:{files[rel][0]}:{files[rel][1]}" for rel in counted})
-
-
-def open_bucket(url: str, s3_endpoint: str | None) -> tuple[S3Storage, str]:
-    """A storage at the bucket of ``url`` and the key of ``url`` in it (a client of its own)."""
-    loc = parse_s3_url(url)
-    if not loc.prefix:
-        raise ModelLoadError(f"{url!r}: name a folder or file inside the bucket (s3://bucket/path)")
-    return S3Storage(f"s3://{loc.bucket}", s3_endpoint), loc.prefix
-
-
-def fingerprint_model(model: str, s3_endpoint: str | None = None) -> ModelFingerprint:
-    """The model's fingerprint (``mace_core.fingerprint``); an s3:// folder's is
-    ``remote_fingerprint``'s."""
-    if not is_remote(model):
-        return model_fingerprint(model)
-    storage, key = open_bucket(model, s3_endpoint)
-    return remote_fingerprint(storage, key, f"model {model!r}")
-
-
-def resolve_model(
-    model: str,
-    s3_endpoint: str | None = None,
-    *,
-    cache_dir: Path | None = None,
-    components: Collection[str] | None = None,
-) -> str:
-    """``model`` itself unless it is an s3:// URL; then the local path of a cached copy.
-
-    ``components``: only these subfolders (and model_index.json), e.g. TEXT_COMPONENTS for
-    a driver that never loads the UNet; default: the whole pipeline. Errors name ``model``:
-    ModelLoadError when the folder is missing or not a diffusers pipeline; StorageError
-    for credentials, missing buckets and the like; ArtefactError for a run's folder whose
-    files do not match the checksums the run recorded.
-    """
-    if not is_remote(model):
-        return model
-    storage, key = open_bucket(model, s3_endpoint)
-    include = None if components is None else {"model_index.json", *components}
-    check = pipeline_check(components or (), whole=components is None)
-    return str(fetch_folder(storage, key, f"model {model!r}", include, check, cache_dir))

@@ -15,7 +15,6 @@ client per bucket, shared by every input in that bucket.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,10 @@ from mace_ray.storage.model_cache import (
     is_remote,
     pipeline_check,
     remote_fingerprint,
-    remote_object,
 )
 from mace_ray.storage.open_store import open_storage
 from mace_ray.storage.s3 import S3Storage
 from mace_ray.storage.s3_client import parse_s3_url
-from mace_ray.storage.s3_folders import transfer
 
 
 def join(spec: str, *parts: str) -> str:
@@ -157,27 +154,5 @@ class Sources:
     def check_file(self, spec: str, what: str) -> None:
         """That a remote file exists, without fetching it."""
         storage, key = self.remote(spec)
-        if remote_object(storage, key) is None:
+        if storage.stat(key) is None:
             raise ArtefactError(f"{what} {spec!r}: no such file")
-
-
-def download(storage: Storage, files: dict[str, Path]) -> None:
-    """Copy stored files (``{key: local path}``) to local paths: S3 objects in parallel
-    (s3transfer: multipart, its own retries), local ones by copying."""
-    for dest in files.values():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(storage, S3Storage):
-        bucket = parse_s3_url(storage.url).bucket
-        full = {key: parse_s3_url(f"{storage.url}/{key}").prefix for key in files}
-        transfer(
-            storage,
-            storage.url,
-            list(files),
-            lambda tm, key: tm.download(bucket, full[key], str(files[key])),
-            lambda key: full[key],
-        )
-        return
-    for key, dest in files.items():
-        if not storage.exists(key):
-            raise StorageError(f"{storage.url}/{key} does not exist")
-        shutil.copyfile(Path(storage.url) / key, dest)

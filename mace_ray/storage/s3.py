@@ -31,7 +31,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,12 +194,13 @@ class S3Storage:
         if not self.request(self.url, head):
             raise StorageError(f"{self.url}: bucket {self.bucket!r} does not exist at {self.endpoint}")
 
-    def head(self, full: str) -> str | None:
-        """The ETag of the object ``full``, None if there is none."""
+    def head(self, full: str) -> tuple[str, int] | None:
+        """(ETag, size) of the object ``full``, None if there is none."""
 
-        def ask() -> str | None:
+        def ask() -> tuple[str, int] | None:
             try:
-                return str(self.client.head_object(Bucket=self.bucket, Key=full)["ETag"])
+                found = self.client.head_object(Bucket=self.bucket, Key=full)
+                return str(found["ETag"]), int(found["ContentLength"])
             except ClientError as e:
                 if http_status(e) == 404 and error_code(e) != "NoSuchBucket":
                     return None
@@ -353,6 +354,14 @@ class S3Storage:
         only these top-level files and subfolders (default: everything)."""
         s3_folders.get_dir(self, key, local_dir, include)
 
+    def get_files(self, files: Mapping[str, Path]) -> None:
+        """Download objects (``{key: local path}``) in parallel, streamed to disk."""
+        s3_folders.get_files(self, {self.loc.key(check_key(k)): Path(p) for k, p in files.items()}, self.url)
+
+    def stat(self, key: str) -> tuple[str, int] | None:
+        """(ETag, size) of the object ``key``, None if there is none (one HEAD request)."""
+        return self.head(self.loc.key(check_key(key)))
+
     def dir_entries(self, key: str, include: Collection[str] | None = None) -> list[s3_folders.DirEntry]:
         """The files ``get_dir(key, include=...)`` fetches, with sizes and ETags."""
         return s3_folders.dir_entries(self, key, include)
@@ -409,7 +418,8 @@ class S3Storage:
         unconditionally; so the ETag is compared first (HEAD) as well: on such a server, a
         replace between the HEAD and the DELETE is the only way another writer's object goes."""
         full = self.writable_key(key)
-        if self.head(full) != version:
+        found = self.head(full)
+        if found is None or found[0] != version:
             return False
         return self._conditional(
             key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full, IfMatch=version)

@@ -87,18 +87,18 @@ def get_dir(self: S3Storage, key: str, local_dir: Path, include: Collection[str]
     entries = dir_entries(self, key, include)
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    for e in entries:
-        (local_dir / e.rel).parent.mkdir(parents=True, exist_ok=True)
-    transfer(
-        self,
-        self.uri(key),
-        entries,
-        lambda tm, e: tm.download(self.bucket, e.key, str(local_dir / e.rel)),
-        lambda e: e.key,
-    )
+    get_files(self, {e.key: local_dir / e.rel for e in entries}, self.uri(key))
     for e in entries:
         if (got := (local_dir / e.rel).stat().st_size) != e.size:
             raise StorageError(f"{self.uri(key)}/{e.rel}: downloaded {got} bytes, expected {e.size}")
+
+
+def get_files(self: S3Storage, files: dict[str, Path], what: str) -> None:
+    """Download objects (``{full key: local path}``) in parallel, streamed to disk (s3transfer:
+    ranged parts, its own retries of a cut-off body); errors name ``what`` and the key."""
+    for dest in files.values():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    transfer(self, what, list(files), lambda tm, k: tm.download(self.bucket, k, str(files[k])), lambda k: k)
 
 
 def dir_entries(self: S3Storage, key: str, include: Collection[str] | None = None) -> list[DirEntry]:

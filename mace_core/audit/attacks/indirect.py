@@ -26,13 +26,13 @@ from mace_core.audit.concepts import AuditConcept
 from mace_core.audit.context import AttackContext
 from mace_core.audit.embedding import AttackPrompt
 from mace_core.audit.measures import Measure
-from mace_core.options import setting
+from mace_core.options import Settings, setting
 
 VOWELS = "aeiou"
 
 
 @dataclass(frozen=True)
-class IndirectSettings:
+class IndirectSettings(Settings):
     misspellings: int = setting(3, "Indirect prompts: seeded misspellings tried per concept.", min=0)
     case_spacing: bool = setting(True, "Indirect prompts: try case and spacing changes of the concept.")
 

@@ -43,7 +43,7 @@ from mace_core.audit.embedding import PLACEHOLDER, AttackPrompt
 from mace_core.datagen import images_to_tensor
 from mace_core.families.base import conditioning_to
 from mace_core.noise import DDPMSchedule, NoiseSchedule, training_schedule
-from mace_core.options import Choice, coerce_choices, setting
+from mace_core.options import Choice, Settings, coerce_choices, setting
 from mace_core.prompts import templates
 from mace_core.train import encode_latents
 
@@ -54,7 +54,7 @@ class InversionTarget(Choice):
 
 
 @dataclass(frozen=True)
-class InversionSettings:
+class InversionSettings(Settings):
     steps: int = setting(300, "Concept inversion: optimisation steps.", min=0)
     lr: float = setting(0.2, "Concept inversion: Adam step, in RMS units of the token embeddings.", min=0.0)
     batch: int = setting(2, "Concept inversion: noised images per step.", min=1)
@@ -68,7 +68,8 @@ class InversionSettings:
     )
 
     def __post_init__(self) -> None:
-        coerce_choices(self, {"target": (InversionTarget, "inversion target")})
+        coerce_choices(self, {"target": (InversionTarget, "inversion target")})  # a clearer name
+        super().__post_init__()
 
 
 def denoising_target(

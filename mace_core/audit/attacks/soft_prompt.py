@@ -27,12 +27,12 @@ import torch
 from mace_core.audit.base import Attack, AttackResult, search
 from mace_core.audit.context import AttackContext
 from mace_core.audit.embedding import AttackPrompt
-from mace_core.options import setting
+from mace_core.options import Settings, setting
 from mace_core.prompts import templates
 
 
 @dataclass(frozen=True)
-class SoftPromptSettings:
+class SoftPromptSettings(Settings):
     steps: int = setting(100, "Soft-prompt search: projected gradient steps.", min=0)
     lr: float = setting(
         0.05, "Soft-prompt search: Adam step, in RMS units of the concept's embeddings.", min=0.0
