@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from mace_core.errors import ArtefactError, ModelLoadError
-from mace_core.fingerprint import UNREAD_WEIGHTS
 from mace_core.safetensors_file import SafetensorsHeader, write_patched
 from mace_core.source_folder import SourceFolder
+from mace_core.weight_files import UNREAD_WEIGHTS, is_variant
 
 
 @dataclass
@@ -48,10 +48,7 @@ class WeightSet:
     @property
     def variant(self) -> bool:
         """``x.fp16.safetensors`` or ``x.safetensors.index.fp16.json``: not what loaders read by default."""
-        base = posixpath.basename(self.name)
-        if base.endswith(".json"):  # x.safetensors.index.json, or x.safetensors.index.<variant>.json
-            return len(base.split(".")) > 4
-        return "." in base[: -len(".safetensors")]
+        return is_variant(self.name)
 
 
 @dataclass

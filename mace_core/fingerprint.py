@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mace_core.errors import ModelLoadError
+from mace_core.weight_files import is_loaded
 
 # The components a run loads (safety_checker and feature_extractor are never loaded): the
 # denoiser (a UNet, or FLUX.1's / SD 3.x's MMDiT ``transformer``), the ``*_2`` pair (SDXL's
@@ -53,8 +54,6 @@ SECOND_TEXT = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 # The text side's key counts the *_2 pair only where present, so a one-encoder model's
 # prior-cache key is what it was before SDXL was supported.
 TEXT_SIDE = ("text_encoder", "tokenizer", *SECOND_TEXT)
-# Weight formats the loaders never read (safetensors only): changing them changes no result.
-UNREAD_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
 
 
 class ModelChangedError(ModelLoadError):
@@ -111,18 +110,15 @@ def combine(entries: dict[str, str]) -> ModelFingerprint:
 def is_fingerprinted(rel: str) -> bool:
     """Whether a file of a pipeline folder (path relative to it) can change a run's result.
 
-    ``model_index.json``, and in the loaded components every file except weights in formats
-    that are never read and variant weights (``*.fp16.safetensors``: the loaders read the
-    plain file).
+    ``model_index.json``, and in the loaded components every file a default load can read
+    (``mace_core.weight_files``: not weights in formats that are never read, not variants).
     """
     if rel == "model_index.json":
         return True
     part, _, name = rel.partition("/")
     if part not in COMPONENTS or not name or any(p.startswith(".") for p in rel.split("/")):
         return False
-    if name.endswith(UNREAD_WEIGHTS):
-        return False
-    return not (name.endswith(".safetensors") and "." in name[: -len(".safetensors")])
+    return is_loaded(rel)
 
 
 def digest_cache_dir() -> Path:
@@ -227,32 +223,15 @@ def tiny_fingerprint() -> ModelFingerprint:
 def model_fingerprint(model: str, cache: Path | None = None) -> ModelFingerprint:
     """Fingerprint of ``tiny``, a local pipeline folder, or a hub id.
 
-    A hub id is fetched into the Hugging Face cache first (what its load would fetch anyway;
-    offline, the cached snapshot), then hashed as a folder.
+    A hub id is fetched into the Hugging Face cache first (its components that a run loads,
+    what its load would fetch anyway; offline, the cached snapshot), then hashed as a folder:
+    the files fetched are the ones ``is_fingerprinted`` counts (one rule,
+    ``mace_core.weight_files``), so whatever else the snapshot holds changes nothing.
     """
     from mace_core.families.model_index import TINY_MODEL, resolve_source
+    from mace_core.source_folder import hub_snapshot
 
     if model == TINY_MODEL:
         return tiny_fingerprint()
     source, is_local = resolve_source(model)
-    if not is_local:
-        source = _hub_snapshot(model)
-    return folder_fingerprint(source, cache)
-
-
-def _hub_snapshot(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    try:
-        return snapshot_download(
-            repo_id,
-            allow_patterns=["model_index.json", *(f"{c}/*" for c in COMPONENTS)],
-            ignore_patterns=[f"*{s}" for s in UNREAD_WEIGHTS] + ["*.fp16.*", "*.non_ema.*", "*.ema.*"],
-            local_files_only=offline,
-        )
-    except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"model {repo_id!r} cannot be fetched to fingerprint it: {first[:300]}"
-        ) from None
+    return folder_fingerprint(source if is_local else hub_snapshot(model, COMPONENTS).path, cache)

@@ -13,18 +13,14 @@ from pathlib import Path
 from mace_core.errors import ModelLoadError
 from mace_core.families.model_index import TINY_MODEL, ModelIndex
 from mace_core.fingerprint import COMPONENTS
+from mace_core.weight_files import is_variant
 
 
 def _plain_safetensors(folder: Path) -> bool:
     """Whether a component folder has weights the loaders read: a ``*.safetensors`` file that
     is not a variant (``x.fp16.safetensors``), or a sharded checkpoint's index."""
-    for f in folder.iterdir():
-        name = f.name
-        if name.endswith(".safetensors.index.json") and name.count(".") == 3:
-            return True
-        if name.endswith(".safetensors") and "." not in name[: -len(".safetensors")]:
-            return True
-    return False
+    names = (f.name for f in folder.iterdir())
+    return any(n.endswith((".safetensors", ".safetensors.index.json")) and not is_variant(n) for n in names)
 
 
 def check_model_files(model: str) -> None:

@@ -4,9 +4,9 @@
   tool's ``.cache/``, aside);
 - a hub id: its snapshot in the Hugging Face cache, fetched where needed (offline: what is
   cached), with ``model_index.json`` and the folder of every component it names (the
-  safety checker and feature extractor included, which the loaders skip), without
-  weights in formats that are never read (``.bin``, ``.msgpack``, ...) and without variant
-  weights (``*.fp16.safetensors``): those are not downloaded for the sake of a copy;
+  safety checker and feature extractor included, which the loaders skip), without the
+  files no default load reads (``mace_core.weight_files``: ``.bin``, ``.msgpack``, ...,
+  and variants such as ``*.fp16.safetensors``): those are not downloaded for a copy;
 - ``tiny``: the built-in tiny pipeline as ``save_pretrained`` writes it (fp32 safetensors,
   no safety checker), saved once into a scratch folder: it has no folder of its own.
 
@@ -17,22 +17,13 @@ whose local copy is then a local folder here.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from mace_core.errors import ModelLoadError
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
-from mace_core.fingerprint import UNREAD_WEIGHTS
-
-# Hub files an erased model does not copy: weights that are never read and their shard
-# indexes, and variants (``x.fp16.safetensors``, ``x.fp16-00001-of-00002.safetensors``,
-# ``x.safetensors.index.fp16.json``).
-HUB_IGNORED = [
-    *(f"*{s}" for s in UNREAD_WEIGHTS),
-    *(f"*{s}.index.json" for s in UNREAD_WEIGHTS),
-    "*.*.safetensors",
-    "*.index.*.json",
-]
+from mace_core.weight_files import NOT_LOADED
 
 
 @dataclass(frozen=True)
@@ -76,19 +67,22 @@ def source_folder(model: str, scratch: Path) -> SourceFolder:
     return hub_snapshot(model)
 
 
-def hub_snapshot(repo_id: str) -> SourceFolder:
-    """A hub model's snapshot: model_index.json and every component it names (see the module)."""
+def hub_snapshot(repo_id: str, only: Collection[str] | None = None) -> SourceFolder:
+    """A hub model's snapshot: model_index.json and every component it names (``only``: those
+    of them in ``only``), without the files no default load reads (see the module). Its
+    ``files`` are the same online and offline, whatever else the cached snapshot holds."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import filter_repo_objects
 
     components = named_components(ModelIndex.read(repo_id).index)
+    components = [c for c in components if only is None or c in only]
     allow = ["model_index.json", *(f"{c}/*" for c in components)]
     # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, when imported).
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         folder = Path(
             snapshot_download(
-                repo_id, allow_patterns=allow, ignore_patterns=HUB_IGNORED, local_files_only=offline
+                repo_id, allow_patterns=allow, ignore_patterns=NOT_LOADED, local_files_only=offline
             )
         )
     except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
@@ -96,7 +90,7 @@ def hub_snapshot(repo_id: str) -> SourceFolder:
         raise ModelLoadError(f"model {repo_id!r}: its files cannot be fetched: {first[:300]}") from None
     # Offline, the snapshot holds whatever was downloaded before: keep the same files as online.
     files = sorted(
-        filter_repo_objects(folder_files(folder), allow_patterns=allow, ignore_patterns=HUB_IGNORED)
+        filter_repo_objects(folder_files(folder), allow_patterns=allow, ignore_patterns=NOT_LOADED)
     )
     missing = [c for c in components if not any(f.startswith(c + "/") for f in files)]
     if missing:

@@ -47,6 +47,51 @@ def test_which_files_count():
     assert not is_fingerprinted("unet/diffusion_pytorch_model.fp16.safetensors")
     assert not is_fingerprinted("safety_checker/model.safetensors")
     assert not is_fingerprinted("README.md") and not is_fingerprinted("unet/.cache/x")
+    # the shard indexes of those: a variant's, a pickled checkpoint's
+    assert is_fingerprinted("unet/diffusion_pytorch_model.safetensors.index.json")
+    assert not is_fingerprinted("unet/diffusion_pytorch_model.safetensors.index.fp16.json")
+    assert not is_fingerprinted("unet/diffusion_pytorch_model.bin.index.json")
+
+
+def test_what_counts_is_what_a_hub_download_fetches():
+    """One rule (mace_core/weight_files.py): a file the fingerprint counts is one the hub
+    download of a run's components fetches, and the other way round."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from mace_core.weight_files import NOT_LOADED
+
+    names = ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.fp16.safetensors"]
+    names += ["model.safetensors.index.json", "model.safetensors.index.fp16.json", "model.bin"]
+    names += ["model.bin.index.json", "model.ema.safetensors", "flax_model.msgpack", "vocab.json"]
+    files = ["model_index.json", *(f"{c}/{n}" for c in (*fp.COMPONENTS, "safety_checker") for n in names)]
+    allow = ["model_index.json", *(f"{c}/*" for c in fp.COMPONENTS)]
+    fetched = set(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=NOT_LOADED))
+    assert {f for f in files if is_fingerprinted(f)} == fetched
+    assert len(fetched) == 1 + 5 * len(fp.COMPONENTS)
+
+
+def test_a_hub_models_fingerprint_ignores_what_else_its_cached_snapshot_holds(model, tmp_path, monkeypatch):
+    """Offline, a hub id is fingerprinted from its cached snapshot: files another download
+    put there (a variant's index, pickled weights, the safety checker) change nothing, and
+    the fingerprint is the same folder's held locally."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub/models--someone--tiny-sd"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    before = fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests")
+    assert before == folder_fingerprint(model, tmp_path / "digests")
+    snapshot = repo / "snapshots" / commit
+    shutil.copy(snapshot / UNET, snapshot / "unet/diffusion_pytorch_model.fp16.safetensors")
+    (snapshot / "unet/diffusion_pytorch_model.safetensors.index.fp16.json").write_text("{}")
+    (snapshot / "unet/diffusion_pytorch_model.bin.index.json").write_text("{}")
+    (snapshot / "safety_checker").mkdir()
+    (snapshot / "safety_checker/model.safetensors").write_bytes(b"x")
+    assert fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests") == before
 
 
 def test_any_change_to_a_component_changes_its_fingerprint(model, tmp_path):

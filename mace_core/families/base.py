@@ -45,6 +45,8 @@ from mace_core.token_positions import find_subsequences
 # whatever dtype a checkpoint was saved in: the text statistics and the prior cache key
 # depend on it (an fp16-saved text encoder is loaded in it, not in fp16).
 TEXT_DTYPE = torch.float32
+# (tokenizer class, text encoder class) of each text encoder of a pipeline (transformers names).
+TextSide = tuple[tuple[str, str], ...]
 
 # Per-prompt UNet conditioning, every tensor batch-first (row i belongs to prompt i).
 # "context" is the cross-attention context (encoder_hidden_states); a family may add more.
@@ -219,10 +221,10 @@ class ModelFamily(ABC):
     edited_component: ClassVar[str] = "unet"
     # The half precision generation autocasts to on GPUs (T5 encoders overflow in fp16).
     half_dtype: ClassVar[torch.dtype] = torch.float16
-    # The text side: the transformers class of each tokenizer and text encoder, by its folder
-    # in a diffusers model, in the order ``prompt_encoder`` takes them.
-    tokenizers: ClassVar[dict[str, str]]
-    text_encoders: ClassVar[dict[str, str]]
+    # The text side: the transformers classes (tokenizer, text encoder) of each text encoder,
+    # in diffusers' order: the first in tokenizer/ and text_encoder/, the next in tokenizer_2/
+    # and text_encoder_2/, ... (``text_folders``).
+    text_side: ClassVar[TextSide]
 
     # ------------------------------------------------------------ recognition
 
@@ -266,7 +268,7 @@ class ModelFamily(ABC):
 
     def load_text_components(self, model: str) -> tuple[Any, ...]:
         """Only the text side, as ``prompt_encoder`` takes them: every tokenizer, then every text
-        encoder in TEXT_DTYPE whatever dtype it was saved in (``tokenizers``, ``text_encoders``).
+        encoder in TEXT_DTYPE whatever dtype it was saved in (``text_side``).
         Enough to validate prompts, fingerprint a model and compute the text statistics."""
         if model == TINY_MODEL:
             return self.text_components(self.build_tiny_pipeline())
@@ -277,13 +279,14 @@ class ModelFamily(ABC):
         # In TEXT_DTYPE: transformers would keep the checkpoint's own (fp16) dtype.
         te_kw = dict(kw, use_safetensors=True, dtype=TEXT_DTYPE)
         try:
+            sides = list(zip(self.text_folders(), self.text_side, strict=True))
             toks = [
-                getattr(transformers, c).from_pretrained(source, subfolder=f, **kw)
-                for f, c in self.tokenizers.items()
+                getattr(transformers, tok).from_pretrained(source, subfolder=tf, **kw)
+                for (tf, _), (tok, _) in sides
             ]
             encs = [
-                getattr(transformers, c).from_pretrained(source, subfolder=f, **te_kw)
-                for f, c in self.text_encoders.items()
+                getattr(transformers, enc).from_pretrained(source, subfolder=ef, **te_kw)
+                for (_, ef), (_, enc) in sides
             ]
         except Exception as e:
             raise load_error(model, e) from None
@@ -291,7 +294,12 @@ class ModelFamily(ABC):
 
     def text_components(self, pipe: Any) -> tuple[Any, ...]:
         """The same components of a loaded pipeline."""
-        return tuple(getattr(pipe, folder) for folder in (*self.tokenizers, *self.text_encoders))
+        folders = self.text_folders()
+        return tuple(getattr(pipe, folder) for folder in (*(t for t, _ in folders), *(e for _, e in folders)))
+
+    def text_folders(self) -> list[tuple[str, str]]:
+        """The (tokenizer, text encoder) folders of ``text_side``'s pairs, as diffusers names them."""
+        return [(f"tokenizer{s}", f"text_encoder{s}") for s in ("", "_2", "_3", "_4")[: len(self.text_side)]]
 
     @abstractmethod
     def prompt_encoder(

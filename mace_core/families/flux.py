@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mace_core.clip_text import clip_tokenizer, tiny_clip_text
-from mace_core.families.base import Conditioning
+from mace_core.families.base import Conditioning, TextSide
 from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
 from mace_core.families.tiny import seeded, tiny_vae
 from mace_core.t5_text import T5_PAD, t5_tokenizer, tiny_t5
@@ -162,11 +162,10 @@ class Flux(MMDiTFamily):
     pipeline_class: ClassVar[str] = "FluxPipeline"
     description: ClassVar[str] = "flux: a FluxPipeline (CLIP pooled + T5 context, MMDiT transformer)"
     pad_token: ClassVar[str] = T5_PAD  # the context's (T5's); CLIP only gives the pooled embedding
-    tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast"}
-    text_encoders: ClassVar[dict[str, str]] = {
-        "text_encoder": "CLIPTextModel",
-        "text_encoder_2": "T5EncoderModel",
-    }
+    text_side: ClassVar[TextSide] = (
+        ("CLIPTokenizer", "CLIPTextModel"),
+        ("T5TokenizerFast", "T5EncoderModel"),
+    )
 
     build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mace_core.clip_text import clip_tokenizer, tiny_clip_text
-from mace_core.families.base import Conditioning
+from mace_core.families.base import Conditioning, TextSide
 from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
 from mace_core.families.sdxl import PAD_TOKEN_2, two_clip_ids
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
@@ -144,16 +144,11 @@ class SD3(MMDiTFamily):
     description: ClassVar[str] = "sd3: a StableDiffusion3Pipeline (CLIP-L, CLIP-G and T5, MMDiT transformer)"
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first segment's; CLIP-G pads with '!', T5 with <pad>
     time_scale: ClassVar[float] = 1000.0
-    tokenizers: ClassVar[dict[str, str]] = {
-        "tokenizer": "CLIPTokenizer",
-        "tokenizer_2": "CLIPTokenizer",
-        "tokenizer_3": "T5TokenizerFast",
-    }
-    text_encoders: ClassVar[dict[str, str]] = {
-        "text_encoder": "CLIPTextModelWithProjection",
-        "text_encoder_2": "CLIPTextModelWithProjection",
-        "text_encoder_3": "T5EncoderModel",
-    }
+    text_side: ClassVar[TextSide] = (
+        ("CLIPTokenizer", "CLIPTextModelWithProjection"),
+        ("CLIPTokenizer", "CLIPTextModelWithProjection"),
+        ("T5TokenizerFast", "T5EncoderModel"),
+    )
 
     build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 

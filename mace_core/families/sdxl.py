@@ -26,7 +26,7 @@ from torch import nn
 
 from mace_core.clip_text import TINY_CLIP_TEXT, clip_tokenizer, tiny_clip_text
 from mace_core.errors import ConceptError, quoted
-from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder
+from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder, TextSide
 from mace_core.families.model_index import TINY_MODEL, ModelIndex
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
 from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
@@ -179,11 +179,10 @@ class SDXL(ModelFamily):
     description: ClassVar[str] = "sdxl: a StableDiffusionXLPipeline (two CLIP text encoders)"
     pad_token: ClassVar[str] = CLIP_DEFAULT_PAD  # the first tokenizer's; the second pads with '!'
     load_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}
-    tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer"}
-    text_encoders: ClassVar[dict[str, str]] = {
-        "text_encoder": "CLIPTextModel",
-        "text_encoder_2": "CLIPTextModelWithProjection",
-    }
+    text_side: ClassVar[TextSide] = (
+        ("CLIPTokenizer", "CLIPTextModel"),
+        ("CLIPTokenizer", "CLIPTextModelWithProjection"),
+    )
 
     build_tiny_pipeline = staticmethod(build_tiny_pipeline)
 

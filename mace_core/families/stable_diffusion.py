@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mace_core.families.base import ModelFamily, PromptEncoder
+from mace_core.families.base import ModelFamily, PromptEncoder, TextSide
 from mace_core.families.model_index import ModelIndex
 
 CLIP_DEFAULT_PAD = "<|endoftext|>"  # what CLIPTokenizer pads with when its config names nothing
@@ -93,8 +93,7 @@ class StableDiffusionFamily(ModelFamily):
 
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
     load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
-    tokenizers: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer"}
-    text_encoders: ClassVar[dict[str, str]] = {"text_encoder": "CLIPTextModel"}
+    text_side: ClassVar[TextSide] = (("CLIPTokenizer", "CLIPTextModel"),)
 
     def recognises(self, index: ModelIndex) -> bool:
         return super().recognises(index) and tokenizer_pad_token(index) == self.pad_token
