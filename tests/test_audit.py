@@ -12,7 +12,8 @@ import torch
 
 from mace_core.attn2 import get_attn2_weights
 from mace_core.audit.attacks import AttackSettings, attack_names, parse_attacks
-from mace_core.audit.attacks.indirect import IndirectSettings, misspellings, variants
+from mace_core.audit.attacks.indirect import IndirectSettings
+from mace_core.audit.attacks.indirect.attack import misspellings, variants
 from mace_core.audit.attacks.inversion import InversionSettings
 from mace_core.audit.attacks.soft_prompt import SoftPromptSettings
 from mace_core.audit.concepts import AuditConcept, parse_audit_lines

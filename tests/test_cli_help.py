@@ -149,11 +149,19 @@ def test_flags_take_no_value_and_old_config_keys_get_a_hint(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "args", [["--version"], ["--help"], ["erase", "--help"], ["eval", "--help"], ["status", "--help"]]
+    "args",
+    [
+        ["--version"],
+        ["--help"],
+        ["erase", "--help"],
+        ["eval", "--help"],
+        ["audit", "--help"],
+        ["status", "--help"],
+    ],
 )
 def test_help_and_version_do_not_import_torch(args):
-    """A fresh interpreter, as the `mace-ray` script starts one (audit is loaded only when
-    named: its attacks' options come from the attack modules, which import torch)."""
+    """A fresh interpreter, as the `mace-ray` script starts one (audit's attack options come
+    from the attacks' declarations, mace_core/audit/attacks/<name>/__init__.py)."""
     code = (
         "import sys\nfrom mace_ray.cli.main import main\n"
         f"sys.argv = ['mace-ray', *{args!r}]\n"

@@ -220,7 +220,7 @@ def finish(run: EraseRun) -> None:
     now = Sources(p.request.s3_endpoint, output=storage).fingerprint(p.request.model)
     expect_fingerprint(p.request.model, p.model_fingerprint, now)
     if run.spec.method == "mace":
-        notes = {c.slug: artefacts.read_notes(storage, layout, c.slug) for c in run.concepts}
+        notes = artefacts.read_notes(storage, layout, [c.slug for c in run.concepts])
     else:  # a closed-form-only run trains nothing
         notes = {c.slug: {} for c in run.concepts}
     run.report = run_report(run, notes)

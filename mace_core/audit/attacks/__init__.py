@@ -1,7 +1,9 @@
-"""The audit's attacks: every module of this package that defines ``ATTACK`` (an
-``mace_core.audit.base.Attack``) is one. Adding an attack is adding a module: its name joins
-``--attacks``, its settings become ``--<name>-...`` options (``AttackSettings``) and its
-results a column of the report.
+"""The audit's attacks: every subpackage of this package is one. Adding an attack is adding a
+package: its ``__init__`` declares ``NAME`` (it joins ``--attacks``), ``TITLE`` and
+``SETTINGS`` (they become ``--<name>-...`` options, ``AttackSettings``) without importing
+torch, so that ``mace-ray audit --help`` and the request's checks stay fast; its ``attack``
+module defines ``ATTACK`` (an ``mace_core.audit.base.Attack``), imported when an audit runs;
+its results are a column of the report.
 """
 
 from __future__ import annotations
@@ -10,28 +12,27 @@ import importlib
 import pkgutil
 from dataclasses import field, make_dataclass
 from functools import lru_cache
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from mace_core.audit.base import Attack
 from mace_core.errors import SettingError
 from mace_core.options import Panel, group
+
+if TYPE_CHECKING:  # the attacks import torch; their declarations do not
+    from mace_core.audit.base import Attack
 
 ALL = "all"
 
 
 @lru_cache(maxsize=1)
-def attack_classes() -> tuple[type[Attack], ...]:
-    """Every attack, in module-name order (found once, on first use)."""
-    found = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        attack = getattr(importlib.import_module(f"{__name__}.{info.name}"), "ATTACK", None)
-        if attack is not None:
-            found.append(type(attack))
-    return tuple(found)
+def declarations() -> tuple[ModuleType, ...]:
+    """Every attack's package (``NAME``, ``TITLE``, ``SETTINGS``), in package-name order."""
+    found = sorted(info.name for info in pkgutil.iter_modules(__path__) if info.ispkg)
+    return tuple(importlib.import_module(f"{__name__}.{name}") for name in found)
 
 
 def attack_names() -> tuple[str, ...]:
-    return tuple(cls.name for cls in attack_classes())
+    return tuple(pkg.NAME for pkg in declarations())
 
 
 def parse_attacks(value: str) -> tuple[str, ...]:
@@ -52,14 +53,14 @@ def _settings_class() -> type:
     so the command line and --config get every attack's options without listing them."""
     fields: list[tuple[str, type, Any]] = [
         (
-            cls.name.replace("-", "_"),
-            cls.settings_class,
+            pkg.NAME.replace("-", "_"),
+            pkg.SETTINGS,
             field(
-                default_factory=cls.settings_class,
-                metadata=group(prefix=cls.name, title=cls.title, panel=Panel.ATTACKS),
+                default_factory=pkg.SETTINGS,
+                metadata=group(prefix=pkg.NAME, title=pkg.TITLE, panel=Panel.ATTACKS),
             ),
         )
-        for cls in attack_classes()
+        for pkg in declarations()
     ]
     cls = make_dataclass("AttackSettings", fields, frozen=True)
     cls.__module__ = __name__  # pickles (Ray) and reprs name this module
@@ -71,8 +72,9 @@ AttackSettings = _settings_class()
 
 
 def make_attack(name: str, settings: Any) -> Attack:
-    """The attack ``name`` with its settings from an ``AttackSettings``."""
-    for cls in attack_classes():
-        if cls.name == name:
-            return cls(getattr(settings, cls.name.replace("-", "_")))
+    """The attack ``name`` with its settings from an ``AttackSettings`` (its module imported now)."""
+    for pkg in declarations():
+        if name == pkg.NAME:
+            cls = type(importlib.import_module(f"{pkg.__name__}.attack").ATTACK)
+            return cls(getattr(settings, pkg.NAME.replace("-", "_")))
     raise ValueError(f"unknown attack {name!r} (valid: {', '.join(attack_names())})")

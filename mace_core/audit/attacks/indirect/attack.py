@@ -1,19 +1,5 @@
-"""Indirect prompts: the concept named some other way.
-
-An erasure trained on one spelling of a name may leave its aliases, translations,
-descriptions, misspellings and odd casings or spacings alone (the text encoder can still
-map them near the concept). Per concept this attack tries, in order:
-
-- the aliases and descriptions of the audit concept file (``mace_core.audit.concepts``);
-- case and spacing changes: UPPER CASE, Title Case, the words run together, hyphenated,
-  the letters spaced out (CLIP's tokenizer lowercases, so case changes often give the
-  concept's own tokens: the report says which variants did);
-- ``misspellings`` seeded misspellings: two neighbouring letters swapped, a letter dropped
-  or doubled, a vowel replaced.
-
-Each variant is one step: its prompt fills every held-out template and is measured through
-the erased model; the best variant is the attack's prompt. No gradients, no images needed.
-"""
+"""The attack itself (it needs torch); what it does, its name and its settings are in
+``mace_core.audit.attacks.indirect`` (read without torch by ``--help``)."""
 
 from __future__ import annotations
 
@@ -21,20 +7,14 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mace_core.audit.attacks.indirect import NAME, TITLE, IndirectSettings
 from mace_core.audit.base import Attack, AttackResult, search
 from mace_core.audit.concepts import AuditConcept
 from mace_core.audit.context import AttackContext
 from mace_core.audit.embedding import AttackPrompt
 from mace_core.audit.measures import Measure
-from mace_core.options import Settings, setting
 
 VOWELS = "aeiou"
-
-
-@dataclass(frozen=True)
-class IndirectSettings(Settings):
-    misspellings: int = setting(3, "Indirect prompts: seeded misspellings tried per concept.", min=0)
-    case_spacing: bool = setting(True, "Indirect prompts: try case and spacing changes of the concept.")
 
 
 @dataclass(frozen=True)
@@ -83,7 +63,7 @@ def misspellings(text: str, n: int, seed: int) -> list[Variant]:
 
 
 def variants(concept: AuditConcept, settings: IndirectSettings, seed: int) -> list[Variant]:
-    """Every variant of the concept to try, in order, without repeats (module doc)."""
+    """Every variant of the concept to try, in order, without repeats (the package doc)."""
     text = concept.concept.text
     out = [Variant(a, "alias") for a in concept.aliases]
     out += [Variant(d, "description") for d in concept.descriptions]
@@ -100,12 +80,12 @@ def variants(concept: AuditConcept, settings: IndirectSettings, seed: int) -> li
 
 
 class Indirect(Attack):
-    name: ClassVar[str] = "indirect"
-    title: ClassVar[str] = "Indirect prompts (aliases, descriptions, misspellings, case and spacing)"
+    name: ClassVar[str] = NAME
+    title: ClassVar[str] = TITLE
     settings_class: ClassVar[type] = IndirectSettings
 
     def run(self, ctx: AttackContext) -> AttackResult:
-        """Measure every variant (module doc) in order; the concept's own name is step 0."""
+        """Measure every variant (the package doc) in order; the concept's own name is step 0."""
         concept = ctx.concept.concept
         text = ctx.meter.text
         own = text.word_ids(concept.text)

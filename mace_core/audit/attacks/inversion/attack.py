@@ -1,75 +1,21 @@
-"""Concept inversion (after Pham et al., ICLR 2024): a new word, learned on the erased model.
-
-Textual inversion of one new token v on the ERASED model from the ORIGINAL model's images
-of the concept: an erasure that only moved the concept's own words leaves some other input
-embedding that the erased denoiser still renders as the concept. v stands for the
-placeholder word (``embedding.PLACEHOLDER``) in the concept type's templates, one embedding
-per text encoder of the family (SDXL's two CLIPs, FLUX.1's CLIP and T5, ...: all learned
-together), and is trained with the denoising loss, denoiser and text encoders frozen. Per
-step, a batch of (image x0, template, timestep t ~ U[0, T), noise n) drawn from the
-concept's own generator, x_t the family's noising of x0 at t (``mace_core.noise``: DDPM
-sqrt(a_t) x0 + sqrt(1 - a_t) n for SD's UNets, (1 - s_t) x0 + s_t n for the flow models),
-and
-
-    images  (Pham et al.):  L(v) = || u_e(x_t, t, c(v)) - target(x0, n, t) ||^2
-    teacher (default):      L(v) = || u_e(x_t, t, c(v)) - u_o(x_t, t, c(concept prompt)) ||^2
-
-with u_e / u_o the erased / original denoiser, c(.) the family's conditioning and target
-the model's own prediction type (the noise n for epsilon, sqrt(a_t) n - sqrt(1 - a_t) x0
-for v-prediction, n - x0 for a rectified flow). On a trained model the original's
-prediction for its own images is close to the Bayes-optimal denoiser, so both losses share
-their minimiser; the teacher's has no sampling noise, converges in far fewer steps, and is
-the only one with a minimiser at the concept on random weights (the tiny model).
-``images`` keeps the published attack.
-
-v starts, in every encoder, at the mean input embedding of the anchor's tokens (where the
-erasure sent the concept) and moves by Adam in units of the RMS of that encoder's
-vocabulary embeddings (so ``lr`` means the same for every model). Each step is measured on
-held-out templates; the best v so far is the attack's prompt. The images come from the
-erase run when it stored them (made by the original model), else the original model makes
-``images`` of them.
-"""
+"""The attack itself (it needs torch); what it does, its name and its settings are in
+``mace_core.audit.attacks.inversion`` (read without torch by ``--help``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from mace_core.audit.attacks.inversion import NAME, TITLE, InversionSettings, InversionTarget
 from mace_core.audit.base import Attack, AttackResult, search
 from mace_core.audit.context import AttackContext
 from mace_core.audit.embedding import PLACEHOLDER, AttackPrompt
 from mace_core.datagen import images_to_tensor
 from mace_core.families.base import conditioning_to
 from mace_core.noise import DDPMSchedule, NoiseSchedule, training_schedule
-from mace_core.options import Choice, Settings, coerce_choices, setting
 from mace_core.prompts import templates
 from mace_core.train import encode_latents
-
-
-class InversionTarget(Choice):
-    TEACHER = "teacher"  # the original model's prediction for the concept prompt
-    IMAGES = "images"  # the standard denoising target of the sampled noise (Pham et al.)
-
-
-@dataclass(frozen=True)
-class InversionSettings(Settings):
-    steps: int = setting(300, "Concept inversion: optimisation steps.", min=0)
-    lr: float = setting(0.2, "Concept inversion: Adam step, in RMS units of the token embeddings.", min=0.0)
-    batch: int = setting(2, "Concept inversion: noised images per step.", min=1)
-    images: int = setting(
-        8, "Concept inversion: images the original model makes when the erase run stored none.", min=1
-    )
-    target: InversionTarget = setting(
-        InversionTarget.TEACHER,
-        "Concept inversion: teacher (the original model's prediction for the concept prompt) or "
-        "images (the sampled noise: Pham et al.'s loss).",
-    )
-
-    def __post_init__(self) -> None:
-        coerce_choices(self, {"target": (InversionTarget, "inversion target")})  # a clearer name
-        super().__post_init__()
 
 
 def denoising_target(
@@ -91,12 +37,12 @@ def denoising_target(
 
 
 class Inversion(Attack):
-    name: ClassVar[str] = "inversion"
-    title: ClassVar[str] = "Concept inversion (one new token learned on the erased model)"
+    name: ClassVar[str] = NAME
+    title: ClassVar[str] = TITLE
     settings_class: ClassVar[type] = InversionSettings
 
     def run(self, ctx: AttackContext) -> AttackResult:
-        """Minimise L(v) (module doc, ``images`` or ``teacher`` target) by Adam on v, one
+        """Minimise L(v) (the package doc, ``images`` or ``teacher`` target) by Adam on v, one
         batch per step, the best v so far (held-out leak) kept."""
         s: InversionSettings = self.settings
         models, concept = ctx.models, ctx.concept.concept
