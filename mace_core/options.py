@@ -96,6 +96,16 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> An
     return dataclasses.field(default=default, metadata=option(help, **kw))
 
 
+def seconds(default: float | None, help: str, name: str, panel: str) -> Any:
+    """A duration in seconds (never negative): field ``<name>_s``, option ``--<name>``."""
+    return setting(default, help, name=name, min=0.0, panel=panel)
+
+
+def argument(help: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A positional argument of the command (``setting``'s counterpart for options)."""
+    return dataclasses.field(default=default, metadata=option(help, argument=True, **kw))
+
+
 def unwrap_optional(t: Any) -> tuple[Any, bool]:
     """``(X, True)`` for ``X | None``, else ``(t, False)``."""
     args = [a for a in typing.get_args(t) if a is not type(None)]

@@ -7,20 +7,19 @@ from typing import Any
 
 from mace_core.audit.attacks import AttackSettings
 from mace_core.evaluation.settings import GenerationSettings, clip_setting
-from mace_core.options import Panel, Settings, group, plain, setting
+from mace_core.options import Panel, Settings, group, plain, seconds, setting
 
 
 @dataclass(frozen=True)
 class AuditSettings(Settings):
     seed: int = setting(0, "Seed of every attack's draws and of the images.", panel=Panel.ATTACKS)
     # Wall-clock, not steps: what a GPU hour buys. Split evenly so that no attack starves another.
-    budget_s: float | None = setting(
+    budget_s: float | None = seconds(
         None,
         "Seconds of attack time per concept, split evenly between its attacks; an attack out of "
         "time stops and reports the steps it reached (default: no limit, the step counts decide).",
-        name="budget",
-        min=0.0,
-        panel=Panel.ATTACKS,
+        "budget",
+        Panel.ATTACKS,
     )
     success_leak: float = setting(
         0.5,

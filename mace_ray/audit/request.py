@@ -11,29 +11,23 @@ from dataclasses import dataclass, field
 from mace_core.audit.attacks import ALL, attack_names, parse_attacks
 from mace_core.audit.settings import AuditSettings
 from mace_core.concepts import ConceptType
-from mace_core.options import Panel, group, option, setting
+from mace_core.options import Panel, argument, group, setting
 from mace_ray.engine.requests import WhereItRuns, output_setting, resume_setting
 
 
 @dataclass(frozen=True)
 class AuditRequest(WhereItRuns):
-    model: str = field(
-        metadata=option(
-            "The erased model to audit: an erase run's folder (runs/<run_id>: its original model, "
-            "concepts and stored images are used), its final/pipeline folder, a diffusers folder, "
-            "a hub id or 'tiny'; folders local or s3://.",
-            argument=True,
-        )
+    model: str = argument(
+        "The erased model to audit: an erase run's folder (runs/<run_id>: its original model, "
+        "concepts and stored images are used), its final/pipeline folder, a diffusers folder, "
+        "a hub id or 'tiny'; folders local or s3://."
     )
     # None: the erase run's concepts
-    concept_file: str | None = field(
-        default=None,
-        metadata=option(
-            "Concept file: 'text | type | anchor | aliases | descriptions' per line, aliases and "
-            "descriptions ';'-separated (default: the erase run's concepts).",
-            name="concepts",
-            argument=True,
-        ),
+    concept_file: str | None = argument(
+        "Concept file: 'text | type | anchor | aliases | descriptions' per line, aliases and "
+        "descriptions ';'-separated (default: the erase run's concepts).",
+        None,
+        name="concepts",
     )
     # None: the erase run's --model
     original: str | None = setting(

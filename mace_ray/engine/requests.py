@@ -47,6 +47,12 @@ def output_setting(where: str) -> Any:
     return setting(DEFAULT_OUTPUT, f"{where}: a folder or s3://bucket/prefix.", panel=Panel.MODEL, basic=True)
 
 
+def path_setting(help: str, panel: str, *, metavar: str = FILE, **kw: Any) -> Any:
+    """An optional input the job reads, a local path or an s3:// URL (None: the default its
+    help names): ``--name <file>`` or ``<folder>``."""
+    return setting(None, help, panel=panel, metavar=metavar, **kw)
+
+
 def resume_setting(help: str) -> Any:
     """``--no-resume``: by default a job reuses what an earlier one with the same inputs stored;
     ``help`` says what the flag makes again instead."""

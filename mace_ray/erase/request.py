@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mace_core.concepts import ConceptType
-from mace_core.options import Choice, Panel, group, option, setting
+from mace_core.options import Choice, Panel, argument, group, seconds, setting
 from mace_core.settings import EraseSettings
-from mace_ray.engine.requests import FILE, WhereItRuns, output_setting, resume_setting
+from mace_ray.engine.requests import WhereItRuns, output_setting, path_setting, resume_setting
 
 # --model's default: the paper's model.
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -34,9 +34,7 @@ class Method(Choice):
 
 @dataclass(frozen=True)
 class EraseRequest(WhereItRuns):
-    concept_file: str = field(
-        metadata=option("Concept file: one 'text | type | anchor' per line.", name="concepts", argument=True)
-    )
+    concept_file: str = argument("Concept file: one 'text | type | anchor' per line.", name="concepts")
     model: str = setting(
         DEFAULT_MODEL,
         "Hub id, diffusers folder (local or s3://), or 'tiny' (built-in random model).",
@@ -48,16 +46,11 @@ class EraseRequest(WhereItRuns):
         ConceptType.OBJECT, "Type of lines without one.", name="type", panel=Panel.MODEL, basic=True
     )
     settings: EraseSettings = field(default_factory=EraseSettings, metadata=group())
-    prior_captions: str | None = setting(
-        None, "Caption file for the prior C_p (default: built-in captions).", panel=Panel.MODEL, metavar=FILE
+    prior_captions: str | None = path_setting(
+        "Caption file for the prior C_p (default: built-in captions).", Panel.MODEL
     )
-    retain_file: str | None = setting(
-        None,
-        "Concept file of concepts to keep (the retained set C_r).",
-        name="retain",
-        panel=Panel.MODEL,
-        metavar=FILE,
-        basic=True,
+    retain_file: str | None = path_setting(
+        "Concept file of concepts to keep (the retained set C_r).", Panel.MODEL, name="retain", basic=True
     )
     # None: from the workers' free GPU memory
     concepts_per_batch: int | None = setting(
@@ -80,20 +73,18 @@ class EraseRequest(WhereItRuns):
     )
     # A second driver on the same run waits this long for the first to finish (or for its
     # lease to expire) before it refuses; not part of the run id.
-    lock_wait_s: float = setting(
+    lock_wait_s: float = seconds(
         90.0,
         "Seconds to wait for another driver running the same run before refusing.",
-        name="lock-wait",
-        min=0.0,
-        panel=Panel.RUN,
+        "lock-wait",
+        Panel.RUN,
     )
     # How long a cluster with an autoscaler may take to add a node the workers fit on.
-    placement_wait_s: float = setting(
+    placement_wait_s: float = seconds(
         600.0,
         "Seconds an autoscaler may take to add a node the workers fit on.",
-        name="placement-wait",
-        min=0.0,
-        panel=Panel.CLUSTER,
+        "placement-wait",
+        Panel.CLUSTER,
     )
     # Which stages run (mace_ray/erase/plan.py, plan_stages): checked in erase.prepare.
     stages: str = setting(

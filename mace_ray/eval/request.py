@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from mace_core.errors import SettingError
 from mace_core.evaluation.settings import CLIP_RECOGNIZER, GenerationSettings, clip_setting
-from mace_core.options import Choice, Panel, group, option, setting
-from mace_ray.engine.requests import FILE, FOLDER, WhereItRuns, output_setting, resume_setting
+from mace_core.options import Choice, Panel, argument, group, option, setting
+from mace_ray.engine.requests import FOLDER, WhereItRuns, output_setting, path_setting, resume_setting
 
 
 class SuiteName(Choice):
@@ -21,13 +21,10 @@ class SuiteName(Choice):
 
 @dataclass(frozen=True)
 class EvalRequest(WhereItRuns):
-    model: str = field(
-        metadata=option(
-            "Model to evaluate: hub id, diffusers folder, 'tiny', or an erase run's final/pipeline "
-            "folder (or its runs/<run_id> folder: erased and retained concepts come from it); "
-            "folders local or s3://.",
-            argument=True,
-        )
+    model: str = argument(
+        "Model to evaluate: hub id, diffusers folder, 'tiny', or an erase run's final/pipeline "
+        "folder (or its runs/<run_id> folder: erased and retained concepts come from it); "
+        "folders local or s3://."
     )
     suite: SuiteName = field(metadata=option("Evaluation protocol (paper Sec. 4).", panel=Panel.SUITE))
     # The original model: evaluated in the same run, printed beside.
@@ -39,34 +36,24 @@ class EvalRequest(WhereItRuns):
     )
     output: str = output_setting("Where evals/ is written")
     # Concept files; default: the erase run's concepts and retained set.
-    erased_file: str | None = setting(
-        None,
+    erased_file: str | None = path_setting(
         "Concept file of the erased concepts (objects/celebrities/styles; default: the erase run's).",
+        Panel.SUITE,
         name="erased",
-        panel=Panel.SUITE,
-        metavar=FILE,
     )
-    retained_file: str | None = setting(
-        None,
+    retained_file: str | None = path_setting(
         "Concept file of retained celebrities/artists (default: the erase run's --retain set).",
+        Panel.SUITE,
         name="retained",
-        panel=Panel.SUITE,
-        metavar=FILE,
     )
-    prompts_csv: str | None = setting(
-        None,
+    prompts_csv: str | None = path_setting(
         "explicit: I2P CSV (column prompt; sd_seed, sd_guidance_scale, ... used when present); "
         "coco: captions CSV (column caption; image_id optional).",
+        Panel.SUITE,
         basic=True,
-        panel=Panel.SUITE,
-        metavar=FILE,
     )
-    reference_images: str | None = setting(
-        None,
-        "coco: folder of real images (e.g. MS-COCO val) for FID.",
-        panel=Panel.SUITE,
-        metavar=FOLDER,
-        basic=True,
+    reference_images: str | None = path_setting(
+        "coco: folder of real images (e.g. MS-COCO val) for FID.", Panel.SUITE, metavar=FOLDER, basic=True
     )
     limit: int | None = setting(None, "Only the first N rows of --prompts-csv.", min=1, panel=Panel.SUITE)
     # None: the suite's default (the paper's)
@@ -91,11 +78,8 @@ class EvalRequest(WhereItRuns):
         "celebrities: 'clip' (zero-shot over the names) or 'module:factory'.",
         panel=Panel.SCORING,
     )
-    fid_weights: str | None = setting(
-        None,
-        "coco: FID Inception-v3 weights, a .safetensors file (default: FID on CLIP features).",
-        panel=Panel.SCORING,
-        metavar=FILE,
+    fid_weights: str | None = path_setting(
+        "coco: FID Inception-v3 weights, a .safetensors file (default: FID on CLIP features).", Panel.SCORING
     )
     shard_size: int = setting(32, "Images per worker job.", min=1, panel=Panel.CLUSTER)
     resume: bool = resume_setting(
