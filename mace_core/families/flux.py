@@ -24,7 +24,7 @@ from torch import nn
 from mace_core.clip_text import clip_tokenizer, tiny_clip_text
 from mace_core.families.base import Conditioning, TextSide
 from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
-from mace_core.families.tiny import seeded, tiny_vae
+from mace_core.families.tiny import assemble, seeded, tiny_vae
 from mace_core.t5_text import T5_PAD, t5_tokenizer, tiny_t5
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit
@@ -144,17 +144,16 @@ def build_tiny_pipeline(seed: int = 0, text_width: int = 32):  # -> FluxPipeline
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
     )
-    pipe = FluxPipeline(
+    return assemble(
+        FluxPipeline,
         scheduler=scheduler,
         vae=vae,
-        text_encoder=clip.eval(),
+        text_encoder=clip,
         tokenizer=clip_tokenizer(),
-        text_encoder_2=t5.eval(),
+        text_encoder_2=t5,
         tokenizer_2=t5_tok,
-        transformer=transformer.eval(),
+        transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class Flux(MMDiTFamily):

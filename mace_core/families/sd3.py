@@ -28,7 +28,7 @@ from mace_core.families.base import Conditioning, TextSide
 from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
 from mace_core.families.sdxl import PAD_TOKEN_2, two_clip_ids
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
-from mace_core.families.tiny import seeded, tiny_vae
+from mace_core.families.tiny import assemble, seeded, tiny_vae
 from mace_core.t5_text import t5_tokenizer, tiny_t5
 
 T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -123,19 +123,18 @@ def build_tiny_pipeline(seed: int = 0, text_width: int = 32):  # -> StableDiffus
         clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
         t5 = tiny_t5(t5_tok, 2 * text_width)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
+    return assemble(
+        StableDiffusion3Pipeline,
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
-        text_encoder=clip_l.eval(),
+        text_encoder=clip_l,
         tokenizer=clip_tokenizer(),
-        text_encoder_2=clip_g.eval(),
+        text_encoder_2=clip_g,
         tokenizer_2=clip_tokenizer(pad_token=PAD_TOKEN_2),
-        text_encoder_3=t5.eval(),
+        text_encoder_3=t5,
         tokenizer_3=t5_tok,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class SD3(MMDiTFamily):

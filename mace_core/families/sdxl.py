@@ -29,7 +29,7 @@ from mace_core.errors import ConceptError, quoted
 from mace_core.families.base import Conditioning, ModelFamily, PromptEncoder, TextSide
 from mace_core.families.model_index import TINY_MODEL, ModelIndex
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
-from mace_core.families.tiny import SD_NOISE_SCHEDULE, seeded, tiny_unet, tiny_vae
+from mace_core.families.tiny import SD_NOISE_SCHEDULE, assemble, seeded, tiny_unet, tiny_vae
 
 PAD_TOKEN_2 = "!"  # the second (OpenCLIP bigG) tokenizer pads with token 0, '!' in CLIP's vocabulary
 
@@ -159,18 +159,17 @@ def build_tiny_pipeline(seed: int = 0, widths: tuple[int, int] | None = None):  
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_1))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2))
     scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(
+    return assemble(
+        StableDiffusionXLPipeline,
         vae=vae,
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token=PAD_TOKEN_2),
-        unet=unet.eval(),
+        unet=unet,
         scheduler=scheduler,
         add_watermarker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class SDXL(ModelFamily):

@@ -15,6 +15,7 @@ import torch
 
 from mace_core.families.base import ModelFamily, PromptEncoder, TextSide
 from mace_core.families.model_index import ModelIndex
+from mace_core.families.tiny import assemble
 
 CLIP_DEFAULT_PAD = "<|endoftext|>"  # what CLIPTokenizer pads with when its config names nothing
 
@@ -63,18 +64,17 @@ def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, sc
     checker and without progress bars: the tiny models of the families and benchmarks."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
+    return assemble(
+        StableDiffusionPipeline,
         vae=vae,
-        text_encoder=text_encoder.eval(),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet.eval(),
+        unet=unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tokenizer_pad_token(index: ModelIndex) -> str:

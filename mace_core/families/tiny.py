@@ -47,6 +47,16 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def assemble(pipeline_class: Any, **components: Any) -> Any:
+    """A pipeline of built (random) components: every model in eval mode, no progress bars."""
+    for part in components.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    pipe = pipeline_class(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_unet(cross_attention_dim: int, **overrides: Any):  # -> UNet2DConditionModel
     """A random UNet2DConditionModel of ``TINY_UNET``'s shape, with a family's ``overrides``."""
     from diffusers import UNet2DConditionModel
