@@ -166,24 +166,34 @@ def file_digest(path: Path, cache: Path | None = None) -> str:
     return digest
 
 
-def folder_fingerprint(folder: str | Path, cache: Path | None = None) -> ModelFingerprint:
-    """Fingerprint of a local diffusers pipeline folder (every file ``is_fingerprinted``)."""
+def folder_fingerprint(
+    folder: str | Path, cache: Path | None = None, files: list[str] | None = None
+) -> ModelFingerprint:
+    """Fingerprint of a local diffusers pipeline folder: every file ``is_fingerprinted``
+    (``files``: of these, relative to the folder; default every file in it)."""
     root = Path(folder)
     if not (root / "model_index.json").is_file():
         raise ModelLoadError(f"model {str(folder)!r}: not a diffusers pipeline folder (no model_index.json)")
+    rels = files if files is not None else [p.relative_to(root).as_posix() for p in root.rglob("*")]
     entries: dict[str, str] = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if is_fingerprinted(rel) and p.is_file():
+    for rel in sorted(r for r in rels if is_fingerprinted(r)):
+        p = root / rel
+        if p.is_file():
             try:
                 entries[rel] = file_digest(p, cache)
             except OSError as e:
                 raise ModelLoadError(f"model {str(folder)!r}: cannot read {rel}: {e.strerror}") from None
+    return pipeline_fingerprint_of(str(folder), entries)
+
+
+def pipeline_fingerprint_of(model: str, entries: dict[str, str]) -> ModelFingerprint:
+    """The fingerprint of a pipeline's files (``{path in the folder: SHA-256}``, the ones
+    ``is_fingerprinted``); ModelLoadError naming ``model`` when a required component is missing."""
     if not any(rel.startswith(d + "/") for d in DENOISERS for rel in entries):
-        raise ModelLoadError(f"model {str(folder)!r}: no unet/ or transformer/ in the pipeline folder")
+        raise ModelLoadError(f"model {model!r}: no unet/ or transformer/ in the pipeline folder")
     for part in REQUIRED:
         if not any(rel.startswith(part + "/") for rel in entries):
-            raise ModelLoadError(f"model {str(folder)!r}: no {part}/ in the pipeline folder")
+            raise ModelLoadError(f"model {model!r}: no {part}/ in the pipeline folder")
     return combine(entries)
 
 
@@ -223,15 +233,13 @@ def tiny_fingerprint() -> ModelFingerprint:
 def model_fingerprint(model: str, cache: Path | None = None) -> ModelFingerprint:
     """Fingerprint of ``tiny``, a local pipeline folder, or a hub id.
 
-    A hub id is fetched into the Hugging Face cache first (its components that a run loads,
-    what its load would fetch anyway; offline, the cached snapshot), then hashed as a folder:
-    the files fetched are the ones ``is_fingerprinted`` counts (one rule,
-    ``mace_core.weight_files``), so whatever else the snapshot holds changes nothing.
+    A hub id's is ``mace_core.source_folder.hub_fingerprint``'s: the same as its snapshot's,
+    without downloading its weights.
     """
     from mace_core.families.model_index import TINY_MODEL, resolve_source
-    from mace_core.source_folder import hub_snapshot
+    from mace_core.source_folder import hub_fingerprint
 
     if model == TINY_MODEL:
         return tiny_fingerprint()
     source, is_local = resolve_source(model)
-    return folder_fingerprint(source if is_local else hub_snapshot(model, COMPONENTS).path, cache)
+    return folder_fingerprint(source, cache) if is_local else hub_fingerprint(model, cache)

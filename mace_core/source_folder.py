@@ -23,6 +23,14 @@ from pathlib import Path
 
 from mace_core.errors import ModelLoadError
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
+from mace_core.fingerprint import (
+    COMPONENTS,
+    ModelFingerprint,
+    file_digest,
+    folder_fingerprint,
+    is_fingerprinted,
+    pipeline_fingerprint_of,
+)
 from mace_core.weight_files import NOT_LOADED
 
 
@@ -67,6 +75,23 @@ def source_folder(model: str, scratch: Path) -> SourceFolder:
     return hub_snapshot(model)
 
 
+def _hub_offline() -> bool:
+    # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, when imported).
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _hub_selection(repo_id: str, only: Collection[str] | None) -> tuple[list[str], list[str]]:
+    """The components of a hub model that are wanted, and the hub patterns of their files."""
+    components = named_components(ModelIndex.read(repo_id).index)
+    components = [c for c in components if only is None or c in only]
+    return components, ["model_index.json", *(f"{c}/*" for c in components)]
+
+
+def _hub_error(repo_id: str, e: Exception) -> ModelLoadError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelLoadError(f"model {repo_id!r}: its files cannot be fetched: {first[:300]}")
+
+
 def hub_snapshot(repo_id: str, only: Collection[str] | None = None) -> SourceFolder:
     """A hub model's snapshot: model_index.json and every component it names (``only``: those
     of them in ``only``), without the files no default load reads (see the module). Its
@@ -74,11 +99,8 @@ def hub_snapshot(repo_id: str, only: Collection[str] | None = None) -> SourceFol
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import filter_repo_objects
 
-    components = named_components(ModelIndex.read(repo_id).index)
-    components = [c for c in components if only is None or c in only]
-    allow = ["model_index.json", *(f"{c}/*" for c in components)]
-    # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, when imported).
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    components, allow = _hub_selection(repo_id, only)
+    offline = _hub_offline()
     try:
         folder = Path(
             snapshot_download(
@@ -86,8 +108,7 @@ def hub_snapshot(repo_id: str, only: Collection[str] | None = None) -> SourceFol
             )
         )
     except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"model {repo_id!r}: its files cannot be fetched: {first[:300]}") from None
+        raise _hub_error(repo_id, e) from None
     # Offline, the snapshot holds whatever was downloaded before: keep the same files as online.
     files = sorted(
         filter_repo_objects(folder_files(folder), allow_patterns=allow, ignore_patterns=NOT_LOADED)
@@ -99,3 +120,35 @@ def hub_snapshot(repo_id: str, only: Collection[str] | None = None) -> SourceFol
             " (download the whole pipeline once, e.g. huggingface-cli download " + repo_id + ")"
         )
     return SourceFolder(folder, files)
+
+
+def hub_fingerprint(repo_id: str, cache: Path | None = None) -> ModelFingerprint:
+    """The fingerprint of a hub model (``mace_core.fingerprint``) without downloading its
+    weights: a weights file is stored with Git LFS, whose metadata records its SHA-256 (what
+    hashing the file gives), and only the small files (configs, tokenizers) are fetched and
+    hashed, at the commit the metadata was read at. The files are those its snapshot would
+    hold (the run's components, ``hub_snapshot``), so this is the fingerprint of its snapshot
+    or of any copy of its folder. Offline (HF_HUB_OFFLINE): the cached snapshot's."""
+    if _hub_offline():
+        snapshot = hub_snapshot(repo_id, COMPONENTS)
+        return folder_fingerprint(snapshot.path, cache, snapshot.files)
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    _, allow = _hub_selection(repo_id, COMPONENTS)
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+        listed = {s.rfilename: s for s in info.siblings or []}
+        files = filter_repo_objects(sorted(listed), allow_patterns=allow, ignore_patterns=NOT_LOADED)
+        entries = {}
+        for rel in (f for f in files if is_fingerprinted(f)):
+            lfs = listed[rel].lfs
+            if lfs is not None and lfs.sha256:
+                entries[rel] = str(lfs.sha256)
+            else:
+                entries[rel] = file_digest(Path(hf_hub_download(repo_id, rel, revision=info.sha)), cache)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
+        raise _hub_error(repo_id, e) from None
+    return pipeline_fingerprint_of(repo_id, entries)

@@ -173,3 +173,61 @@ def test_sealed_files_detect_truncation_and_alteration(tmp_path):
     # A sealed file is still a plain safetensors file for every other reader.
     (tmp_path / "s.safetensors").write_bytes(data)
     assert torch.equal(load_file(tmp_path / "s.safetensors")["C"], t["C"])
+
+
+def test_a_hub_models_fingerprint_comes_from_the_hubs_metadata_without_its_weights(
+    model, tmp_path, monkeypatch
+):
+    """Online, the weights' SHA-256 come from the hub's LFS metadata and only the small files
+    are fetched: the driver of a run never downloads the UNet to fingerprint it, and the
+    fingerprint is the one a local copy of the folder has."""
+    import hashlib
+    import types
+
+    import huggingface_hub
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (model / "unet/diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant, never counted")
+    (model / "safety_checker").mkdir()
+    (model / "safety_checker/model.safetensors").write_bytes(b"not a component a run loads")
+    siblings = []
+    for p in sorted(model.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(model).as_posix()
+            data = p.read_bytes()
+            lfs = (
+                BlobLfsInfo(len(data), hashlib.sha256(data).hexdigest(), 134)
+                if rel.endswith(".safetensors")
+                else None
+            )
+            siblings.append(RepoSibling(rel, len(data), "0" * 40, lfs))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    fetched = []
+
+    def model_info(self, repo_id, *, files_metadata=False, **_):
+        assert repo_id == "someone/tiny-sd" and files_metadata
+        return types.SimpleNamespace(sha=commit, siblings=siblings)
+
+    def hf_hub_download(repo_id, filename, *, revision=None, **_):
+        assert revision in (None, commit)
+        fetched.append(filename)
+        return str(model / filename)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    got = fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests")
+    (model / "unet/diffusion_pytorch_model.fp16.safetensors").unlink()
+    shutil.rmtree(model / "safety_checker")
+    assert got == folder_fingerprint(model, tmp_path / "digests")
+    assert fetched and not any(f.endswith(".safetensors") for f in fetched)  # no weights downloaded
+    # A weight file whose recorded hash changes changes the fingerprint (the hub's word is used).
+    unet = next(s for s in siblings if s.rfilename == UNET)
+    unet.lfs = BlobLfsInfo(unet.lfs.size, "f" * 64, 134)
+    assert fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests").changed(got) == ["unet"]
+    # Hub errors (no such repository, no network) are one line naming the model.
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "model_info", lambda *a, **k: (_ for _ in ()).throw(OSError("boom"))
+    )
+    with pytest.raises(ModelLoadError, match="model 'someone/tiny-sd': its files cannot be fetched: boom"):
+        fp.model_fingerprint("someone/tiny-sd")
