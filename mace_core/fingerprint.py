@@ -228,18 +228,3 @@ def tiny_fingerprint() -> ModelFingerprint:
     from mace_core.families.sd1 import build_tiny_pipeline
 
     return pipeline_fingerprint(build_tiny_pipeline())
-
-
-def model_fingerprint(model: str, cache: Path | None = None) -> ModelFingerprint:
-    """Fingerprint of ``tiny``, a local pipeline folder, or a hub id.
-
-    A hub id's is ``mace_core.source_folder.hub_fingerprint``'s: the same as its snapshot's,
-    without downloading its weights.
-    """
-    from mace_core.families.model_index import TINY_MODEL, resolve_source
-    from mace_core.source_folder import hub_fingerprint
-
-    if model == TINY_MODEL:
-        return tiny_fingerprint()
-    source, is_local = resolve_source(model)
-    return folder_fingerprint(source, cache) if is_local else hub_fingerprint(model, cache)

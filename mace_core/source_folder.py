@@ -1,4 +1,5 @@
-"""The local folder an erased model is copied from: the source pipeline's own files.
+"""A model's own files: the local folder an erased model is copied from, and the
+fingerprint of those files (``model_fingerprint``; without a download for a hub id).
 
 - a local diffusers folder: itself, every file in it (hidden ones, such as a download
   tool's ``.cache/``, aside);
@@ -30,6 +31,7 @@ from mace_core.fingerprint import (
     folder_fingerprint,
     is_fingerprinted,
     pipeline_fingerprint_of,
+    tiny_fingerprint,
 )
 from mace_core.weight_files import NOT_LOADED
 
@@ -152,3 +154,15 @@ def hub_fingerprint(repo_id: str, cache: Path | None = None) -> ModelFingerprint
     except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
         raise _hub_error(repo_id, e) from None
     return pipeline_fingerprint_of(repo_id, entries)
+
+
+def model_fingerprint(model: str, cache: Path | None = None) -> ModelFingerprint:
+    """Fingerprint of ``tiny``, a local pipeline folder, or a hub id.
+
+    A hub id's is ``hub_fingerprint``'s: the same as its snapshot's,
+    without downloading its weights.
+    """
+    if model == TINY_MODEL:
+        return tiny_fingerprint()
+    source, is_local = resolve_source(model)
+    return folder_fingerprint(source, cache) if is_local else hub_fingerprint(model, cache)

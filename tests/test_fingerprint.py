@@ -15,6 +15,7 @@ import mace_core.fingerprint as fp
 from mace_core.errors import ArtefactError, ModelLoadError
 from mace_core.fingerprint import ModelChangedError, expect_fingerprint, folder_fingerprint, is_fingerprinted
 from mace_core.sealed import open_sealed, sealed_bytes
+from mace_core.source_folder import model_fingerprint
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -83,7 +84,7 @@ def test_a_hub_models_fingerprint_ignores_what_else_its_cached_snapshot_holds(mo
     (repo / "refs/main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    before = fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests")
+    before = model_fingerprint("someone/tiny-sd", tmp_path / "digests")
     assert before == folder_fingerprint(model, tmp_path / "digests")
     snapshot = repo / "snapshots" / commit
     shutil.copy(snapshot / UNET, snapshot / "unet/diffusion_pytorch_model.fp16.safetensors")
@@ -91,7 +92,7 @@ def test_a_hub_models_fingerprint_ignores_what_else_its_cached_snapshot_holds(mo
     (snapshot / "unet/diffusion_pytorch_model.bin.index.json").write_text("{}")
     (snapshot / "safety_checker").mkdir()
     (snapshot / "safety_checker/model.safetensors").write_bytes(b"x")
-    assert fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests") == before
+    assert model_fingerprint("someone/tiny-sd", tmp_path / "digests") == before
 
 
 def test_any_change_to_a_component_changes_its_fingerprint(model, tmp_path):
@@ -216,7 +217,7 @@ def test_a_hub_models_fingerprint_comes_from_the_hubs_metadata_without_its_weigh
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    got = fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests")
+    got = model_fingerprint("someone/tiny-sd", tmp_path / "digests")
     (model / "unet/diffusion_pytorch_model.fp16.safetensors").unlink()
     shutil.rmtree(model / "safety_checker")
     assert got == folder_fingerprint(model, tmp_path / "digests")
@@ -224,10 +225,10 @@ def test_a_hub_models_fingerprint_comes_from_the_hubs_metadata_without_its_weigh
     # A weight file whose recorded hash changes changes the fingerprint (the hub's word is used).
     unet = next(s for s in siblings if s.rfilename == UNET)
     unet.lfs = BlobLfsInfo(unet.lfs.size, "f" * 64, 134)
-    assert fp.model_fingerprint("someone/tiny-sd", tmp_path / "digests").changed(got) == ["unet"]
+    assert model_fingerprint("someone/tiny-sd", tmp_path / "digests").changed(got) == ["unet"]
     # Hub errors (no such repository, no network) are one line naming the model.
     monkeypatch.setattr(
         huggingface_hub.HfApi, "model_info", lambda *a, **k: (_ for _ in ()).throw(OSError("boom"))
     )
     with pytest.raises(ModelLoadError, match="model 'someone/tiny-sd': its files cannot be fetched: boom"):
-        fp.model_fingerprint("someone/tiny-sd")
+        model_fingerprint("someone/tiny-sd")

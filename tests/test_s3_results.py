@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from mace_core.concepts import ConceptType
 from mace_core.errors import ArtefactError, MaceError, ModelLoadError
-from mace_core.fingerprint import model_fingerprint
 from mace_core.settings import MaskSettings
+from mace_core.source_folder import model_fingerprint
 from mace_ray.cli.main import app
 from mace_ray.erase.layout import RunLayout
 from mace_ray.erase.request import EraseRequest

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mace_core.errors import ArtefactError, ModelLoadError
-from mace_core.fingerprint import ModelFingerprint, model_fingerprint
+from mace_core.fingerprint import ModelFingerprint
+from mace_core.source_folder import model_fingerprint
 from mace_ray.storage.base import Storage, StorageError
 from mace_ray.storage.model_cache import (
     fetch_file,
