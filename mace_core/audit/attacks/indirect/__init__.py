@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mace_core.options import Settings, setting
 
-# The attack as --attacks, its option prefix and the report name it: its name and one line.
+# Its name (in --attacks, as its options' prefix and in the report) and one line for --help.
 NAME = "indirect"
 TITLE = "Indirect prompts (aliases, descriptions, misspellings, case and spacing)"
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from mace_core.options import Choice, Settings, coerce_choices, setting
 
-# The attack as --attacks, its option prefix and the report name it: its name and one line.
+# Its name (in --attacks, as its options' prefix and in the report) and one line for --help.
 NAME = "inversion"
 TITLE = "Concept inversion (one new token learned on the erased model)"
 
