@@ -23,16 +23,11 @@ from torch import nn
 
 from mace_core.clip_text import clip_tokenizer, tiny_clip_text
 from mace_core.families.base import Conditioning, TextSide
-from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
+from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, t5_length, tokenizer_ids
 from mace_core.families.tiny import assemble, seeded, tiny_vae
 from mace_core.t5_text import T5_PAD, t5_tokenizer, tiny_t5
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit
-
-
-def sequence_length(t5_tok: Any) -> int:
-    """The T5 positions a prompt takes, in training and generation alike."""
-    return min(int(t5_tok.model_max_length), MAX_SEQUENCE_LENGTH)
 
 
 SCHNELL_STEPS = 4  # FLUX.1-schnell's distilled step count
@@ -71,7 +66,7 @@ class FluxTextEncoder(MMDiTEncoder):
         self.clip_tok, self.t5_tok, self.clip, self.t5 = clip_tok, t5_tok, clip, t5
         self.device = device
         self.batch_size = batch_size
-        self.max_length = sequence_length(t5_tok)
+        self.max_length = t5_length(t5_tok, MAX_SEQUENCE_LENGTH)
         t5_ids = tokenizer_ids(t5_tok)
         self.segments = [Segment("T5", 0, self.max_length, t5_ids, start_token=False)]
         clip_limit = Segment("CLIP", 0, int(clip_tok.model_max_length), tokenizer_ids(clip_tok), True)
@@ -184,7 +179,7 @@ class Flux(MMDiTFamily):
         self, pipe: Any, noise: torch.Tensor, steps: int, guidance: float
     ) -> tuple[int, dict[str, Any]]:
         dev = bool(pipe.transformer.config.guidance_embeds)
-        length = sequence_length(pipe.tokenizer_2)
+        length = t5_length(pipe.tokenizer_2, MAX_SEQUENCE_LENGTH)
         kwargs = {"latents": pack(noise), "guidance_scale": guidance, "max_sequence_length": length}
         return (steps if dev else min(steps, SCHNELL_STEPS)), kwargs
 

@@ -72,6 +72,12 @@ class Segment:
         return self.ids(text)[1 if self.start_token else 0 : -1]
 
 
+def t5_length(t5_tok: Any, cap: int) -> int:
+    """The T5 positions a prompt takes, in training and generation alike: the pipeline's
+    ``max_sequence_length`` (``cap``), or the tokenizer's own limit where it is shorter."""
+    return min(int(t5_tok.model_max_length), cap)
+
+
 def tokenizer_ids(tokenizer: Any) -> Callable[[str], list[int]]:
     return lambda prompt: list(tokenizer(prompt, truncation=False).input_ids)
 

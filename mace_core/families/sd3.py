@@ -25,18 +25,13 @@ from torch import nn
 
 from mace_core.clip_text import clip_tokenizer, tiny_clip_text
 from mace_core.families.base import Conditioning, TextSide
-from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, tokenizer_ids
+from mace_core.families.mmdit import MMDiTEncoder, MMDiTFamily, Segment, t5_length, tokenizer_ids
 from mace_core.families.sdxl import PAD_TOKEN_2, two_clip_ids
 from mace_core.families.stable_diffusion import CLIP_DEFAULT_PAD
 from mace_core.families.tiny import assemble, seeded, tiny_vae
 from mace_core.t5_text import t5_tokenizer, tiny_t5
 
 T5_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
-
-
-def sequence_length(t5_tok: Any) -> int:
-    """The T5 positions a prompt takes, in training and generation alike."""
-    return min(int(t5_tok.model_max_length), T5_SEQUENCE_LENGTH)
 
 
 TINY_SEQUENCE_LENGTH = 24
@@ -50,7 +45,7 @@ class SD3TextEncoder(MMDiTEncoder):
         self.device = device
         self.batch_size = batch_size
         clip_len = int(tokenizers[0].model_max_length)
-        self.max_length = sequence_length(tokenizers[2])
+        self.max_length = t5_length(tokenizers[2], T5_SEQUENCE_LENGTH)
         self.segments = [
             Segment("CLIP", 0, clip_len, self.clip_ids, start_token=True),
             Segment("T5", clip_len, self.max_length, tokenizer_ids(tokenizers[2]), start_token=False),
@@ -159,7 +154,7 @@ class SD3(MMDiTFamily):
     def pipeline_kwargs(
         self, pipe: Any, noise: torch.Tensor, steps: int, guidance: float
     ) -> tuple[int, dict[str, Any]]:
-        length = sequence_length(pipe.tokenizer_3)
+        length = t5_length(pipe.tokenizer_3, T5_SEQUENCE_LENGTH)
         return steps, {"latents": noise, "guidance_scale": guidance, "max_sequence_length": length}
 
 

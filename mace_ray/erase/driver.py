@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,6 +77,9 @@ class Prepared:
     method: str = "mace"  # "cfr": closed-form refinement only (--method cfr)
     stages: tuple[Stage[Any], ...] = ()  # what this driver runs (--stages)
     extends: str | None = None  # the run --from named (its concepts come first)
+    # How the driver reads its inputs (the output's client for those under it): the finish
+    # stage fingerprints the model again through it.
+    sources: Sources | None = field(default=None, repr=False, compare=False)
 
     @property
     def model_fingerprint(self) -> str:
@@ -180,7 +183,18 @@ def prepare(req: EraseRequest, base: BaseRun | None = None, sources: Sources | N
     profile = profile_type(c.type for c in concepts.concepts)
     extends = base.run_id if base is not None else None
     return Prepared(
-        req, concepts, retain, captions, fingerprint, prior_key, run_id, profile, method, stages, extends
+        req,
+        concepts,
+        retain,
+        captions,
+        fingerprint,
+        prior_key,
+        run_id,
+        profile,
+        method,
+        stages,
+        extends,
+        sources,
     )
 
 

@@ -39,7 +39,6 @@ from mace_ray.erase.layout import prior_cache_path
 from mace_ray.erase.run import EraseRun
 from mace_ray.erase.run_report import run_report
 from mace_ray.storage.base import write_json
-from mace_ray.storage.resolve import Sources
 
 log = logging.getLogger("mace_ray")
 
@@ -217,7 +216,8 @@ def finish(run: EraseRun) -> None:
     p, storage, layout = run.p, run.storage, run.layout
     # The workers loaded the model when the run started; if its files changed since, the
     # result is not of the model the user now has: refuse it rather than call it complete.
-    now = Sources(p.request.s3_endpoint, output=storage).fingerprint(p.request.model)
+    assert p.sources is not None  # prepare() sets it
+    now = p.sources.fingerprint(p.request.model)
     expect_fingerprint(p.request.model, p.model_fingerprint, now)
     if run.spec.method == "mace":
         notes = artefacts.read_notes(storage, layout, [c.slug for c in run.concepts])

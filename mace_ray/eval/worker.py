@@ -66,13 +66,14 @@ class EvalWorker(PoolWorker[EvalSpec]):
         """The suite's scorers, once (pipelines load on their first shard)."""
         spec = self.spec
         self.scorer = SuiteScorer(spec.suite, spec.classes, spec.scorers, self.device)
+        self.sources = Sources(spec.s3_endpoint)  # its models, one S3 client per bucket
         return {}
 
     def _pipe(self, tag: str):
         if tag not in self.pipes:
             half = self.spec.generation.precision == "auto" and self.device.type == "cuda"
             # An s3:// model: its copy in the model cache, fetched (and verified) once per content.
-            local = Sources(self.spec.s3_endpoint).pipeline(self.spec.models[tag])
+            local = self.sources.pipeline(self.spec.models[tag])
             pipe = load_pipeline(local, torch.float16 if half else torch.float32)
             self.pipes[tag] = pipe.to(self.device)
         return self.pipes[tag]
