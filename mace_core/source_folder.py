@@ -21,6 +21,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mace_core.errors import ModelLoadError
 from mace_core.families.model_index import TINY_MODEL, ModelIndex, resolve_source
@@ -82,10 +83,16 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def _hub_selection(repo_id: str, only: Collection[str] | None) -> tuple[list[str], list[str]]:
-    """The components of a hub model that are wanted, and the hub patterns of their files."""
-    components = named_components(ModelIndex.read(repo_id).index)
-    components = [c for c in components if only is None or c in only]
+def _hub_selection(
+    repo_id: str,
+    only: Collection[str] | None,
+    index: dict[str, Any] | None = None,
+    revision: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """The components of a hub model that are wanted (of ``index``, default: its model_index.json
+    at ``revision``), and the hub patterns of their files."""
+    index = ModelIndex.read(repo_id, revision).index if index is None else index
+    components = [c for c in named_components(index) if only is None or c in only]
     return components, ["model_index.json", *(f"{c}/*" for c in components)]
 
 
@@ -111,6 +118,13 @@ def hub_snapshot(repo_id: str, only: Collection[str] | None = None) -> SourceFol
         )
     except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
         raise _hub_error(repo_id, e) from None
+    # The files were chosen by the latest model_index.json, read before the download: a push in
+    # between would pair them with another commit's index (its components unfetched).
+    if _hub_selection(repo_id, only, ModelIndex.read(str(folder)).index)[0] != components:
+        raise ModelLoadError(
+            f"model {repo_id!r} changed on the hub while it was downloaded (its model_index.json "
+            "names other components now); run the command again"
+        )
     # Offline, the snapshot holds whatever was downloaded before: keep the same files as online.
     files = sorted(
         filter_repo_objects(folder_files(folder), allow_patterns=allow, ignore_patterns=NOT_LOADED)
@@ -137,9 +151,13 @@ def hub_fingerprint(repo_id: str, cache: Path | None = None) -> ModelFingerprint
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.utils import filter_repo_objects
 
-    _, allow = _hub_selection(repo_id, COMPONENTS)
     try:
         info = HfApi().model_info(repo_id, files_metadata=True)
+    except Exception as e:  # hub errors come in many kinds (offline, missing repo, auth)
+        raise _hub_error(repo_id, e) from None
+    # Every file at the commit whose metadata was read, model_index.json included.
+    _, allow = _hub_selection(repo_id, COMPONENTS, revision=info.sha)
+    try:
         listed = {s.rfilename: s for s in info.siblings or []}
         files = filter_repo_objects(sorted(listed), allow_patterns=allow, ignore_patterns=NOT_LOADED)
         entries = {}

@@ -211,7 +211,7 @@ def test_a_hub_models_fingerprint_comes_from_the_hubs_metadata_without_its_weigh
         return types.SimpleNamespace(sha=commit, siblings=siblings)
 
     def hf_hub_download(repo_id, filename, *, revision=None, **_):
-        assert revision in (None, commit)
+        assert revision == commit  # model_index.json too: one commit's files, not the latest's
         fetched.append(filename)
         return str(model / filename)
 
@@ -232,3 +232,27 @@ def test_a_hub_models_fingerprint_comes_from_the_hubs_metadata_without_its_weigh
     )
     with pytest.raises(ModelLoadError, match="model 'someone/tiny-sd': its files cannot be fetched: boom"):
         model_fingerprint("someone/tiny-sd")
+
+
+def test_a_hub_snapshot_whose_index_changed_during_the_download_is_refused(model, tmp_path, monkeypatch):
+    """The files to fetch are chosen by the model_index.json read before the download; if the
+    downloaded commit's index names other components (a push in between), the snapshot would
+    lack some of them: refused in one line, not loaded half."""
+    import json
+
+    import huggingface_hub
+
+    from mace_core.source_folder import hub_snapshot
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    newer = tmp_path / "newer"
+    shutil.copytree(model, newer)
+    index = json.loads((newer / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "CLIPTextModel"]
+    (newer / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f, **_: str(model / f))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **_: str(model))
+    assert hub_snapshot("someone/tiny-sd").path == model  # the same commit: as before
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **_: str(newer))
+    with pytest.raises(ModelLoadError, match="'someone/tiny-sd' changed on the hub while it was downloaded"):
+        hub_snapshot("someone/tiny-sd")

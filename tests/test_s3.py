@@ -368,6 +368,11 @@ def test_sources_download_and_cache_an_s3_pipeline(aws_env, bucket, tmp_path, ti
 
     with pytest.raises(ModelLoadError, match="no such folder"):
         resolve_model(f"s3://{bucket}/models/none", aws_env.endpoint, cache_dir=cache)
+    # An upload that was cut off (its in-progress marker, no commit) is no folder either.
+    models.client.put_object(Bucket=bucket, Key="models/half/.mace-partial", Body=b"")
+    models.write_bytes("half/model_index.json", b"{}")
+    with pytest.raises(ModelLoadError, match=r"no such folder \(or its upload did not complete\)"):
+        resolve_model(f"s3://{bucket}/models/half", aws_env.endpoint, cache_dir=cache)
     models.write_bytes("plain/unet/config.json", b"{}")  # a folder of objects, no model_index.json
     with pytest.raises(ModelLoadError, match="not a diffusers pipeline folder"):
         resolve_model(f"s3://{bucket}/models/plain", aws_env.endpoint, cache_dir=cache)

@@ -405,6 +405,13 @@ def test_a_detector_on_s3_is_checked_in_place_and_fetched_where_it_loads(s3_run,
     check_masker_inputs(masks, False, sources)  # its listing only
     with pytest.raises(ModelLoadError, match=f"detector '{url}-missing': no such folder"):
         check_masker_inputs(dataclasses.replace(masks, detector=url + "-missing"), False, sources)
+    open_storage(f"s3://{s3_run.bucket}/models", s3_endpoint=s3_run.endpoint).write_bytes("bare/x.md", b"x")
+    with pytest.raises(
+        ModelLoadError, match=r"detector '.*/models/bare': not a model folder \(no config.json\)"
+    ):
+        check_masker_inputs(
+            dataclasses.replace(masks, detector=url[: -len("gdino")] + "bare"), False, sources
+        )
     local = local_masks(masks, s3_run.endpoint)
     assert local.segmenter == "tiny" and Path(local.detector).is_dir()
     detector = load_grounding_dino(local.detector, torch.device("cpu"), 0.3, 0.25)

@@ -49,12 +49,15 @@ class ModelIndex:
     source: str  # local folder or hub id
     is_local: bool
     index: dict[str, Any]
+    revision: str | None = None  # a hub id's commit to read at (None: its latest)
     _cache: dict[str, dict[str, Any] | None] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def read(cls, model: str) -> ModelIndex:
+    def read(cls, model: str, revision: str | None = None) -> ModelIndex:
+        """``revision``: a hub id's commit, so that its files are read from the same commit as
+        what else is read of it (its files' metadata); ignored for a local folder."""
         source, is_local = resolve_source(model)
-        out = cls(model, source, is_local, {})
+        out = cls(model, source, is_local, {}, revision)
         index = out.json("model_index.json")
         if index is None:
             raise ModelLoadError(f"model {model!r}: not a diffusers pipeline (no model_index.json)")
@@ -99,7 +102,7 @@ class ModelIndex:
         # Read at call time (huggingface_hub reads HF_HUB_OFFLINE once, when imported).
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
-            return hf_hub_download(self.source, path, local_files_only=offline)
+            return hf_hub_download(self.source, path, revision=self.revision, local_files_only=offline)
         except RemoteEntryNotFoundError:  # the repository has no such file
             return None
         except Exception as e:  # offline, no such repo, auth: many kinds

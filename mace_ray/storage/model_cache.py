@@ -39,6 +39,7 @@ from mace_core.fingerprint import (
     is_fingerprinted,
 )
 from mace_ray.storage.s3 import S3Storage
+from mace_ray.storage.s3_folders import NoFolder
 
 Listing = dict[str, list]  # {path in the folder: [ETag, size]}
 
@@ -109,10 +110,12 @@ def remote_url(storage: S3Storage, key: str) -> str:
 
 def listing(storage: S3Storage, key: str, what: str, include: Collection[str] | None = None) -> Listing:
     """{path in folder ``key``: [ETag, size]}; ModelLoadError naming ``what`` when it is not
-    there (or its upload did not complete)."""
-    if not storage.exists(key):
-        raise ModelLoadError(f"{what}: no such folder (or its upload did not complete)")
-    return {e.rel: [e.etag, e.size] for e in storage.dir_entries(key, include)}
+    there (or its upload did not complete). One listing (and the marker of a committed folder)."""
+    try:
+        entries = storage.dir_entries(key, include)
+    except NoFolder:
+        raise ModelLoadError(f"{what}: no such folder (or its upload did not complete)") from None
+    return {e.rel: [e.etag, e.size] for e in entries}
 
 
 def pipeline_check(components: Collection[str], whole: bool) -> Callable[[str, Listing], None]:

@@ -15,7 +15,7 @@ client per bucket, shared by every input in that bucket.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ from mace_core.fingerprint import ModelFingerprint
 from mace_core.source_folder import model_fingerprint
 from mace_ray.storage.base import Storage, StorageError
 from mace_ray.storage.model_cache import (
+    Listing,
     fetch_file,
     fetch_folder,
     is_remote,
+    listing,
     pipeline_check,
     remote_fingerprint,
 )
@@ -47,6 +49,16 @@ def canonical(spec: str) -> str:
     if is_remote(spec):
         return spec.rstrip("/")
     return str(Path(spec).expanduser().resolve())
+
+
+def _holds(marker: str) -> Callable[[str, Listing], None]:
+    """A check of a folder's listing: it holds ``marker`` (a transformers model: config.json)."""
+
+    def check(label: str, files: Listing) -> None:
+        if marker not in files:
+            raise ModelLoadError(f"{label}: not a model folder (no {marker})")
+
+    return check
 
 
 class Sources:
@@ -122,12 +134,7 @@ class Sources:
         if not is_remote(spec):
             return spec
         storage, key = self.remote(spec)
-
-        def check(label: str, files: dict[str, list]) -> None:
-            if marker not in files:
-                raise ModelLoadError(f"{label}: not a model folder (no {marker})")
-
-        return str(fetch_folder(storage, key, f"{what} {spec!r}", None, check, self.cache_dir))
+        return str(fetch_folder(storage, key, f"{what} {spec!r}", None, _holds(marker), self.cache_dir))
 
     def file(self, spec: str, what: str) -> str:
         """A file: ``spec`` itself unless remote, then its cached copy."""
@@ -147,10 +154,8 @@ class Sources:
     def check_folder(self, spec: str, what: str, marker: str = "config.json") -> None:
         """That a remote folder holds ``marker``, without fetching it (its listing)."""
         storage, key = self.remote(spec)
-        if not storage.exists(key):
-            raise ModelLoadError(f"{what} {spec!r}: no such folder (or its upload did not complete)")
-        if not storage.exists(f"{key}/{marker}"):
-            raise ModelLoadError(f"{what} {spec!r}: not a model folder (no {marker})")
+        label = f"{what} {spec!r}"
+        _holds(marker)(label, listing(storage, key, label, {marker}))
 
     def check_file(self, spec: str, what: str) -> None:
         """That a remote file exists, without fetching it."""

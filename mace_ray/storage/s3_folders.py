@@ -34,6 +34,10 @@ PARTIAL = ".mace-partial"
 RESERVED = frozenset({COMPLETE, PARTIAL})
 
 
+class NoFolder(StorageError):
+    """A folder with no files, or whose upload did not complete (``dir_entries``)."""
+
+
 @dataclass(frozen=True)
 class DirEntry:
     rel: str  # key relative to the folder
@@ -140,14 +144,14 @@ def committed_entries(self: S3Storage, key: str, objects: dict[str, dict[str, An
             out.append(DirEntry(rel, o["Key"], size, str(o.get("ETag", ""))))
         return out
     if PARTIAL in objects:
-        raise StorageError(f"{what} is incomplete (its upload was interrupted); write it again")
+        raise NoFolder(f"{what} is incomplete (its upload was interrupted); write it again")
     out = [
         DirEntry(rel, o["Key"], int(o["Size"]), str(o.get("ETag", "")))
         for rel, o in sorted(objects.items())
         if not hidden(rel)
     ]
     if not out:
-        raise StorageError(f"{what} does not exist")
+        raise NoFolder(f"{what} does not exist")
     return out
 
 
