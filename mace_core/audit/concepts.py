@@ -41,11 +41,6 @@ class AuditConcept:
             "descriptions": list(self.descriptions),
         }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AuditConcept:
-        concept = Concept(text=d["text"], type=ConceptType(d["type"]), anchor=d["anchor"])
-        return cls(concept, tuple(d.get("aliases", ())), tuple(d.get("descriptions", ())))
-
 
 def _phrases(field: str) -> tuple[str, ...]:
     return tuple(p for p in (" ".join(x.split()) for x in field.split(";")) if p)

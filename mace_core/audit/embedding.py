@@ -197,10 +197,6 @@ class TokenEncoder:
         with self._mode(grad), self.injected(prompt, prompts):
             return conditioning_to(self.prompts.conditioning(prompts), self.device)
 
-    def encode_texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Plain prompts (no injected embeddings), no gradients: (N, rows, dim)."""
-        return self.prompts.encode(list(prompts)).to(self.device)
-
     @contextmanager
     def _mode(self, grad: bool) -> Iterator[None]:
         if not grad:
