@@ -59,8 +59,10 @@ class ConceptBatchWorker:
     """Generation (original weights W), masks, and LoRA training (refined weights W') for batches.
 
     ``original`` and ``refined`` are statistics weights of the family's edited projections
-    (``mace_core.projections``). ``refined``: W' = W M; None until CFR is solved (images and
-    masks do not need it).
+    (``mace_core.projections``), fp32. ``refined``: W' = W M; None until CFR is solved (images
+    and masks do not need it). The pipeline is moved to ``device`` here; under ``--precision
+    auto`` on a GPU a family's ``half_weights`` denoiser is held in its half dtype (take
+    ``original`` before).
     ``masker``: from ``mace_core.masking.load_masker``, loaded once per worker; None means
     whole-image masks for every concept. ``max_batch_images``: at most this many images
     per diffusion batch, ``concepts_per_batch``: at most this many LoRAs per UNet batch
@@ -89,8 +91,14 @@ class ConceptBatchWorker:
     def __post_init__(self) -> None:
         family = family_of_pipeline(self.pipe)
         self.half_dtype = family.half_dtype
-        self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
         self.denoiser = family.denoiser(self.pipe)
+        # Half-precision frozen weights are cast before the pipeline moves, so the GPU never
+        # holds them in fp32; the text encoders and the VAE stay fp32 (the conditioning the
+        # statistics are made of). ``original``, the closed forms' W, was taken in fp32.
+        if self.mixed_precision and family.half_weights:
+            self.denoiser.to(self.half_dtype)
+        self.pipe.to(self.device)
+        self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
         self.projections = family.edited_projections(self.denoiser)
         self.noise_scheduler = family.training_schedule(self.pipe)
 

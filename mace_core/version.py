@@ -15,4 +15,6 @@ prompt files (templates, held-out prompts) are hashed on their own
 from __future__ import annotations
 
 # 2: the closed forms weigh an MMDiT's pooled block on its own (its statistics record its rows).
-METHOD_VERSION = 2
+# 3: on a GPU (--precision auto) an MMDiT's images and LoRAs are made on its transformer held in
+#    bf16 (``ModelFamily.half_weights``); nothing made on a CPU changes.
+METHOD_VERSION = 3

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from mace_core.concept_job import ConceptBatchWorker
 from mace_core.concepts import Concept, ConceptType
 from mace_core.errors import ConceptError
 from mace_core.families.base import ModelFamily
@@ -20,6 +21,13 @@ from mace_core.settings import DataSettings, EraseSettings, MaskSettings, TrainS
 from mace_core.train import concept_token_mask, loss_token_mask
 
 CPU = torch.device("cpu")
+
+
+def gpu_precision(worker: Any) -> bool:
+    """``ConceptBatchWorker.mixed_precision`` as on a GPU, for a CPU test: --precision auto."""
+    return worker.settings.precision == "auto"
+
+
 CLINTON = Concept("Bill Clinton", ConceptType.CELEBRITY, "a man")
 # Two celebrities with the defaults (the paper's per-type weights for N = 2, 30 prompts per
 # concept, the Gaussian LoRA init), only the data made small and 10 LoRA steps: on random
@@ -285,8 +293,58 @@ class MMDiTFamilyTests:
         tmp = tmp_path_factory.mktemp(f"{self.family.name}-run")
         return erase(str(model_folder), str(tmp / "out"), tmp, executor="local")
 
+    @pytest.fixture(scope="module")
+    def half_run(self, model_folder, tmp_path_factory) -> dict:
+        """``local_run`` as a GPU worker runs it under ``--precision auto`` (forced here on the
+        CPU): the transformer held in bf16, generation and training under bf16 autocast."""
+        tmp = tmp_path_factory.mktemp(f"{self.family.name}-half-run")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(ConceptBatchWorker, "mixed_precision", property(gpu_precision))
+            return erase(str(model_folder), str(tmp / "out"), tmp, executor="local")
+
     def test_default_erase_is_as_strong_as_sd1(self, local_run):
         check_strength(local_run)
+
+    def test_a_gpu_holds_the_transformer_in_bf16_and_the_closed_forms_stay_fp32(self, pipe, monkeypatch):
+        """Under --precision auto on a GPU the denoiser's frozen weights are bf16 (FLUX.1-dev's
+        would not fit an 80 GB GPU in fp32) while the text encoders and the VAE stay fp32;
+        the original weights the closed forms take are the fp32 ones, and a LoRA trains in
+        fp32 on the bf16 transformer."""
+        import copy
+
+        from mace_core.models import pipeline_projections
+
+        held = copy.deepcopy(pipe)
+        original = pipeline_projections(held).weights()
+        monkeypatch.setattr(ConceptBatchWorker, "mixed_precision", property(gpu_precision))
+        worker = ConceptBatchWorker(held, DEFAULTS, CPU, original, original)
+        assert {p.dtype for p in held.transformer.parameters()} == {torch.bfloat16}
+        parts = held.components.items()
+        others = [m for n, m in parts if isinstance(m, torch.nn.Module) and n != "transformer"]
+        assert {p.dtype for m in others for p in m.parameters()} == {torch.float32}
+        fp32 = pipeline_projections(pipe).weights()
+        assert all(w.dtype == torch.float32 and torch.equal(w, fp32[k]) for k, w in original.items())
+        # The module holds W rounded to bf16; the closed forms are handed W itself.
+        now = pipeline_projections(held).weights()
+        assert all(torch.equal(now[k], w.bfloat16().float()) for k, w in original.items())
+        (art,) = worker.finish(worker.data([CLINTON]))
+        assert art.images.dtype == np.uint8 and len(art.losses) == 10 and np.isfinite(art.losses).all()
+        assert {t.dtype for ab in art.lora.factors.values() for t in ab} == {torch.float32}
+
+    def test_gpu_precision_erases_as_strongly(self, model_folder, local_run, half_run):
+        """The same erase with the GPU's precision: CFR is the same (fp32 statistics and W);
+        the fusion takes LoRAs trained under bf16, and erases as strongly; the output is the
+        source's files (fp32) with only the declared projections changed, nothing cast."""
+        import diffusers
+
+        check_strength(half_run)
+        pipeline_cls = getattr(diffusers, self.family.pipeline_class)
+        check_output(pipeline_cls, model_folder, Path(half_run["output"]["root"]))
+        full, half = local_run["erasure"], half_run["erasure"]
+        assert half["residual_cfr"]["pooled"] == pytest.approx(full["residual_cfr"]["pooled"], abs=1e-6)
+        assert half["prior_drift_cfr"] == pytest.approx(full["prior_drift_cfr"], abs=1e-6)
+        assert half["residual"]["pooled"] == pytest.approx(full["residual"]["pooled"], abs=0.02)
+        assert half["prior_drift"] == pytest.approx(full["prior_drift"], abs=0.01)
 
     def test_output_loads_and_differs_only_in_the_declared_projections(self, model_folder, local_run):
         import diffusers

@@ -221,6 +221,10 @@ class ModelFamily(ABC):
     edited_component: ClassVar[str] = "unet"
     # The half precision generation autocasts to on GPUs (T5 encoders overflow in fp16).
     half_dtype: ClassVar[torch.dtype] = torch.float16
+    # Whether a GPU worker holds the denoiser's frozen weights in ``half_dtype`` under
+    # ``--precision auto`` (``ConceptBatchWorker``): where the fp32 weights would not fit one
+    # GPU beside the text encoders. The closed forms still take W in fp32 (taken before).
+    half_weights: ClassVar[bool] = False
     # The text side: the transformers classes (tokenizer, text encoder) of each text encoder,
     # in diffusers' order: the first in tokenizer/ and text_encoder/, the next in tokenizer_2/
     # and text_encoder_2/, ... (``text_folders``).

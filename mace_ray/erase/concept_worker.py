@@ -37,7 +37,7 @@ from mace_core.families import family_of_pipeline
 from mace_core.families.model_index import TINY_MODEL
 from mace_core.fingerprint import expect_fingerprint, file_sha256, pipeline_fingerprint
 from mace_core.masking import load_masker
-from mace_core.models import load_pipeline, pipeline_projections, pipeline_prompt_encoder
+from mace_core.models import load_pipeline, pipeline_projections
 from mace_core.progress import no_progress
 from mace_core.prompts import heldout_captions, prompt_pairs
 from mace_core.source_folder import folder_files, source_folder
@@ -62,9 +62,9 @@ class ConceptWorker(PoolWorker[RunSpec]):
         self.layout = spec.layout
         self.sources = Sources(spec.s3_endpoint)  # the model's inputs, one S3 client per bucket
         self.pipe = self._load_checked()
-        self.encoder = pipeline_prompt_encoder(self.pipe, self.device)
         # The projections MACE edits (attn2 to_k / to_v, or an MMDiT's context_embedder and
-        # pooled projection) and their original weights, as the closed forms take them.
+        # pooled projection) and their original weights, as the closed forms take them: in
+        # fp32, before the batch worker moves the pipeline (and may hold it in half precision).
         self.projections = pipeline_projections(self.pipe)
         self.original = self.projections.weights()
         # A closed-form-only run makes no masks: no detector or segmenter to load (or lack).
@@ -80,23 +80,25 @@ class ConceptWorker(PoolWorker[RunSpec]):
         self.batch_worker = ConceptBatchWorker(
             self.pipe, spec.settings, self.device, self.original, None, masker=self.masker
         )
+        self.encoder = self.batch_worker.encoder
         # With the models loaded, what is left of the GPU's memory sets the batch sizes.
         self.plan = self.batch_worker.plan()
         return {"batch_plan": self.plan.to_dict()}
 
     def _load_checked(self) -> Any:
-        """The run's pipeline, refused if its files are not the ones the run fingerprinted."""
+        """The run's pipeline (on the CPU, fp32), refused if its files are not the ones the
+        run fingerprinted."""
         spec = self.spec
         if spec.model == TINY_MODEL:  # built, not read: hash what was built
             pipe = load_pipeline(TINY_MODEL)
             if spec.model_fingerprint:
                 expect_fingerprint(spec.model, spec.model_fingerprint, pipeline_fingerprint(pipe))
-            return pipe.to(self.device)
+            return pipe
 
         def load() -> Any:
             return load_pipeline(self.sources.pipeline(spec.model))
 
-        return load_checked(spec, self.sources, load).to(self.device)
+        return load_checked(spec, self.sources, load)
 
     def batch_plan(self) -> dict[str, Any]:
         """Concepts per batch and images per diffusion batch this worker's memory holds."""
