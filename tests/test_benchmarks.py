@@ -30,3 +30,20 @@ def test_speed_benchmark_writes_both_paths(tmp_path):
         assert {"load", "generate", "mask", "train", "total"} <= stages.keys()
         assert all(v > 0 for v in stages.values())
     assert set(res["reference_over_fast"]) >= {"train", "total"}
+
+
+def test_mmdit_memory_benchmark_runs_the_worker_on_the_tiny_flux_pipeline(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mmdit_memory.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "mmdit_memory_tiny_cpu.json").read_text())
+    assert res["precision"] == "auto" and res["mixed_precision"] is False  # a CPU: fp32 throughout
+    assert set(res["components"]) == {"vae", "text_encoder", "text_encoder_2", "transformer"}
+    assert all(c["dtypes"] == ["float32"] and c["parameters"] > 0 for c in res["components"].values())
+    assert res["peak_gb"] == {"load": None, "generate": None, "train": None} and res["losses_finite"]
+    assert set(res["seconds"]) == {"build", "load", "generate", "train"}
