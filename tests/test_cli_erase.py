@@ -341,6 +341,9 @@ def test_status_and_apply_refuse_bad_input_in_one_line(tmp_path):
     )
     (run / "manifest.json").write_text("[1, 2]")
     one_line(["status", "abc", "--output", str(tmp_path / "out")], "not a mace-ray manifest")
+    (run / "manifest.json").unlink()
+    (run / "manifest.json").mkdir()  # a folder where the manifest belongs: its input, not a bug
+    one_line(["status", "abc", "--output", str(tmp_path / "out")], "manifest.json is a folder, not a file")
     erasure = tmp_path / "e.safetensors"
     erasure.write_bytes(b"not safetensors")
     afile = tmp_path / "a-file"

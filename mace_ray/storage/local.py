@@ -112,6 +112,9 @@ class LocalStorage:
             return self.path(key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{self.url}/{key} does not exist") from None
+        except IsADirectoryError:
+            # A folder where a run's file belongs (a hand-edited run): its input, not a bug.
+            raise StorageError(f"{self.url}/{key} is a folder, not a file") from None
 
     def digest(self, key: str) -> str:
         """SHA-256 of a stored file, read in chunks."""
@@ -120,6 +123,8 @@ class LocalStorage:
                 return hashlib.file_digest(f, "sha256").hexdigest()
         except FileNotFoundError:
             raise StorageError(f"{self.url}/{key} does not exist") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.url}/{key} is a folder, not a file") from None
 
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
