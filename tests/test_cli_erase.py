@@ -360,6 +360,13 @@ def test_model_folder_without_model_index(tmp_path):
     assert code == 2 and "not a diffusers pipeline folder" in err and no_complete_run(out)
 
 
+def test_model_that_is_a_file_is_named_as_a_file(tmp_path):
+    (tmp_path / "erasure.safetensors").write_bytes(b"x")
+    code, err, out = bad(tmp_path, "dog\n", "--model", str(tmp_path / "erasure.safetensors"))
+    assert code == 2 and "a file, not a diffusers pipeline folder" in err and no_complete_run(out)
+    assert "no such folder" not in err
+
+
 def test_model_folder_with_pickled_weights_is_refused(tmp_path, tiny_pipe):
     """Only safetensors weights are loaded: a .bin checkpoint could run code when unpickled."""
     from mace_core.errors import ModelLoadError

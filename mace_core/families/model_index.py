@@ -27,6 +27,9 @@ def resolve_source(model: str) -> tuple[str, bool]:
     if not looks_like_path(model):
         return model, False
     local = Path(model).expanduser()
+    if local.exists() and not local.is_dir():
+        # e.g. an erasure file given as --model: it exists, so "no such folder" would mislead.
+        raise ModelLoadError(f"model {model!r}: a file, not a diffusers pipeline folder")
     if not local.is_dir():
         raise ModelLoadError(f"model {model!r}: no such folder")
     if not (local / "model_index.json").is_file():
