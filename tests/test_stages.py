@@ -73,13 +73,16 @@ def test_closed_form_only_run_writes_the_refined_weights(tmp_path, tiny_model_fo
     assert manifest["method"] == "cfr" and "fusion" not in report["weights"]
 
 
-def test_partial_run_then_full_run_reuses_its_images(tmp_path, reference_erasure):
+def test_partial_run_then_full_run_reuses_its_images(tmp_path, reference_erasure, caplog):
     cfile = tmp_path / "c.txt"
     cfile.write_text(CONCEPTS)
     out = tmp_path / "out"
-    part = run_erase(
-        request(cfile, out, executor="local", concepts_per_batch=2, stages="text_statistics,data")
-    )
+    with caplog.at_level("INFO", logger="mace_ray"):
+        part = run_erase(
+            request(cfile, out, executor="local", concepts_per_batch=2, stages="text_statistics,data")
+        )
+    # Its closing line: no concept is trained before the train stage runs.
+    assert "partial in" in caplog.text and "concepts: 0 trained, 0 reused" in caplog.text, caplog.text
     root = Path(part["output"]["root"])
     assert part["status"] == "partial" and part["stages"] == ["text_statistics", "workers_start", "data"]
     assert json.loads((root / "manifest.json").read_text())["status"] == "partial"

@@ -62,8 +62,11 @@ def closing_summary(run: EraseRun) -> str:
     seconds = run.timer.seconds
     stages = ", ".join(f"{name} {s:.1f}s" for name, s in seconds.items())
     requeued = run.pool.requeued_concepts if run.pool is not None else 0
+    # A partial run that stops before the train stage trained nothing: its concepts are
+    # left for the full run, so they must not read as trained.
+    trained = len(run.todo) if any(st.name == "train" for st in run.stages) else 0
     return (
         f"run {run.p.run_id} {run.report['status']} in {sum(seconds.values()):.1f}s ({stages}); concepts: "
-        f"{len(run.todo)} trained, {len(run.done_before)} reused, {requeued} re-queued after a lost "
+        f"{trained} trained, {len(run.done_before)} reused, {requeued} re-queued after a lost "
         f"worker; outputs: {run.report['output']['root']}"
     )
