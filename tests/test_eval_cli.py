@@ -216,6 +216,11 @@ def test_missing_weights_paths_are_one_line_errors(tmp_path):
     assert str(missing) in line and "do not exist" in line
     line = _one_line_error(*invoke(str(tmp_path / "no-model"), "--suite", "objects", "--erased", str(csv)))
     assert "no-model" in line and "no such folder" in line
+    partial = tmp_path / "runs" / "0123456789abcdef"  # an erase run that has no final pipeline yet
+    partial.mkdir(parents=True)
+    (partial / "manifest.json").write_text(json.dumps({"status": "partial", "model": "tiny", "concepts": []}))
+    line = _one_line_error(*invoke(str(partial), "--suite", "objects", "--erased", str(csv)))
+    assert "an erase run folder without its final pipeline" in line and "not complete" in line
     erased = tmp_path / "erase.txt"
     erased.write_text("airplane | object | sky\n")
     line = _one_line_error(

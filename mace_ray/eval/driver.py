@@ -127,6 +127,13 @@ def locate_model(spec: str, what: str = "model", sources: Sources | None = None)
                 if sources.exists(run_manifest):
                     manifest = sources.read_json(run_manifest, "erase run manifest")
             return ResolvedModel(spec, where, manifest)
+        if sources.exists(join(where, "manifest.json")):
+            # An erase run's folder all the same: not finished (partial, interrupted, failed),
+            # so it has no final pipeline yet; "not an erase run folder" would mislead.
+            raise ModelLoadError(
+                f"{what} {spec!r}: an erase run folder without its final pipeline (the run is not "
+                "complete: `mace-ray status` shows where it is)"
+            )
         if sources.exists(where):
             raise ModelLoadError(
                 f"{what} {spec!r}: not a diffusers pipeline folder (no model_index.json) "
