@@ -10,6 +10,7 @@ import pytest
 from helpers import SETTINGS, assert_same_erasure, erasure, request, run_cli
 
 from mace_core.concepts import Concept, ConceptType
+from mace_core.errors import MaceError
 from mace_core.options import from_plain
 from mace_core.settings import DataSettings, EraseSettings, MaskSettings, Precision, TrainSettings
 from mace_ray.erase import artefacts
@@ -125,6 +126,14 @@ def test_gc_removes_only_unreferenced_data(grown, tmp_path):
     r = run_cli("gc", "--output", str(out))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["data_removed"] == 3 and not list(out.glob("data/*/*"))
+
+
+def test_gc_refuses_a_refs_json_that_is_not_a_mapping_in_one_line(tmp_path):
+    refs = tmp_path / "out" / "runs" / "0123456789abcdef" / "refs.json"
+    refs.parent.mkdir(parents=True)
+    refs.write_text("[1]")  # valid JSON, but not a run's refs.json: bad input, not a bug
+    with pytest.raises(MaceError, match=r"refs.json: not a mace-ray refs.json \(expected a mapping\)"):
+        collect_garbage(str(tmp_path / "out"))
 
 
 def test_settings_round_trip_through_their_plain_form():

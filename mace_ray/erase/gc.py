@@ -53,7 +53,10 @@ def referenced_data(storage: Storage) -> tuple[set[str], int]:
     refs = [k for k in storage.list("runs") if k.endswith("/refs.json") and k.count("/") == 2]
     keys: set[str] = set()
     for key in refs:
-        data = read_json(storage, key).get("data") or {}
+        listed = read_json(storage, key)
+        if not isinstance(listed, dict):  # valid JSON, but not what a run writes (hand-edited)
+            raise MaceError(f"{storage.url}/{key}: not a mace-ray refs.json (expected a mapping)")
+        data = listed.get("data") or {}
         if not isinstance(data, dict):
             raise MaceError(f"{storage.url}/{key}: 'data' is not a mapping of concepts to data keys")
         keys.update(str(v) for v in data.values())
