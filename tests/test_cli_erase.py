@@ -341,6 +341,13 @@ def test_status_and_apply_refuse_bad_input_in_one_line(tmp_path):
     )
     (run / "manifest.json").write_text("[1, 2]")
     one_line(["status", "abc", "--output", str(tmp_path / "out")], "not a mace-ray manifest")
+    (run / "manifest.json").write_text(json.dumps({"status": "complete", "model": "tiny", "concepts": 3}))
+    one_line(["status", "abc", "--output", str(tmp_path / "out")], "(its concepts are not a list)")
+    (run / "manifest.json").write_text(json.dumps({"status": "complete", "model": "tiny", "concepts": []}))
+    for report in ("[1]", '{"erasure": 5}'):  # valid JSON of another shape: bad input, not a bug
+        (run / "report.json").write_text(report)
+        one_line(["status", "abc", "--output", str(tmp_path / "out")], "report.json is not a mace-ray report")
+    (run / "report.json").unlink()
     (run / "manifest.json").unlink()
     (run / "manifest.json").mkdir()  # a folder where the manifest belongs: its input, not a bug
     one_line(["status", "abc", "--output", str(tmp_path / "out")], "manifest.json is a folder, not a file")

@@ -32,6 +32,9 @@ def run_status(output: str | None, run: str, s3_endpoint: str | None = None) -> 
     if missing:
         where = f"{storage.url}/{layout.manifest}"
         raise MaceError(f"run {run!r}: {where} is not a mace-ray manifest (no {', '.join(missing)})")
+    if not isinstance(manifest["concepts"], list):  # valid JSON of another shape (hand-edited)
+        where = f"{storage.url}/{layout.manifest}"
+        raise MaceError(f"run {run!r}: {where} is not a mace-ray manifest (its concepts are not a list)")
     done = artefacts.done_slugs(storage, layout)
     status = manifest["status"]
     if status == "running" and not _lease_held(storage, layout):
@@ -52,6 +55,9 @@ def run_status(output: str | None, run: str, s3_endpoint: str | None = None) -> 
         out["error"] = manifest["error"]
     if manifest["status"] == "complete":
         report = read_json(storage, layout.report)
+        if not isinstance(report, dict) or not isinstance(report.get("erasure") or {}, dict):
+            # Valid JSON, but not what a run writes: the run's folder was edited, not a bug.
+            raise MaceError(f"run {run!r}: {storage.url}/{layout.report} is not a mace-ray report")
         out["seconds"] = report.get("seconds")
         if report.get("erasure"):
             out["erasure"] = headline(report["erasure"])
