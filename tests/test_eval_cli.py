@@ -221,6 +221,12 @@ def test_missing_weights_paths_are_one_line_errors(tmp_path):
     (partial / "manifest.json").write_text(json.dumps({"status": "partial", "model": "tiny", "concepts": []}))
     line = _one_line_error(*invoke(str(partial), "--suite", "objects", "--erased", str(csv)))
     assert "an erase run folder without its final pipeline" in line and "not complete" in line
+    # A run's folder whose manifest is valid JSON of another shape: one line, not a traceback.
+    (partial / "final" / "pipeline").mkdir(parents=True)
+    for manifest in ([1], {"model": "tiny", "concepts": 5}, {"model": "tiny", "concepts": [{"text": "x"}]}):
+        (partial / "manifest.json").write_text(json.dumps(manifest))
+        line = _one_line_error(*invoke(str(partial), "--suite", "objects"))
+        assert "not a mace-ray erase run manifest" in line
     erased = tmp_path / "erase.txt"
     erased.write_text("airplane | object | sky\n")
     line = _one_line_error(

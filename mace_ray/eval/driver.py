@@ -106,6 +106,21 @@ class PreparedEval:
         )
 
 
+def _run_manifest(sources: Sources, key: str) -> dict[str, Any]:
+    """An erase run's manifest, checked for what eval and audit read of it (its model, and its
+    concepts and retained set: each text, type, anchor): a manifest of another shape (edited
+    by hand) is bad input, not a bug."""
+    manifest = sources.read_json(key, "erase run manifest")
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("model"), str)
+    for field in ("concepts", "retain"):
+        listed = manifest.get(field, []) if ok else None
+        ok = ok and isinstance(listed, list)
+        ok = ok and all(isinstance(c, dict) and {"text", "type", "anchor"} <= c.keys() for c in listed)
+    if not ok:
+        raise ModelLoadError(f"{key}: not a mace-ray erase run manifest (its model, concepts, retain)")
+    return manifest
+
+
 def locate_model(spec: str, what: str = "model", sources: Sources | None = None) -> ResolvedModel:
     """'tiny', a hub id, a diffusers folder, an erase run's folder (``runs/<run_id>``, or one
     ``mace-ray pull`` wrote) or its ``final/pipeline``: local, or s3:// read in place (the
@@ -117,7 +132,7 @@ def locate_model(spec: str, what: str = "model", sources: Sources | None = None)
     if is_remote(spec) or Path(where).is_dir():
         if sources.exists(join(where, "manifest.json")) and sources.exists(join(where, *PIPELINE_IN_RUN)):
             # An erase run's folder (runs/<run_id>): evaluate its final pipeline.
-            manifest = sources.read_json(join(where, "manifest.json"), "erase run manifest")
+            manifest = _run_manifest(sources, join(where, "manifest.json"))
             return ResolvedModel(spec, join(where, *PIPELINE_IN_RUN), manifest)
         if sources.exists(join(where, "model_index.json")):
             manifest = None
@@ -125,7 +140,7 @@ def locate_model(spec: str, what: str = "model", sources: Sources | None = None)
             if parts is not None and parts[2] == "/".join(PIPELINE_IN_RUN):  # runs/<run_id>/final/pipeline
                 run_manifest = join(parts[0] or ".", "runs", parts[1], "manifest.json")
                 if sources.exists(run_manifest):
-                    manifest = sources.read_json(run_manifest, "erase run manifest")
+                    manifest = _run_manifest(sources, run_manifest)
             return ResolvedModel(spec, where, manifest)
         if sources.exists(join(where, "manifest.json")):
             # An erase run's folder all the same: not finished (partial, interrupted, failed),
