@@ -367,6 +367,19 @@ def test_model_folder_without_model_index(tmp_path):
     assert code == 2 and "not a diffusers pipeline folder" in err and no_complete_run(out)
 
 
+def test_a_manifest_of_another_shape_is_one_line_and_no_resume_starts_over(tmp_path):
+    code, err, out = bad(tmp_path, "dog\n", "--stages", "text_statistics")
+    assert code == 0, err
+    (manifest,) = out.glob("runs/*/manifest.json")
+    manifest.write_text("[1]")  # valid JSON, but not a run's manifest (edited by hand)
+    code, err, out = bad(tmp_path, "dog\n", "--stages", "text_statistics")
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and lines[-1].startswith("mace-ray: error:"), err
+    assert "manifest.json is not a mace-ray manifest (--no-resume starts the run over)" in lines[-1]
+    code, err, out = bad(tmp_path, "dog\n", "--stages", "text_statistics", "--no-resume")
+    assert code == 0 and json.loads(manifest.read_text())["status"] == "partial", err
+
+
 def test_model_that_is_a_file_is_named_as_a_file(tmp_path):
     (tmp_path / "erasure.safetensors").write_bytes(b"x")
     code, err, out = bad(tmp_path, "dog\n", "--model", str(tmp_path / "erasure.safetensors"))

@@ -20,7 +20,7 @@ import torch
 from mace_core import version
 from mace_core.closed_form_weights import domain_phrase, profile_type
 from mace_core.concepts import Concept, ConceptList, ConceptType, read_concept_file
-from mace_core.errors import ConceptError, MaceError, quoted
+from mace_core.errors import ArtefactError, ConceptError, MaceError, quoted
 from mace_core.families.base import PromptEncoder
 from mace_core.families.model_index import TINY_MODEL
 from mace_core.fingerprint import ModelFingerprint
@@ -198,12 +198,23 @@ def prepare(req: EraseRequest, base: BaseRun | None = None, sources: Sources | N
     )
 
 
+def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
+    """The run's manifest; one that is valid JSON of another shape (edited by hand) is bad
+    input, not a bug, and --no-resume starts the run over."""
+    manifest = read_json(storage, layout.manifest)
+    if not isinstance(manifest, dict):
+        raise ArtefactError(
+            f"{storage.url}/{layout.manifest} is not a mace-ray manifest (--no-resume starts the run over)"
+        )
+    return manifest
+
+
 def earlier_run(storage: Storage, layout: RunLayout, p: Prepared) -> dict[str, Any] | None:
     """The manifest of an earlier driver of this run, if any (nothing is written). A complete
     run whose outputs no longer match their checksums comes back as not complete."""
     if not storage.exists(layout.manifest):
         return None
-    manifest = read_json(storage, layout.manifest)
+    manifest = read_manifest(storage, layout)
     if manifest.get("status") == "complete":
         problem = check_outputs(storage, layout, manifest)
         if problem is not None:
@@ -314,7 +325,7 @@ def complete_report(
 ) -> dict[str, Any] | None:
     """The report of a complete run whose outputs hold, checked under its lease and without
     starting a cluster; None when the run is not complete (then it runs, or resumes)."""
-    if not storage.exists(layout.manifest) or read_json(storage, layout.manifest).get("status") != "complete":
+    if not storage.exists(layout.manifest) or read_manifest(storage, layout).get("status") != "complete":
         return None
     lock.acquire(wait_s=wait_s)
     try:
