@@ -332,6 +332,9 @@ def test_status_and_apply_refuse_bad_input_in_one_line(tmp_path):
 
     missing = tmp_path / "nowhere"
     one_line(["status", "abc", "--output", str(missing)], "does not exist")
+    # Empty arguments (an unset shell variable) name themselves: pull does not fill the working folder.
+    one_line(["status", "", "--output", str(missing)], "RUN '' is empty; give a run id")
+    one_line(["pull", "abc", "", "--output", str(missing)], "DIR '' is empty; give a folder")
     assert not missing.exists()  # status only reads: it creates nothing
     run = tmp_path / "out" / "runs" / "abc"
     run.mkdir(parents=True)
@@ -356,6 +359,7 @@ def test_status_and_apply_refuse_bad_input_in_one_line(tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("x")
     one_line(["apply", str(erasure), "--output", str(afile)], "is a file; give a folder")
+    one_line(["apply", str(erasure), "--output", ""], "--output '' is empty; give a new folder")
     concepts = tmp_path / "c.txt"
     concepts.write_text("dog\n")
     one_line(["erase", str(concepts), "--output", str(afile), "--executor", "local"], "is a file, not a")

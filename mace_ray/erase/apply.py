@@ -59,6 +59,8 @@ def apply_erasure_file(
     sources = Sources(s3_endpoint)
     spec = erasure_spec(str(erasure))
     out = str(output)
+    if not out.strip():  # Path("") is the working folder: an unset "$OUT" must not fill it
+        raise MaceError("--output '' is empty; give a new folder for the pipeline")
     if is_remote(spec):
         local_erasure = Path(sources.file(spec, "erasure file"))
     elif not Path(spec).expanduser().is_file():

@@ -59,6 +59,10 @@ def locate_run(
     output when it is the same location). MaceError naming ``run`` when it names none:
     the caller checks that the run is there (messages differ by command)."""
     sources = sources or Sources(s3_endpoint)
+    if not run.strip():  # else a storage key "runs//manifest.json" names the fault, not RUN
+        raise MaceError(
+            f"{flag} {run!r} is empty; give a run id (as `mace-ray erase` prints it) or a run's folder"
+        )
     if "/" not in run:
         root, run_id = run_root(output or DEFAULT_OUTPUT), run
     else:

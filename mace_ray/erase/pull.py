@@ -59,6 +59,8 @@ def _files(manifest: dict[str, Any], root: str, where: str) -> dict[str, str]:
 
 def pull_run(run: str, dest: str | Path, output: str | None = None, s3_endpoint: str | None = None) -> dict:
     """Copy run ``run``'s final outputs into ``dest`` (see the module); returns what was done."""
+    if not str(dest).strip():  # Path("") is the working folder: an unset "$DIR" must not fill it
+        raise MaceError("DIR '' is empty; give a folder")
     ref = locate_run(run, output, s3_endpoint)
     storage, layout, where = ref.storage, ref.layout, ref.where
     if not storage.exists(layout.manifest):
