@@ -528,3 +528,43 @@ def test_an_interrupt_is_found_behind_the_error_that_carries_it():
         assert stopped_by(wrapped) is stop
     assert stopped_by(KeyboardInterrupt()) is not None
     assert stopped_by(RuntimeError("a bug")) is None
+
+
+def test_ctrl_c_stops_the_run_in_one_line_and_leaves_it_resumable(tmp_path, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt in the driver) is a stop, not a bug: exit 130 in one line,
+    the manifest says interrupted by Ctrl-C, the lease is released, the rerun resumes."""
+    from mace_ray.erase.driver import EraseRun
+
+    cfile = tmp_path / "c.txt"
+    cfile.write_text("airplane | object | sky\n")
+    out = tmp_path / "out"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EraseRun, "run", interrupted)
+    r = CliRunner().invoke(app, ["erase", str(cfile), "--output", str(out), *FAST, "--model", "tiny"])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("mace-ray:")]
+    assert r.exit_code == 130 and lines == [lines[-1]], r.stderr[-3000:]
+    assert lines[-1].startswith("mace-ray: error: Ctrl-C (SIGINT): the run stopped")
+    assert "resumes" in lines[-1]
+    (root,) = list(out.glob("runs/*"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["error"] == "KeyboardInterrupt: Ctrl-C (SIGINT)"
+    assert not list(out.glob("locks/*.json"))  # the lease went with the stop
+
+
+def test_an_empty_output_is_refused_not_the_working_folder(tmp_path, monkeypatch):
+    """--output '' (an unset "$OUT") would be the working folder: one line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("dog\n")
+    for args in (
+        ["erase", "c.txt", "--output", "", "--model", "tiny", "--executor", "local"],
+        ["gc", "--output", ""],
+        ["eval", "tiny", "--suite", "objects", "--erased", "c.txt", "--output", "", "--executor", "local"],
+    ):
+        r = CliRunner().invoke(app, args)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, (args, r.stderr[-2000:])
+        assert "output '' is empty: give a folder or s3://bucket/prefix" in lines[0], (args, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]

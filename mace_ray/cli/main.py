@@ -4,8 +4,8 @@ Exit codes: 0 success; 1 unexpected failure (a bug or an infrastructure error, w
 traceback and a last line saying so; the run is marked failed and resumes on rerun); 2 bad
 input or settings (one line on stderr naming the input; nothing is marked complete, and a
 run refused before it starts leaves nothing behind); 3 a complete run above --max-residual;
-143 stopped by SIGTERM (marked interrupted; the same command resumes it). How errors are
-told apart: mace_ray/cli/errors.py.
+143 stopped by SIGTERM, 130 by Ctrl-C (marked interrupted; the same command resumes it). How
+errors are told apart: mace_ray/cli/errors.py.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ app = typer.Typer(
 EXIT_WEAK_ERASURE = 3
 # A run stopped by SIGTERM (128 + 15, as a shell reports it): marked interrupted, resumable.
 EXIT_SIGTERM = 143
+# ... or by Ctrl-C (SIGINT, 128 + 2): the same, without Python's traceback of the interrupt.
+EXIT_SIGINT = 130
 
 # The shared options of the hand-written commands, from the requests' metadata.
 ExecutorOpt = annotated(EXECUTOR, Executor, "executor")
@@ -71,7 +73,7 @@ def erase(req: EraseRequest) -> None:
     """Erase the concepts of CONCEPTS from MODEL; writes runs/<run_id>/ under OUTPUT."""
     from mace_core.erasure_report import above_limit
     from mace_ray.erase.driver import run_erase
-    from mace_ray.erase.stopping import Interrupted, on_sigterm
+    from mace_ray.erase.stopping import CTRL_C, Interrupted, on_sigterm
 
     setup_logging(req.progress)
     try:
@@ -79,6 +81,8 @@ def erase(req: EraseRequest) -> None:
             report = run_erase(req)
     except Interrupted as e:
         fail(f"{e}: the run stopped and is marked interrupted; the same command resumes it", EXIT_SIGTERM)
+    except KeyboardInterrupt:
+        fail(f"{CTRL_C}: the run stopped and is marked interrupted; the same command resumes it", EXIT_SIGINT)
     typer.echo(json.dumps({"run_id": report["run_id"], "status": report["status"], **report["output"]}))
     # From the per-concept residuals, not the stored list: a complete run reused with a new
     # --max-residual is judged by the new limit.

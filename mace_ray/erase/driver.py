@@ -52,7 +52,7 @@ from mace_ray.erase.plan import needs_masker, plan_stages
 from mace_ray.erase.request import EraseRequest
 from mace_ray.erase.run import EraseRun
 from mace_ray.erase.run_report import closing_summary
-from mace_ray.erase.stopping import Interrupted, RunStop, on_sigterm, stopped_by
+from mace_ray.erase.stopping import CTRL_C, Interrupted, RunStop, on_sigterm, stopped_by
 from mace_ray.storage.base import Storage, read_json, write_json
 from mace_ray.storage.lease import RunLock, RunLocked
 from mace_ray.storage.model_cache import TEXT_COMPONENTS
@@ -383,8 +383,9 @@ def _run_locked(
             # the rerun resumes, so say so rather than "failed".
             halt = stopped_by(e)
             if halt is not None or stop.recorded:
-                stop.record(f"{type(halt or e).__name__}: {halt or e}"[:500])
-                if isinstance(halt, Interrupted) and halt is not e:
+                why = str(halt or e) or (CTRL_C if isinstance(halt, KeyboardInterrupt) else "")
+                stop.record(f"{type(halt or e).__name__}: {why}"[:500])
+                if halt is not None and halt is not e:
                     raise halt from None  # surfaced through C code (Ray's wait) as a SystemError
                 if halt is None:  # the lease went with the stop before this error: a stop, not a failure
                     raise Interrupted("signal SIGTERM") from e

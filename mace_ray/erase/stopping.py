@@ -26,6 +26,10 @@ from mace_ray.storage.lease import RunLock
 log = logging.getLogger("mace_ray")
 
 
+# What a stop by Ctrl-C is called in the manifest and the CLI (a KeyboardInterrupt says nothing).
+CTRL_C = "Ctrl-C (SIGINT)"
+
+
 class Interrupted(BaseException):
     """The driver received SIGTERM (``on_sigterm``): stop, mark the run, let the rerun resume.
 

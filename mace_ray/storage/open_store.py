@@ -20,6 +20,7 @@ def open_storage(url: str, s3_endpoint: str | None = None, must_exist: bool = Fa
     is ignored for local folders. ``must_exist``: a local folder that is only read (status)
     must be there already.
     """
+    _named(url)
     if url[:5].lower() == "s3://":
         # boto3 is imported only by runs that write to S3.
         from mace_ray.storage.s3 import S3Storage
@@ -33,7 +34,14 @@ def open_storage(url: str, s3_endpoint: str | None = None, must_exist: bool = Fa
 def absolute_output(output: str) -> str:
     """A local output folder as an absolute path (workers may run in another working
     directory); URLs unchanged."""
+    _named(output)
     return output if "://" in output else str(Path(output).expanduser().resolve())
+
+
+def _named(output: str) -> None:
+    """An empty output (an unset "$OUT") would be the working folder: refused, not filled."""
+    if not output.strip():
+        raise StorageError(f"output {output!r} is empty: give a folder or s3://bucket/prefix")
 
 
 class NamesOutput(Protocol):
