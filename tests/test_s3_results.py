@@ -307,7 +307,7 @@ def test_pull_copies_the_run_checked_and_resumes(s3_run, tmp_path):
         else:
             assert (dest / rel).read_bytes() == (s3_run.local_run / rel).read_bytes(), rel
     assert not (dest / f"concepts/{slug}/DONE").exists() and not (dest / "cfr").exists()
-    assert first["fetched"] == first["files"] - 2 and first["reused"] == 0
+    assert first["fetched"] == first["files"] - 1 and first["reused"] == 0  # all but the manifest
     # Resumable: what is there and verified is not fetched again; a damaged file is.
     again = json.loads(invoke("pull", s3_run.url, str(dest), *ep)[1])
     assert again["fetched"] == 0 and again["reused"] == first["fetched"]
@@ -334,6 +334,16 @@ def test_pull_copies_the_run_checked_and_resumes(s3_run, tmp_path):
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({"run_id": busy}))
     one_line_error(["pull", s3_run.url, str(other), *ep], "holds another run")
+    # The report is an output like the others: altered in the run, it is refused, not copied.
+    report = storage.read_bytes(f"runs/{s3_run.run_id}/report.json")
+    storage.write_bytes(f"runs/{s3_run.run_id}/report.json", b"[1]")
+    try:
+        one_line_error(
+            ["pull", s3_run.url, str(tmp_path / "third"), *ep],
+            "report.json does not match the SHA-256 its run recorded",
+        )
+    finally:
+        storage.write_bytes(f"runs/{s3_run.run_id}/report.json", report)
 
 
 def test_from_takes_a_run_by_its_url(s3_run, tmp_path):

@@ -8,11 +8,11 @@ DIR gets the part of the run's folder that people use, in the run's own layout::
     DIR/concepts/<slug>/            lora.safetensors, notes.json
     DIR/report.json, DIR/manifest.json
 
-Every file is checked against the SHA-256 the run recorded in its manifest (``outputs``)
-before it is put in place; one that is already there and matches is not fetched again, so
-an interrupted pull resumes. The manifest is written last: a DIR that has it is complete,
-and is itself a run's folder for ``mace-ray eval``, ``audit`` and ``apply``. A run that is
-not complete is refused in one line.
+Every file but the manifest itself is checked against the SHA-256 the run recorded in its
+manifest (``outputs``) before it is put in place; one that is already there and matches is
+not fetched again, so an interrupted pull resumes. The manifest is written last: a DIR that
+has it is complete, and is itself a run's folder for ``mace-ray eval``, ``audit`` and
+``apply``. A run that is not complete is refused in one line.
 """
 
 from __future__ import annotations
@@ -79,11 +79,14 @@ def pull_run(run: str, dest: str | Path, output: str | None = None, s3_endpoint:
             "(finish it with its erase command; `mace-ray status` shows where it is)"
         )
     files = _files(manifest, layout.root, where)
-    report = storage.read_bytes(layout.report)
-    try:
-        json.loads(report)
-    except ValueError:
-        raise ArtefactError(f"{where}/report.json is not valid JSON") from None
+    # The report is checked by its checksum like every output; a run of an older mace-ray
+    # recorded none for it: its report is copied as it is, if it is JSON.
+    report = None if "report.json" in files else storage.read_bytes(layout.report)
+    if report is not None:
+        try:
+            json.loads(report)
+        except ValueError:
+            raise ArtefactError(f"{where}/report.json is not valid JSON") from None
 
     folder = Path(dest).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -117,7 +120,8 @@ def pull_run(run: str, dest: str | Path, output: str | None = None, s3_endpoint:
     for p in extra:
         log.warning("pull: removing %s, which the run's pipeline does not have", p)
         p.unlink()
-    (folder / "report.json").write_bytes(report)
+    if report is not None:
+        (folder / "report.json").write_bytes(report)
     held.write_bytes(raw)  # last: a folder with its manifest is complete
     fetched = sum(parts[rel].stat().st_size for rel in todo)
     log.info("pull: %d files of run %s, %d fetched (%d bytes), %d already there", len(files), ref.run_id,
@@ -126,7 +130,7 @@ def pull_run(run: str, dest: str | Path, output: str | None = None, s3_endpoint:
         "run_id": ref.run_id,
         "from": where,
         "to": str(folder.resolve()),
-        "files": len(files) + 2,
+        "files": len(files) + (1 if report is None else 2),  # with the manifest (and an old report)
         "fetched": len(todo),
         "fetched_bytes": fetched,
         "reused": len(files) - len(todo),

@@ -38,7 +38,7 @@ from mace_ray.erase.jobs import (
 from mace_ray.erase.layout import prior_cache_path
 from mace_ray.erase.run import EraseRun
 from mace_ray.erase.run_report import run_report
-from mace_ray.storage.base import write_json
+from mace_ray.storage.base import json_bytes, write_json
 
 log = logging.getLogger("mace_ray")
 
@@ -226,10 +226,12 @@ def finish(run: EraseRun) -> None:
     run.report = run_report(run, notes)
     if run.lock is not None:
         run.lock.check()  # the commit point: only the lease's holder marks the run complete
-    write_json(storage, layout.report, run.report)
-    # Every file the run hands out, the concepts' LoRAs and notes too: a rerun checks them all.
+    report = json_bytes(run.report)
+    storage.write_bytes(layout.report, report)
+    # Every file the run hands out, the concepts' LoRAs and notes and the report too: a rerun
+    # and `mace-ray pull` check them all.
     concepts = artefacts.concept_outputs(storage, layout, run.slugs) if run.spec.method == "mace" else {}
-    run.manifest["outputs"] = {**run.outputs, **concepts}
+    run.manifest["outputs"] = {**run.outputs, **concepts, layout.report: artefacts.sha256(report)}
     run.manifest["status"] = "complete"
     write_json(storage, layout.manifest, run.manifest)
     log.info("erasure report: %s", summary_line(run.erasure))
