@@ -31,9 +31,11 @@ def clip_setting(role: str) -> Any:
 class GenerationSettings(Settings):
     inference_steps: int = setting(30, "DPM-Solver steps per image.", min=1)
     # Used when a prompt has no guidance of its own (I2P has).
-    guidance_scale: float = setting(7.5, "CFG scale (an I2P row's own sd_guidance_scale wins).", min=0.0)
+    guidance_scale: float = setting(
+        7.5, "CFG scale (in eval, a prompt CSV row's own guidance scale wins).", min=0.0
+    )
     resolution: int | None = setting(
-        None, "Image size for every prompt (default: the CSV's, else the model's).", min=8
+        None, "Image size (default: the model's; in eval, a prompt CSV's own size first).", min=8
     )
     # The UNet sees twice as many with CFG.
     batch_size: int = setting(8, "Images per pipeline call.", min=1)
