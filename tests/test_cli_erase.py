@@ -360,6 +360,12 @@ def test_status_and_apply_refuse_bad_input_in_one_line(tmp_path):
     afile.write_text("x")
     one_line(["apply", str(erasure), "--output", str(afile)], "is a file; give a folder")
     one_line(["apply", str(erasure), "--output", ""], "--output '' is empty; give a new folder")
+    (run / "manifest.json").rmdir()
+    (run / "manifest.json").write_text(json.dumps({"status": "partial", "model": "tiny", "concepts": []}))
+    one_line(
+        ["apply", str(run), "--output", str(tmp_path / "applied")],
+        "has no final/erasure.safetensors: the run is not complete",
+    )
     concepts = tmp_path / "c.txt"
     concepts.write_text("dog\n")
     one_line(["erase", str(concepts), "--output", str(afile), "--executor", "local"], "is a file, not a")

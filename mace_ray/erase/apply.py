@@ -64,6 +64,12 @@ def apply_erasure_file(
     if is_remote(spec):
         local_erasure = Path(sources.file(spec, "erasure file"))
     elif not Path(spec).expanduser().is_file():
+        if spec != str(erasure) and (Path(erasure).expanduser() / "manifest.json").is_file():
+            # A run's folder without its erasure file: the run has not finished.
+            raise MaceError(
+                f"run folder {str(erasure)!r} has no {'/'.join(ERASURE_IN_RUN)}: the run is not complete "
+                "(`mace-ray status` shows where it is)"
+            )
         raise MaceError(f"erasure file {spec!r} does not exist")
     else:
         local_erasure = Path(spec).expanduser()
