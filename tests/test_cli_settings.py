@@ -232,6 +232,7 @@ def test_defaults_are_the_dataclasses_defaults(captured):
     [
         ("masker: sam2\n", "masker: Invalid value for '--masker'"),
         ("concepts_per_batch: 0\n", "--concepts-per-batch: expected a positive integer or auto, got '0'"),
+        ("images: true\n", "images: true is for switches; this option takes a value"),  # not 1
     ],
 )
 def test_a_bad_config_value_is_one_line(tmp_path, captured, text, needle):

@@ -271,3 +271,7 @@ def test_prompt_csv_errors_name_the_file_and_columns(tmp_path):
     g.write_text("prompt,sd_seed\nhi,abc\n")
     with pytest.raises(EvalInputError, match=r"seeds.csv:2: column 'sd_seed' is not an integer"):
         read_i2p_csv(g)
+    for width in ("-5", "0", "500"):  # refused at the file's line, before any worker starts
+        g.write_text(f"prompt,sd_image_width\nhi,512\nho,{width}\n")
+        with pytest.raises(EvalInputError, match=rf"seeds.csv:3: column 'sd_image_width' is {width}: an"):
+            read_i2p_csv(g)

@@ -87,6 +87,17 @@ def _number(row: dict[str, str], col: str, kind: type, where: str) -> int | floa
         ) from None
 
 
+def _size(row: dict[str, str], col: str, where: str) -> int | None:
+    """An image side of a row: a positive multiple of 8 (the VAE's), or None when absent;
+    refused here, naming the file and line, not once the workers meet it."""
+    value = _number(row, col, int, where)
+    if value is None:
+        return None
+    if value <= 0 or value % 8:
+        raise EvalInputError(f"{where}: column {col!r} is {value}: an image side is a positive multiple of 8")
+    return int(value)
+
+
 def _rows_with_text(
     path: str | Path, column: str, optional: tuple[str, ...], what: str
 ) -> tuple[list[tuple[int, dict[str, str], str]], int]:
@@ -118,8 +129,8 @@ def read_i2p_csv(path: str | Path) -> tuple[list[CsvPrompt], int]:
                 key=f"line{line}",
                 seed=_number(row, "sd_seed", int, where),
                 guidance=_number(row, "sd_guidance_scale", float, where),
-                width=_number(row, "sd_image_width", int, where),
-                height=_number(row, "sd_image_height", int, where),
+                width=_size(row, "sd_image_width", where),
+                height=_size(row, "sd_image_height", where),
                 categories=(row.get("categories") or "").strip(),
             )
         )

@@ -178,7 +178,10 @@ def load_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | No
                 fail(f"{where}: key {key!r} is now {new!r} ({key}: false is {new}: true)")
             fail(f"{where}: unknown option {key!r} (valid: {', '.join(sorted(params))})")
         # Checked here, so that a bad value is named with its file and key in one line
-        # (click would report it later naming the option, not the file).
+        # (click would report it later naming the option, not the file). YAML's true/false
+        # would pass as 1/0 for a number: only a switch takes them.
+        if isinstance(v, bool) and not getattr(params[name], "is_flag", False):
+            fail(f"{where}: {key}: {str(v).lower()} is for switches; this option takes a value")
         try:
             if v is not None and params[name].callback is None:  # converts and range-checks only
                 params[name].process_value(ctx, v)
