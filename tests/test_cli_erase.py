@@ -131,6 +131,12 @@ def test_apply_command(finished_run, tmp_path):
     ref = StableDiffusionPipeline.from_pretrained(root / "final/pipeline", local_files_only=True)
     sa, sb = state(got.unet), state(ref.unet)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # pull into the run's own folder would nest its copies inside what they copy: refused.
+    for inside in (root, root / "final"):
+        r = CliRunner().invoke(app, ["pull", str(root), str(inside)])
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and "is inside the run's own folder" in lines[0], r.stderr
+    assert not (root / "final" / "final").exists()
 
 
 def test_each_concepts_lora_loads_with_diffusers_onto_the_cfr_weights(finished_run, tmp_path):

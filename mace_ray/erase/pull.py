@@ -91,6 +91,10 @@ def pull_run(run: str, dest: str | Path, output: str | None = None, s3_endpoint:
     folder = Path(dest).expanduser()
     if folder.exists() and not folder.is_dir():
         raise MaceError(f"DIR {str(dest)!r} is a file; give a folder")
+    run_folder = Path(storage.url, layout.root).resolve()
+    if "://" not in storage.url and folder.resolve().is_relative_to(run_folder):
+        # Its copies would nest inside what they copy (and a rerun check them as the run's).
+        raise MaceError(f"DIR {str(dest)!r} is inside the run's own folder {str(run_folder)!r}; give another")
     held = folder / "manifest.json"
     if held.is_file():
         try:
