@@ -209,3 +209,17 @@ def test_an_audited_folder_changed_in_place_is_a_new_audit(tiny_model_folder, tm
     weights["conv_in.weight"] = weights["conv_in.weight"] + 0.25
     save_file(weights, unet)
     assert prepare(req).audit_id != first
+
+
+def test_concepts_the_run_did_not_erase_are_noted(erased_run, tmp_path, caplog):
+    """A concept file may name concepts the erase run left alone (a bystander's leak is a
+    baseline), but the report and the log say which: "erased" would mislead."""
+    from mace_ray.audit.driver import prepare
+    from mace_ray.audit.request import AuditRequest
+
+    cfile = tmp_path / "c.txt"
+    cfile.write_text("Airplane | object | sky\ncat | object | a room\n")
+    with caplog.at_level("WARNING", logger="mace_ray"):
+        p = prepare(AuditRequest(model=str(erased_run), concept_file=str(cfile), output=str(tmp_path / "o")))
+    assert [n for n in p.notes if "did not erase" in n] == ["1 concept(s) the erase run did not erase: cat"]
+    assert "did not erase: cat" in caplog.text

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mace_core.audit.concepts import AuditConcept, read_audit_concepts
-from mace_core.concepts import Concept, ConceptType
+from mace_core.concepts import Concept, ConceptType, concept_slug
 from mace_core.errors import ConceptError, MaceError, ModelLoadError
 from mace_core.evaluation.errors import MetricUnavailableError
 from mace_core.evaluation.settings import DEFAULT_CLIP, TINY_CLIP
@@ -150,6 +150,13 @@ def prepare(req: AuditRequest) -> PreparedAudit:
     for m, what in ((model.load, "model"), (original, "--original")):
         _check_family(m, what)
     concepts = _concepts(req, model)
+    if req.concept_file and model.manifest is not None:
+        erased = {concept_slug(str(c["text"])) for c in model.manifest.get("concepts", [])}
+        never = [c.concept.text for c in concepts if c.slug not in erased]
+        if never:  # allowed (a bystander's leak is a baseline), but not what "erased" suggests
+            more = f" and {len(never) - 5} more" if len(never) > 5 else ""
+            notes.append(f"{len(never)} concept(s) the erase run did not erase: {', '.join(never[:5])}{more}")
+            log.warning("audit: %s", notes[-1])
     attacks = req.attack_list
     clip = req.settings.clip or (TINY_CLIP if original == TINY_MODEL else DEFAULT_CLIP)
     if req.settings.images and clip == TINY_CLIP:
