@@ -2,8 +2,8 @@
 generation and LoRA training (MACE Stage 2), as ``ConceptBatchWorker`` runs them.
 
 Sizes, random weights (memory depends on shapes, not on weight values):
-  - real: FLUX.1-dev's shapes (transformer 11.9 B parameters, T5-XXL encoder 4.7 B, CLIP-L,
-    the 16-channel VAE), on CUDA only. The pipeline is built on the GPU directly, each
+  - real: FLUX.1-dev's shapes (``configs/flux1-dev.json``: transformer 11.9 B parameters, T5-XXL
+    encoder 4.7 B, CLIP-L, the 16-channel VAE), on CUDA only. The pipeline is built on the GPU directly, each
     component in the dtype a worker holds it in under ``--precision``: with ``auto`` the
     transformer in bf16 (a worker casts the fp32 weights it loads before moving them:
     ``ModelFamily.half_weights``), everything else in fp32; with ``fp32`` all of it fp32.
@@ -37,93 +37,38 @@ GB = 1e9
 CONCEPT = Concept("Bill Clinton", ConceptType.CELEBRITY, "a man")
 
 
+CONFIG = Path(__file__).with_name("configs") / "flux1-dev.json"
+
+
 def real_flux(device: torch.device, precision: str) -> Any:
-    """A FLUX.1-dev-shaped FluxPipeline with random weights, built on ``device``."""
+    """A FluxPipeline of FLUX.1-dev's shapes (``CONFIG``) with random weights, built on ``device``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from mace_core.clip_text import clip_tokenizer
     from mace_core.t5_text import t5_tokenizer
 
-    t5_tok = t5_tokenizer(512)
-    half = torch.bfloat16 if precision == "auto" else torch.float32
-
-    def built(make: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+    cfg = json.loads(CONFIG.read_text())
+    t5_tok = t5_tokenizer(cfg["t5_sequence_length"])
+    makers: dict[str, Callable[[], torch.nn.Module]] = {
+        "transformer": lambda: FluxTransformer2DModel.from_config(cfg["transformer"]),
+        "vae": lambda: AutoencoderKL.from_config(cfg["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+        "text_encoder_2": lambda: T5EncoderModel(T5Config(vocab_size=len(t5_tok), **cfg["text_encoder_2"])),
+    }
+    parts = {}
+    for name, make in makers.items():
+        # Parameters are made in the dtype the worker holds them in, on the GPU: never fp32 first.
+        held = torch.bfloat16 if name == "transformer" and precision == "auto" else torch.float32
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # parameters are made in the held dtype, never fp32 first
+        torch.set_default_dtype(held)
         try:
             with device:
-                return make().eval()
+                parts[name] = make().eval()
         finally:
             torch.set_default_dtype(previous)
-
-    transformer = built(
-        lambda: FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        ),
-        half,
-    )
-    t5 = built(
-        lambda: T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),  # the corpus-made tokenizer's (T5-XXL's 32,128 rows: +0.5 GB)
-                d_model=4096,
-                d_ff=10240,
-                d_kv=64,
-                num_heads=64,
-                num_layers=24,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ),
-        torch.float32,
-    )
-    clip = built(
-        lambda: CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
-            )
-        ),
-        torch.float32,
-    )
-    vae = built(
-        lambda: AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            sample_size=1024,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-        torch.float32,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
-    )
-    pipe = FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=t5,
-        tokenizer_2=t5_tok,
-        transformer=transformer,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"])
+    pipe = FluxPipeline(scheduler=scheduler, tokenizer=clip_tokenizer(), tokenizer_2=t5_tok, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

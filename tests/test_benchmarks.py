@@ -1,4 +1,4 @@
-"""The speed benchmark runs end to end on the tiny models (its figures are never asserted)."""
+"""The benchmarks run end to end on the tiny models (their figures are never asserted)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_speed_benchmark_writes_both_paths(tmp_path):
-    args = ["--concepts", "3", "--reference-concepts", "1", "--k", "auto", "--images", "1"]
-    args += ["--steps", "1", "--train-steps", "1", "--out", str(tmp_path)]
+def run_benchmark(script: str, *args: str) -> None:
+    """``benchmarks/<script> args`` as a user runs it, from the repository root; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), *args],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_speed_benchmark_writes_both_paths(tmp_path):
+    args = ["--concepts", "3", "--reference-concepts", "1", "--k", "auto", "--images", "1"]
+    run_benchmark("speed.py", *args, "--steps", "1", "--train-steps", "1", "--out", str(tmp_path))
     res = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
     assert res["status"] == "complete" and res["concepts"] == {"reference": 1, "fast": 3}
     assert set(res["projection_1000_concepts_8_devices_minutes"]) == {"reference", "fast"}
@@ -33,14 +37,7 @@ def test_speed_benchmark_writes_both_paths(tmp_path):
 
 
 def test_mmdit_memory_benchmark_runs_the_worker_on_the_tiny_flux_pipeline(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "mmdit_memory.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_benchmark("mmdit_memory.py", "--out", str(tmp_path))
     res = json.loads((tmp_path / "mmdit_memory_tiny_cpu.json").read_text())
     assert res["precision"] == "auto" and res["mixed_precision"] is False  # a CPU: fp32 throughout
     assert set(res["components"]) == {"vae", "text_encoder", "text_encoder_2", "transformer"}
