@@ -3,10 +3,10 @@ generation and LoRA training (MACE Stage 2), as ``ConceptBatchWorker`` runs them
 
 Sizes, random weights (memory depends on shapes, not on weight values):
   - real: FLUX.1-dev's shapes (``configs/flux1-dev.json``: transformer 11.9 B parameters, T5-XXL
-    encoder 4.7 B, CLIP-L, the 16-channel VAE), on CUDA only. The pipeline is built on the GPU directly, each
-    component in the dtype a worker holds it in under ``--precision``: with ``auto`` the
-    transformer in bf16 (a worker casts the fp32 weights it loads before moving them:
-    ``ModelFamily.half_weights``), everything else in fp32; with ``fp32`` all of it fp32.
+    encoder 4.7 B, CLIP-L, the 16-channel VAE), on CUDA only. The pipeline is built on the GPU
+    directly, each component in the dtype a worker holds it in under ``--precision``: with
+    ``auto`` the transformer in bf16 (a worker casts the fp32 weights it loads before moving
+    them: ``ModelFamily.half_weights``), everything else in fp32; with ``fp32`` all of it fp32.
   - tiny: the built-in tiny FLUX.1 pipeline (any device): a code-path check.
 
 Printed and written (``mmdit_memory_<size>_<device>.json``): parameters and bytes per
