@@ -292,6 +292,10 @@ def test_unreachable_endpoint_gives_up_after_the_budget(aws_env, bucket, monkeyp
     assert "resume" in str(e.value) and not isinstance(e.value, StorageError)  # CLI: exit 1
     with pytest.raises(StorageError, match="not a valid URL"):
         open_storage(f"s3://{bucket}/x", s3_endpoint=f"127.0.0.1:{port}")
+    # Another scheme is input too (botocore would fail only at the first request, as a bug).
+    with pytest.raises(StorageError, match=f"'ftp://127.0.0.1:{port}' is not a valid URL") as e:
+        open_storage(f"s3://{bucket}/x", s3_endpoint=f"ftp://user:pw-0123@127.0.0.1:{port}")
+    assert "pw-0123" not in str(e.value)
     monkeypatch.setenv("MACE_S3_RETRY_SECONDS", "soon")
     with pytest.raises(StorageError, match="MACE_S3_RETRY_SECONDS"):
         open_storage(f"s3://{bucket}/x", s3_endpoint=aws_env.endpoint)

@@ -155,4 +155,11 @@ def make_client(
         ) from None
     except BotoCoreError as e:
         raise StorageError(f"{url}: cannot configure the S3 client: {type(e).__name__}") from None
+    # botocore builds a client for any scheme (ftp://host) and fails only at its first request,
+    # with an EndpointResolutionError that would read as a bug: refuse it here, as input.
+    endpoint = client.meta.endpoint_url
+    if urlsplit(endpoint).scheme.lower() not in ("http", "https"):
+        raise StorageError(
+            f"{url}: S3 endpoint {safe_endpoint(endpoint)!r} is not a valid URL (expected http(s)://host:port)"
+        )
     return client
