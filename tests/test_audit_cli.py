@@ -148,6 +148,10 @@ def test_audit_writes_to_s3_and_resumes_from_it(aws_env, bucket, tmp_path):
             ["tiny", "{c}", "--attacks", "indirect,pez"],
             "--attacks: unknown attack 'pez' (valid: all, indirect",
         ),
+        (
+            ["tiny", "{c}", "--attacks", "all,indirect"],
+            "--attacks: 'all' stands alone, not in a list (valid: all,",
+        ),
         (["tiny", "{c}"], "--original MODEL is required"),
         (["tiny", "--original", "tiny"], "give a concept file (CONCEPTS)"),
         (

@@ -44,6 +44,8 @@ def parse_attacks(value: str) -> tuple[str, ...]:
     unknown = [v for v in chosen if v not in names]
     if unknown or not chosen:
         what = f"unknown attack {unknown[0]!r}" if unknown else "no attack named"
+        if ALL in unknown:  # valid, but only alone: 'unknown' would contradict the list below
+            what = f"{ALL!r} stands alone, not in a list"
         raise SettingError(f"--attacks: {what} (valid: {ALL}, {', '.join(names)})")
     return tuple(dict.fromkeys(chosen))
 
