@@ -632,9 +632,11 @@ def test_s3_outage_beyond_the_retry_budget_fails_then_resumes(erased, s3_server,
         ("s3://Bad_Bucket!/x", {}, ["'s3://Bad_Bucket!/x'", "not a valid bucket name"]),
         ("s3:///x", {}, ["'s3:///x'", "has no bucket"]),
         ("s3://", {}, ["'s3://'", "has no bucket"]),
+        ("s3:/{bucket}/x", {}, ["'s3:/{bucket}/x'", "mistyped S3 URL"]),
     ],
 )
-def test_bad_s3_output_is_a_one_line_error(s3_server, bucket, tmp_path, output, env, needles):
+def test_bad_s3_output_is_a_one_line_error(s3_server, bucket, tmp_path, monkeypatch, output, env, needles):
+    monkeypatch.chdir(tmp_path)  # a mistyped URL taken as a folder would land here
     cfile = tmp_path / "c.txt"
     cfile.write_text("dog\n")
     output = output.format(bucket=bucket)
@@ -651,3 +653,4 @@ def test_bad_s3_output_is_a_one_line_error(s3_server, bucket, tmp_path, output, 
     assert_no_secret(r.stderr, r.stdout)
     assert "wrong-secret-0123" not in r.stderr and "NOSUCHACCESSKEY0" not in r.stderr
     assert raw_keys(s3_server, bucket) == []  # nothing written
+    assert not (tmp_path / "s3:").exists()

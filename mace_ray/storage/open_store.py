@@ -42,6 +42,13 @@ def _named(output: str) -> None:
     """An empty output (an unset "$OUT") would be the working folder: refused, not filled."""
     if not output.strip():
         raise StorageError(f"output {output!r} is empty: give a folder or s3://bucket/prefix")
+    # s3:/bucket/x or s3:bucket/x is a mistyped URL: as a folder it would be filled silently
+    # (./s3:/bucket/x) while the user looks for the run in the bucket.
+    if output[:3].lower() == "s3:" and output[:5].lower() != "s3://":
+        raise StorageError(
+            f"output {output!r} is a mistyped S3 URL: write s3://bucket/prefix "
+            f"(or ./{output} for a local folder)"
+        )
 
 
 class NamesOutput(Protocol):
