@@ -243,6 +243,12 @@ def test_malformed_urls(aws_env, url, needle):
     assert repr(url) in str(e.value)
 
 
+def test_credentials_in_the_url_are_refused_unechoed(aws_env):
+    with pytest.raises(StorageError, match="'s3://runs-b/x' with credentials") as e:
+        open_storage("s3://AKIAX:secret-0123@runs-b/x", s3_endpoint=aws_env.endpoint)
+    assert "secret-0123" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_auth_errors_and_missing_bucket_fail_at_once_without_secrets(aws_env, bucket, monkeypatch):
     url = f"s3://{bucket}/runs"
     cases = [

@@ -57,6 +57,12 @@ def parse_s3_url(url: str) -> S3Location:
     bucket, _, prefix = url[5:].partition("/")
     if not bucket:
         raise StorageError(f"S3 URL {url!r} has no bucket (expected s3://bucket/prefix)")
+    if "@" in bucket:  # s3://key:secret@bucket/x: echoing the URL would print the secret
+        shown = f"s3://{bucket.rpartition('@')[2]}/{prefix}"
+        raise StorageError(
+            f"S3 URL {shown!r} with credentials before the bucket: they do not go in the URL "
+            "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
     if not _BUCKET.match(bucket) or ".." in bucket:
         raise StorageError(
             f"S3 URL {url!r}: {bucket!r} is not a valid bucket name "
