@@ -275,3 +275,9 @@ def test_prompt_csv_errors_name_the_file_and_columns(tmp_path):
         g.write_text(f"prompt,sd_image_width\nhi,512\nho,{width}\n")
         with pytest.raises(EvalInputError, match=rf"seeds.csv:3: column 'sd_image_width' is {width}: an"):
             read_i2p_csv(g)
+    for scale in ("-inf", "inf", "-1"):  # as --guidance-scale: finite and >= 0
+        g.write_text(f"prompt,sd_guidance_scale\nhi,7.5\nho,{scale}\n")
+        with pytest.raises(
+            EvalInputError, match=r"seeds.csv:3: column 'sd_guidance_scale' is .*finite number >= 0"
+        ):
+            read_i2p_csv(g)

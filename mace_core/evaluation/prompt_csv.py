@@ -15,6 +15,7 @@ names the file (and the line and column).
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,17 @@ def _number(row: dict[str, str], col: str, kind: type, where: str) -> int | floa
         ) from None
 
 
+def _guidance(row: dict[str, str], where: str) -> float | None:
+    """A row's CFG scale, or None when absent: finite and >= 0, as --guidance-scale must be
+    (a row's own scale wins over it: -inf here was used unchecked, and the eval completed)."""
+    value = _number(row, "sd_guidance_scale", float, where)
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise EvalInputError(
+            f"{where}: column 'sd_guidance_scale' is {value}: a guidance scale is a finite number >= 0"
+        )
+    return value
+
+
 def _size(row: dict[str, str], col: str, where: str) -> int | None:
     """An image side of a row: a positive multiple of 8 (the VAE's), or None when absent;
     refused here, naming the file and line, not once the workers meet it."""
@@ -128,7 +140,7 @@ def read_i2p_csv(path: str | Path) -> tuple[list[CsvPrompt], int]:
                 text=text,
                 key=f"line{line}",
                 seed=_number(row, "sd_seed", int, where),
-                guidance=_number(row, "sd_guidance_scale", float, where),
+                guidance=_guidance(row, where),
                 width=_size(row, "sd_image_width", where),
                 height=_size(row, "sd_image_height", where),
                 categories=(row.get("categories") or "").strip(),
