@@ -233,3 +233,17 @@ def test_missing_weights_paths_are_one_line_errors(tmp_path):
         *invoke("tiny", "--suite", "objects", "--erased", str(erased), "--clip", str(tmp_path / "no-clip"))
     )
     assert "CLIP model" in line and "no-clip" in line and "no such folder" in line
+
+
+def test_ctrl_c_is_a_stop_in_one_line(tmp_path, monkeypatch):
+    """Ctrl-C during an eval (or an audit: the same runner) is a stop, not a bug: exit 130 in
+    one line; images already made are kept, and the same command resumes from them."""
+    import mace_ray.eval.driver as driver
+
+    def stopped(req):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "run_eval", stopped)
+    code, _, stderr = invoke("tiny", "--suite", "objects", "--output", str(tmp_path / "o"))
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert code == 130 and lines == ["mace-ray: error: Ctrl-C (SIGINT): stopped; the same command resumes it"]

@@ -19,7 +19,7 @@ import typer
 
 from mace_ray.cli.build import annotated, command
 from mace_ray.cli.errors import reported_errors
-from mace_ray.cli.options import LazyCommands, OneLineErrors, fail
+from mace_ray.cli.options import EXIT_SIGINT, LazyCommands, OneLineErrors, fail
 from mace_ray.engine.logs import setup_logging
 from mace_ray.engine.requests import ADDRESS, DEFAULT_OUTPUT, EXECUTOR, S3_ENDPOINT, Executor
 from mace_ray.erase.request import DEFAULT_MODEL, EraseRequest
@@ -39,8 +39,6 @@ app = typer.Typer(
 EXIT_WEAK_ERASURE = 3
 # A run stopped by SIGTERM (128 + 15, as a shell reports it): marked interrupted, resumable.
 EXIT_SIGTERM = 143
-# ... or by Ctrl-C (SIGINT, 128 + 2): the same, without Python's traceback of the interrupt.
-EXIT_SIGINT = 130
 
 # The shared options of the hand-written commands, from the requests' metadata.
 ExecutorOpt = annotated(EXECUTOR, Executor, "executor")

@@ -15,6 +15,8 @@ from typer.core import TyperCommand, TyperGroup
 from mace_core.options import Panel
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+# Stopped by Ctrl-C (SIGINT, 128 + 2, as a shell reports it): one line, and the job resumes.
+EXIT_SIGINT = 130
 
 
 class Failed(typer.Exit):

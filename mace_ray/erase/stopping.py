@@ -26,7 +26,8 @@ from mace_ray.storage.lease import RunLock
 log = logging.getLogger("mace_ray")
 
 
-# What a stop by Ctrl-C is called in the manifest and the CLI (a KeyboardInterrupt says nothing).
+# What a stop by Ctrl-C is called in a manifest and on the command line (a KeyboardInterrupt
+# says nothing of itself).
 CTRL_C = "Ctrl-C (SIGINT)"
 
 
