@@ -193,7 +193,8 @@ class MMDiTFamily(ModelFamily):
     edited_component: ClassVar[str] = "transformer"
     half_dtype: ClassVar[torch.dtype] = torch.bfloat16  # T5 overflows in fp16
     # FLUX.1-dev's transformer is 47.6 GB in fp32 (23.8 in bf16, as it is published), T5-XXL 19
-    # GB: in fp32 they fill an 80 GB GPU before a single activation.
+    # GB: in fp32, with Grounded-SAM and a 1024 px sample's ~12 GB of activations, more than
+    # an 80 GB GPU holds.
     half_weights: ClassVar[bool] = True
     # The transformer's timestep input per unit of noise level: FLUX takes s, SD 3.x 1000 s.
     time_scale: ClassVar[float] = 1.0
